@@ -1,0 +1,7 @@
+"""`python -m webiptd` is the `web-ipt-d` command."""
+
+import sys
+
+from webiptd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,159 @@
+"""HTTP Basic authentication (RFC 7617) against passlib hashes, and a throttle for failures.
+
+An `Authenticator` belongs to one config generation; a reload builds a new one, which drops the cache.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import ipaddress
+import logging
+import secrets
+import threading
+from collections import OrderedDict, deque
+from typing import TYPE_CHECKING, Mapping
+
+from passlib.context import CryptContext
+
+if TYPE_CHECKING:
+    from webiptd.config import Address, User
+
+logger = logging.getLogger(__name__)
+
+CRYPT_CONTEXT = CryptContext(
+    schemes=["bcrypt", "argon2", "sha512_crypt", "sha256_crypt", "pbkdf2_sha256"],
+    default="bcrypt",
+)
+MAX_HEADER_LENGTH = 4096
+MAX_CACHED = 10_000
+
+
+class AuthFailure(Exception):
+    """Credentials are missing, malformed or wrong. The message is safe to log; it never holds secrets."""
+
+
+def parse_basic(header: str | None) -> tuple[str, str]:
+    """Parse an Authorization header strictly into (user, password)."""
+    if header is None:
+        raise AuthFailure("no credentials")
+    if len(header) > MAX_HEADER_LENGTH:
+        raise AuthFailure("malformed Authorization header")
+    scheme, sep, token = header.partition(" ")
+    if not sep or scheme.lower() != "basic" or not token or " " in token.strip(" "):
+        raise AuthFailure("malformed Authorization header")
+    try:
+        decoded = base64.b64decode(token.strip(" "), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise AuthFailure("malformed Authorization header") from None
+    user, sep, password = decoded.partition(":")
+    if not sep or not user or any(ord(c) < 0x20 or c == "\x7f" for c in decoded):
+        raise AuthFailure("malformed Authorization header")
+    return user, password
+
+
+def hash_password(password: str) -> str:
+    return CRYPT_CONTEXT.hash(password)
+
+
+_dummy_hash: str | None = None
+_dummy_lock = threading.Lock()
+
+
+def _dummy() -> str:
+    """A hash of a random secret, verified for unknown users so they cost what known ones do."""
+    global _dummy_hash
+    with _dummy_lock:
+        if _dummy_hash is None:
+            _dummy_hash = CRYPT_CONTEXT.hash(secrets.token_urlsafe(24))
+        return _dummy_hash
+
+
+class Authenticator:
+    """Verifies credentials for one config's users, caching successes under a keyed MAC."""
+
+    def __init__(self, users: Mapping[str, User]):
+        self._users = users
+        # The cache holds HMAC(random key, user, password): no plaintext, useless outside this process.
+        self._key = secrets.token_bytes(32)
+        self._verified: set[bytes] = set()
+        self._lock = threading.Lock()
+
+    def authenticate(self, header: str | None) -> User:
+        name, password = parse_basic(header)
+        user = self._users.get(name)
+        tag = hmac.new(self._key, f"{name}\0{password}".encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+        if user is not None:
+            with self._lock:
+                if tag in self._verified:
+                    return user
+        try:
+            ok = CRYPT_CONTEXT.verify(password, user.password_hash if user is not None else _dummy())
+        except (ValueError, TypeError):
+            # passlib refuses some inputs (e.g. over-long passwords); that is a failed login, not a 500.
+            ok = False
+        if user is None or not ok:
+            raise AuthFailure("unknown user or wrong password")
+        with self._lock:
+            if len(self._verified) >= MAX_CACHED:
+                self._verified.clear()
+            self._verified.add(tag)
+        return user
+
+
+def client_key(address: Address) -> str:
+    """The unit a throttle counts: one IPv4 address, or one IPv6 /64 (what one host usually has)."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+class FailureThrottle:
+    """Counts failed logins per client; past the limit the client gets 429 until the window passes.
+
+    A success does not clear anything, so a guesser cannot reset its count by
+    interleaving a known-good login. Memory is bounded: the least recently seen
+    clients are forgotten first.
+    """
+
+    def __init__(self, max_clients: int = 65_536):
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._throttled_until: dict[str, float] = {}
+        self._max_clients = max_clients
+        self._lock = threading.Lock()
+
+    def retry_after(self, address: Address, now: float) -> float | None:
+        """Seconds until `address` may try again, or None when it is not throttled."""
+        key = client_key(address)
+        with self._lock:
+            until = self._throttled_until.get(key)
+            if until is None:
+                return None
+            if until <= now:
+                del self._throttled_until[key]
+                self._failures.pop(key, None)
+                return None
+            return until - now
+
+    def record_failure(self, address: Address, now: float, limit: int, window: float) -> bool:
+        """Count one failure; True when this failure starts a throttle."""
+        key = client_key(address)
+        with self._lock:
+            times = self._failures.pop(key, None) or deque()
+            self._failures[key] = times
+            times.append(now)
+            while times and times[0] <= now - window:
+                times.popleft()
+            while len(times) > limit:
+                times.popleft()
+            while len(self._failures) > self._max_clients:
+                old, _ = self._failures.popitem(last=False)
+                self._throttled_until.pop(old, None)
+            if len(times) >= limit and key not in self._throttled_until:
+                self._throttled_until[key] = now + window
+                return True
+            return False

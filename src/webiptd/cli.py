@@ -1,0 +1,113 @@
+"""The command line: flags and wiring only. Every flag works with one dash or two."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+from webiptd import __version__, config as config_mod
+from webiptd.config import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="web-ipt-d", add_help=False, allow_abbrev=False,
+        description="A small, safe HTTPS API that blocks and unblocks source addresses in the host firewall.",
+        epilog="Without an action flag, runs the daemon. Every flag also works with two dashes.",
+    )
+    p.add_argument("-config", "--config", metavar="PATH", type=Path, default=config_mod.DEFAULT_PATH,
+                   help=f"the config file (default: {config_mod.DEFAULT_PATH})")
+    actions = p.add_mutually_exclusive_group()
+    actions.add_argument("-version", "--version", action="store_true", help="print the version and exit")
+    actions.add_argument("-write_config", "--write_config", action="store_true",
+                         help="write a commented sample config.yaml into the current directory")
+    actions.add_argument("-check_config", "--check_config", action="store_true",
+                         help="validate the config and every file it names; exit 1 listing each problem")
+    actions.add_argument("-hash_password", "--hash_password", action="store_true",
+                         help="read a password (stdin, or a prompt on a tty) and print a bcrypt hash for the config")
+    actions.add_argument("-demo", "--demo", action="store_true",
+                         help="run a demo on https://localhost:8820 with its own certificate and user; "
+                              "its rules go into a private network namespace (needs root)")
+    p.add_argument("-h", "-help", "--help", action="help", help="show this help and exit")
+    return p
+
+
+def write_config() -> int:
+    target = Path("config.yaml")
+    text = resources.files("webiptd").joinpath("sample-config.yaml").read_text(encoding="utf-8")
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        print(f"web-ipt-d: {target.resolve()} exists; not overwriting it", file=sys.stderr)
+        return 1
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"wrote {target.resolve()}")
+    return 0
+
+
+def check_config(path: Path) -> int:
+    try:
+        cfg = config_mod.load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{exc.path}: {problem}", file=sys.stderr)
+        return 1
+    transport = "plain HTTP on loopback" if cfg.tls is None else f"TLS {cfg.tls.min_version} or later"
+    print(f"{path}: ok: {len(cfg.users)} users, {len(cfg.chains)} chains, backend iptables, {transport}")
+    return 0
+
+
+def hash_password() -> int:
+    from webiptd.auth import hash_password as make_hash
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("web-ipt-d: the passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("web-ipt-d: refusing an empty password", file=sys.stderr)
+        return 1
+    print(make_hash(password))
+    return 0
+
+
+def run_daemon(path: Path) -> int:
+    from webiptd.daemon import Daemon
+
+    try:
+        cfg = config_mod.load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{exc.path}: {problem}", file=sys.stderr)
+        return 1
+    return Daemon(cfg).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.version:
+        print(f"web-ipt-d {__version__}")
+        return 0
+    if args.write_config:
+        return write_config()
+    if args.check_config:
+        return check_config(args.config)
+    if args.hash_password:
+        return hash_password()
+    if args.demo:
+        from webiptd.demo import run_demo
+
+        return run_demo()
+    return run_daemon(args.config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

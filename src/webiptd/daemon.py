@@ -1,0 +1,195 @@
+"""The daemon's life: open listeners, reconcile, serve, reload on SIGHUP, stop on SIGTERM or SIGINT.
+
+Signal handlers do nothing but wake the main thread (signal.set_wakeup_fd); the main thread does the work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import os
+import select
+import signal
+import socket
+import threading
+import time
+
+from webiptd import __version__, config as config_mod, log, systemd
+from webiptd.auth import Authenticator
+from webiptd.commands import Reconfigure
+from webiptd.config import Config, ConfigError
+from webiptd.http import App, Generation, Runtime, Server
+
+logger = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STATUS_EVERY = 10.0
+
+
+def bind(listen: config_mod.Listen) -> socket.socket:
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # "[::]" means dual-stack; any other IPv6 address means just that address.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if listen.host == "::" else 1)
+        sock.bind((listen.host, listen.port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def open_listeners(config: Config) -> list[socket.socket]:
+    """systemd's sockets when socket-activated, else the config's `listen` addresses."""
+    passed = systemd.listen_sockets()
+    if passed:
+        if config.plain_http:
+            for sock in passed:
+                host = sock.getsockname()[0]
+                if not ipaddress.ip_address(host.split("%")[0]).is_loopback:
+                    raise RuntimeError(f"plain_http is on but systemd passed a socket on {host}, not loopback")
+        logger.info("serving on %d socket(s) passed by systemd", len(passed))
+        return passed
+    socks = []
+    try:
+        for listen in config.listen:
+            socks.append(bind(listen))
+            logger.info("listening on %s", listen)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+class Daemon:
+    def __init__(self, config: Config, sockets: list[socket.socket] | None = None, verbose: bool = False):
+        self.config = config
+        self.sockets = sockets
+        self.verbose = verbose
+
+    def run(self) -> int:
+        # Imported here so that -check_config and -hash_password never load libiptc.
+        from webiptd.firewall.iptables import IptablesBackend, iptables_is_nft_variant
+        from webiptd.firewall.worker import Worker
+        from webiptd.state import Store
+
+        config = self.config
+        log.setup(config.log, verbose_stderr=self.verbose)
+        logger.info("starting web-ipt-d %s with %s (backend iptables)", __version__, config.path)
+        if config.plain_http:
+            logger.warning("plain_http is on: credentials cross loopback unencrypted")
+        if iptables_is_nft_variant():
+            logger.warning("this host's `iptables` is the nft variant; web-ipt-d writes the legacy tables through "
+                           "python-iptables, so `iptables -S` does not show its rules. They still filter packets: "
+                           "see them with `iptables-legacy -S` and `ip6tables-legacy -S`")
+        socks = self.sockets if self.sockets is not None else open_listeners(config)
+        store = Store(config.state_dir)
+        backend = IptablesBackend()
+        worker = Worker(backend, store, config.chains.values())
+        try:
+            worker.start()
+        except BaseException:
+            store.close()
+            backend.close()
+            raise
+        runtime = Runtime(Generation(config, Authenticator(config.users)), worker)
+        app = App(runtime)
+        servers = [Server(sock, runtime, app) for sock in socks]
+        for srv in servers:
+            threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True,
+                             name=f"accept-{srv.server_address}").start()
+
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGHUP, *STOP_SIGNALS):
+            signal.signal(sig, lambda *_: None)  # the wakeup fd carries the signal number
+
+        systemd.notify("READY=1", f"STATUS={self._status(runtime)}")
+        logger.info("ready: %d blocks in %d chains", worker.count, len(config.chains))
+        watchdog = systemd.watchdog_interval()
+        tick = min(watchdog or STATUS_EVERY, 1.0)
+        last_status = time.monotonic()
+        try:
+            while True:
+                readable, _, _ = select.select([wake_r], [], [], tick)
+                signums = os.read(wake_r, 64) if readable else b""
+                if any(s in STOP_SIGNALS for s in signums):
+                    logger.info("stopping on signal")
+                    break
+                if signal.SIGHUP in signums:
+                    self._reload(runtime)
+                if not worker.is_alive():
+                    logger.critical("the firewall worker died; exiting so that systemd restarts us")
+                    return 1
+                now = time.monotonic()
+                if watchdog and now - worker.heartbeat < 2 * watchdog:
+                    systemd.notify("WATCHDOG=1")
+                if now - last_status >= STATUS_EVERY:
+                    systemd.notify(f"STATUS={self._status(runtime)}")
+                    last_status = now
+        finally:
+            self._stop(runtime, servers, store, backend)
+            signal.set_wakeup_fd(-1)
+            os.close(wake_r)
+            os.close(wake_w)
+        return 0
+
+    @staticmethod
+    def _status(runtime: Runtime, note: str = "") -> str:
+        gen = runtime.generation
+        text = (f"{runtime.worker.count} blocks in {len(gen.config.chains)} chains, "
+                f"{len(runtime.connections)} connections")
+        return f"{text}; {note}" if note else text
+
+    def _reload(self, runtime: Runtime) -> None:
+        systemd.notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        old = runtime.generation.config
+        try:
+            new = config_mod.load(old.path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                logger.error("reload refused, still serving the previous config: %s: %s", exc.path, problem)
+            systemd.notify("READY=1", f"STATUS={self._status(runtime, 'reload FAILED, serving the previous config')}")
+            return
+        for key in ("listen", "state_dir"):
+            if getattr(new, key) != getattr(old, key):
+                logger.warning("%s changed; that takes a restart, the old value stays in force", key)
+        if new.plain_http != old.plain_http:
+            logger.warning("plain_http changed; that takes a restart, the old value stays in force")
+            new = dataclasses.replace(new, plain_http=old.plain_http, tls=old.tls, ssl_context=old.ssl_context)
+        log.setup(new.log, verbose_stderr=self.verbose)
+        runtime.generation = Generation(new, Authenticator(new.users))
+        try:
+            runtime.worker.submit(Reconfigure(tuple(new.chains.values()))).result(timeout=300)
+        except Exception:
+            logger.exception("applying the reloaded chains failed")
+        logger.info("reloaded %s: %d users, %d chains", new.path, len(new.users), len(new.chains))
+        systemd.notify("READY=1", f"STATUS={self._status(runtime, 'reloaded')}")
+
+    @staticmethod
+    def _stop(runtime: Runtime, servers: list[Server], store: object, backend: object) -> None:
+        systemd.notify("STOPPING=1")
+        runtime.stopping = True
+        limits = runtime.generation.config.limits
+        for srv in servers:
+            srv.shutdown()
+        try:
+            runtime.connections.close_idle()
+            if not runtime.connections.wait_empty(limits.request_timeout):
+                logger.warning("closing %d connections still busy at shutdown", len(runtime.connections))
+                runtime.connections.close_idle(everything=True)
+                runtime.connections.wait_empty(2.0)
+        finally:
+            try:
+                runtime.worker.stop()
+            finally:
+                for srv in servers:
+                    srv.server_close()
+                store.close()  # type: ignore[attr-defined]
+                backend.close()  # type: ignore[attr-defined]
+                logger.info("stopped")

@@ -1,0 +1,150 @@
+"""The iptables backend: one rule per blocked network, through python-iptables (libiptc).
+
+Every change happens under the xtables lock that `iptables -w` takes, on a freshly
+refreshed table, and is committed once per table for a whole batch.
+See iptables(8) and iptables-extensions(8).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import logging
+import os
+import shutil
+from typing import Iterable, Iterator, Mapping
+
+import iptc
+
+from webiptd.config import Chain, Network
+from webiptd.firewall.backend import Add, Op, Remove
+
+logger = logging.getLogger(__name__)
+
+LOCK_PATH = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
+ANY = {4: "0.0.0.0/0.0.0.0", 6: "::/0"}
+DEFAULT_REJECT = {4: "icmp-port-unreachable", 6: "icmp6-port-unreachable"}
+
+
+def iptables_is_nft_variant() -> bool:
+    """True when the host's `iptables` command is iptables-nft (Debian 12's default)."""
+    path = shutil.which("iptables")
+    return path is not None and "nft" in os.path.basename(os.path.realpath(path))
+
+
+class IptablesBackend:
+    name = "iptables"
+
+    def __init__(self, lock_path: str = LOCK_PATH):
+        self._lock_path = lock_path
+        self._tables: dict[int, iptc.Table] = {4: iptc.Table(iptc.Table.FILTER), 6: iptc.Table6(iptc.Table6.FILTER)}
+        for table in self._tables.values():
+            table.autocommit = False
+
+    @contextlib.contextmanager
+    def _xtables_lock(self) -> Iterator[None]:
+        # python-iptables takes no lock of its own; without it, concurrent writers silently lose rules.
+        fd = os.open(self._lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _rule(version: int, network: Network, target: str) -> iptc.Rule:
+        rule = iptc.Rule() if version == 4 else iptc.Rule6()
+        rule.src = str(network)
+        rule.target = rule.create_target(target)
+        return rule
+
+    def _ensure(self, version: int, chain: Chain) -> None:
+        table = self._tables[version]
+        if not table.is_chain(chain.name):
+            table.create_chain(chain.name)
+            logger.info("created chain %s (ipv%d)", chain.name, version)
+        for hook in chain.hooks:
+            if not table.is_chain(hook):
+                logger.error("hook chain %s does not exist (ipv%d); chain %s is not hooked there",
+                             hook, version, chain.name)
+                continue
+            hook_chain = iptc.Chain(table, hook)
+            if not any(rule.target.name == chain.name for rule in hook_chain.rules):
+                jump = iptc.Rule() if version == 4 else iptc.Rule6()
+                jump.target = jump.create_target(chain.name)
+                hook_chain.insert_rule(jump, 0)
+                logger.info("inserted jump %s -> %s at position 1 (ipv%d)", hook, chain.name, version)
+
+    def prepare(self, chains: Iterable[Chain]) -> None:
+        chains = list(chains)
+        with self._xtables_lock():
+            for version, table in self._tables.items():
+                table.refresh()
+                for chain in chains:
+                    self._ensure(version, chain)
+                table.commit()
+
+    def read(self, chains: Iterable[str]) -> dict[tuple[str, Network], str]:
+        found: dict[tuple[str, Network], str] = {}
+        names = list(chains)
+        with self._xtables_lock():
+            for version, table in self._tables.items():
+                table.refresh()
+                for name in names:
+                    if not table.is_chain(name):
+                        continue
+                    for rule in iptc.Chain(table, name).rules:
+                        parsed = self._parse(version, rule)
+                        if parsed is None:
+                            logger.warning("chain %s (ipv%d) holds a rule web-ipt-d did not make; leaving it "
+                                           "alone: src=%s target=%s", name, version, rule.src, rule.target.name)
+                            continue
+                        found[(name, parsed[0])] = parsed[1]
+        return found
+
+    @staticmethod
+    def _parse(version: int, rule: iptc.Rule) -> tuple[Network, str] | None:
+        """(network, target) for a rule of the one shape we make; None for anything else."""
+        target = rule.target.name
+        if target not in ("DROP", "REJECT") or rule.matches or rule.in_interface or rule.out_interface:
+            return None
+        if rule.protocol not in (None, "ip", "all") or rule.dst != ANY[version] or rule.src.startswith("!"):
+            return None
+        if target == "REJECT" and rule.target.get_all_parameters().get("reject-with") != [DEFAULT_REJECT[version]]:
+            return None
+        if version == 4 and rule.fragment:
+            return None
+        try:
+            return ipaddress.ip_network(rule.src, strict=True), target
+        except ValueError:
+            return None
+
+    def apply(self, ops: Iterable[Op], chains: Mapping[str, Chain]) -> None:
+        by_version: dict[int, list[Op]] = {}
+        for op in ops:
+            by_version.setdefault(op.network.version, []).append(op)
+        with self._xtables_lock():
+            for version, version_ops in by_version.items():
+                table = self._tables[version]
+                table.refresh()
+                for name in {op.chain for op in version_ops}:
+                    if name in chains:
+                        self._ensure(version, chains[name])
+                for op in version_ops:
+                    rule = self._rule(version, op.network, op.target)
+                    chain = iptc.Chain(table, op.chain)
+                    if isinstance(op, Add):
+                        chain.append_rule(rule)
+                    elif isinstance(op, Remove):
+                        try:
+                            chain.delete_rule(rule)
+                        except iptc.IPTCError:
+                            # Someone removed it behind our back; the end state is what was asked for.
+                            logger.warning("rule for %s was already gone from chain %s", op.network, op.chain)
+                table.commit()
+
+    def close(self) -> None:
+        for table in self._tables.values():
+            with contextlib.suppress(Exception):
+                table.close()

@@ -1,0 +1,347 @@
+"""The one thread that changes the firewall, with group commit, expiry and reconcile.
+
+HTTP threads `submit` a frozen command and wait on a future. The worker drains
+everything queued, writes the batch to the state store in one transaction,
+applies it to the backend in one commit per table, and only then answers.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+from webiptd.commands import (
+    Block, Blocked, Command, Entry, FirewallUnavailable, ListChain, Lookup, Reconfigure, Unblock, Unblocked,
+)
+from webiptd.config import Chain, Network
+from webiptd.firewall.backend import Add, Backend, Op, Remove
+from webiptd.state import Store
+
+logger = logging.getLogger(__name__)
+audit = logging.getLogger("webiptd.audit")
+
+MAX_BATCH = 4096
+MAX_QUEUE = 10_000
+HEARTBEAT = 1.0  # the longest the worker sleeps, so the watchdog can tell it is alive
+
+Key = tuple[str, Network]
+
+
+@dataclass(frozen=True)
+class _Expire:
+    key: Key
+
+
+@dataclass(frozen=True)
+class _Stop:
+    pass
+
+
+@dataclass
+class _Batch:
+    """What one batch changes, keyed so that the last command on a key wins."""
+
+    entries: Mapping[Key, Entry]
+    before: dict[Key, Entry | None] = field(default_factory=dict)
+    after: dict[Key, Entry | None] = field(default_factory=dict)
+    audits: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def get(self, key: Key) -> Entry | None:
+        return self.after[key] if key in self.after else self.entries.get(key)
+
+    def set(self, key: Key, entry: Entry | None) -> None:
+        if key not in self.before:
+            self.before[key] = self.entries.get(key)
+        self.after[key] = entry
+
+
+def kernel_ops(before: Entry | None, after: Entry | None) -> list[Op]:
+    """The backend operations that turn `before` into `after` for one key."""
+    if before is not None and after is not None and before.target == after.target:
+        return []
+    ops: list[Op] = []
+    if before is not None:
+        ops.append(Remove(before.chain, before.network, before.target))
+    if after is not None:
+        ops.append(Add(after.chain, after.network, after.target))
+    return ops
+
+
+class Worker:
+    def __init__(self, backend: Backend, store: Store, chains: Iterable[Chain],
+                 clock: Callable[[], float] = time.time):
+        self._backend = backend
+        self._store = store
+        self._chains: dict[str, Chain] = {c.name: c for c in chains}
+        self._clock = clock
+        self._queue: queue.Queue[tuple[Any, Future[Any] | None]] = queue.Queue(MAX_QUEUE)
+        self._entries: dict[Key, Entry] = {}
+        self._expiry: list[tuple[float, str, str, Key]] = []
+        self._purge: list[Entry] = []  # tombstones whose kernel removal is done
+        self._thread = threading.Thread(target=self._run, name="firewall-worker", daemon=True)
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self.heartbeat = time.monotonic()
+
+    # -- used by other threads --------------------------------------------------------
+
+    def start(self, timeout: float = 300.0) -> None:
+        """Start the thread and wait for the first reconcile. Raises what the reconcile raised."""
+        self._thread.start()
+        if not self._started.wait(timeout):
+            raise TimeoutError("the firewall worker did not finish reconciling in time")
+        if self._start_error is not None:
+            raise self._start_error
+
+    def submit(self, command: Command) -> Future[Any]:
+        fut: Future[Any] = Future()
+        try:
+            self._queue.put_nowait((command, fut))
+        except queue.Full:
+            fut.set_exception(FirewallUnavailable("the firewall worker queue is full"))
+        return fut
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish what is queued, then stop. Blocks while the queue is full rather than drop the stop."""
+        if self._thread.is_alive():
+            self._queue.put((_Stop(), None), timeout=timeout)
+            self._thread.join(timeout)
+
+    @property
+    def count(self) -> int:
+        return len(self._entries)
+
+    # -- the worker thread --------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._reconcile()
+        except BaseException as exc:  # reported to start(), which fails the daemon's start-up
+            logger.exception("reconcile at start failed")
+            self._start_error = exc
+            self._started.set()
+            return
+        self._started.set()
+        while True:
+            self.heartbeat = time.monotonic()
+            items = self._next_batch()
+            stop = any(isinstance(cmd, _Stop) for cmd, _ in items)
+            items = [(cmd, fut) for cmd, fut in items if not isinstance(cmd, _Stop)]
+            items += [(_Expire(key), None) for key in self._due()]
+            if items:
+                self._process(items)
+            if stop:
+                if self._purge:
+                    self._safe_write([], [], self._take_purges())
+                logger.info("firewall worker stopped")
+                return
+
+    def _next_batch(self) -> list[tuple[Any, Future[Any] | None]]:
+        wait = HEARTBEAT
+        if self._expiry:
+            wait = min(wait, max(0.0, self._expiry[0][0] - self._clock()))
+        try:
+            items = [self._queue.get(timeout=wait)]
+        except queue.Empty:
+            return []
+        while len(items) < MAX_BATCH:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return items
+
+    def _due(self) -> list[Key]:
+        now = self._clock()
+        due = []
+        while self._expiry and self._expiry[0][0] <= now:
+            expires_at, _, _, key = heapq.heappop(self._expiry)
+            entry = self._entries.get(key)
+            # The heap is lazy: an entry whose expiry changed or that is gone has a stale heap item.
+            if entry is not None and entry.expires_at == expires_at:
+                due.append(key)
+        return due
+
+    def _schedule(self, entry: Entry) -> None:
+        if entry.expires_at is not None:
+            heapq.heappush(self._expiry, (entry.expires_at, entry.chain, str(entry.network), entry.key))
+
+    def _take_purges(self) -> list[Entry]:
+        purges, self._purge = self._purge, []
+        return purges
+
+    def _safe_write(self, puts: list[Entry], removes: list[Entry], purges: list[Entry]) -> None:
+        try:
+            self._store.write(puts, removes, purges)
+        except Exception:
+            logger.exception("could not write the state store")
+            self._purge.extend(purges)
+            raise
+
+    def _process(self, items: list[tuple[Any, Future[Any] | None]]) -> None:
+        batch = _Batch(self._entries)
+        results: list[tuple[Future[Any], Any]] = []
+        reconfigure: Reconfigure | None = None
+        for cmd, fut in items:
+            if fut is not None and not fut.set_running_or_notify_cancel():
+                continue  # the client gave up before we started; do nothing for it
+            try:
+                if isinstance(cmd, Reconfigure):
+                    reconfigure = cmd
+                    result: Any = None
+                else:
+                    result = self._execute(batch, cmd)
+            except Exception as exc:
+                logger.exception("command failed: %r", cmd)
+                result = FirewallUnavailable(str(exc))
+            if fut is not None:
+                results.append((fut, result))
+
+        changed = {k: (batch.before[k], a) for k, a in batch.after.items() if batch.before[k] != a}
+        if changed:
+            try:
+                self._commit(changed)
+            except Exception as exc:
+                logger.exception("applying a batch of %d changes failed; nothing was changed", len(changed))
+                failure = FirewallUnavailable("the firewall refused the change")
+                for fut, _ in results:
+                    fut.set_exception(failure)
+                return
+            for args in batch.audits:
+                audit.info("user=%s client=%s action=%s chain=%s network=%s timeout=%s result=%s", *args)
+        if reconfigure is not None:
+            try:
+                self._chains = {c.name: c for c in reconfigure.chains}
+                self._reconcile()
+            except Exception as exc:
+                logger.exception("reconcile after reload failed")
+                reconfigure_error: Exception | None = exc
+            else:
+                reconfigure_error = None
+        for fut, result in results:
+            if isinstance(result, Exception):
+                fut.set_exception(result)
+            elif result is None and reconfigure is not None and reconfigure_error is not None:
+                fut.set_exception(reconfigure_error)
+            else:
+                fut.set_result(result)
+
+    def _execute(self, batch: _Batch, cmd: Any) -> Any:
+        now = self._clock()
+        if isinstance(cmd, Block):
+            key: Key = (cmd.chain.name, cmd.network)
+            old = batch.get(key)
+            created_at = old.created_at if old is not None else now
+            created_by = old.created_by if old is not None else cmd.actor
+            new = Entry(cmd.chain.name, cmd.network, cmd.chain.target if old is None else old.target,
+                        created_at, cmd.expires_at, created_by)
+            batch.set(key, new)
+            timeout = "permanent" if cmd.expires_at is None else str(max(0, round(cmd.expires_at - now)))
+            batch.audits.append((cmd.actor, cmd.client, "block", cmd.chain.name, cmd.network, timeout,
+                                 "exists" if old is not None else "created"))
+            return Blocked(created=old is None, entry=new)
+        if isinstance(cmd, Unblock):
+            key = (cmd.chain.name, cmd.network)
+            old = batch.get(key)
+            if old is not None:
+                batch.set(key, None)
+            batch.audits.append((cmd.actor, cmd.client, "unblock", cmd.chain.name, cmd.network, "-",
+                                 "deleted" if old is not None else "absent"))
+            return Unblocked(deleted=old is not None, entry=old)
+        if isinstance(cmd, _Expire):
+            old = batch.get(cmd.key)
+            if old is not None and old.expires_at is not None and old.expires_at <= now:
+                batch.set(cmd.key, None)
+                batch.audits.append(("-", "-", "expire", old.chain, old.network, "-", "deleted"))
+            return None
+        if isinstance(cmd, Lookup):
+            return batch.get((cmd.chain, cmd.network))
+        if isinstance(cmd, ListChain):
+            view = {k: e for k, e in self._entries.items() if k[0] == cmd.chain}
+            view.update((k, e) for k, e in batch.after.items() if k[0] == cmd.chain)
+            return sorted((e for e in view.values() if e is not None),
+                          key=lambda e: (e.network.version, e.network))
+        raise TypeError(f"unknown command {cmd!r}")
+
+    def _commit(self, changed: Mapping[Key, tuple[Entry | None, Entry | None]]) -> None:
+        """Store first, then kernel; on a kernel failure put the store back as it was."""
+        puts = [after for _, after in changed.values() if after is not None]
+        removes = [before for before, after in changed.values() if after is None and before is not None]
+        self._safe_write(puts, removes, self._take_purges())
+        ops = [op for before, after in changed.values() for op in kernel_ops(before, after)]
+        try:
+            if ops:
+                self._backend.apply(ops, self._chains)
+        except Exception:
+            try:
+                self._store.restore([(k, before) for k, (before, _) in changed.items()])
+            except Exception:
+                # The store now says more than the kernel has; the next start re-adds it.
+                logger.exception("could not restore the state store after a failed firewall change")
+            raise
+        for key, (_, after) in changed.items():
+            if after is None:
+                del self._entries[key]
+            else:
+                self._entries[key] = after
+                self._schedule(after)
+        self._purge.extend(removes)
+
+    def _reconcile(self) -> None:
+        """Make the kernel match the store: re-add missing, drop expired, finish removals, adopt strays.
+
+        Rules of our shape found in a managed chain but not in the store are adopted
+        as permanent blocks by `adopted`; they are never flushed.
+        """
+        self._backend.prepare(self._chains.values())
+        loaded = self._store.load()
+        names = set(self._chains) | {e.chain for e in loaded.entries} | {e.chain for e in loaded.tombstones}
+        kernel = dict(self._backend.read(sorted(names)))
+        now = self._clock()
+        entries = {e.key: e for e in loaded.entries}
+        ops: list[Op] = []
+        removes: list[Entry] = []
+        adopted: list[Entry] = []
+        for e in loaded.tombstones:
+            if e.key in kernel:
+                ops.append(Remove(e.chain, e.network, kernel.pop(e.key)))
+        for key, e in list(entries.items()):
+            present = kernel.pop(key, None)
+            if e.expires_at is not None and e.expires_at <= now:
+                del entries[key]
+                removes.append(e)
+                if present is not None:
+                    ops.append(Remove(e.chain, e.network, present))
+                audit.info("user=- client=- action=expire chain=%s network=%s timeout=- result=deleted",
+                           e.chain, e.network)
+            elif present is None:
+                ops.append(Add(e.chain, e.network, e.target))
+            elif present != e.target:
+                ops += [Remove(e.chain, e.network, present), Add(e.chain, e.network, e.target)]
+        for (chain, network), target in kernel.items():
+            entry = Entry(chain, network, target, now, None, "adopted")
+            entries[entry.key] = entry
+            adopted.append(entry)
+        restored = sum(isinstance(op, Add) for op in ops)
+        if adopted:
+            logger.warning("adopted %d rules found in managed chains but not in the state store", len(adopted))
+        self._store.write(adopted, removes, [])
+        if ops:
+            self._backend.apply(ops, self._chains)
+        # Tombstones go only once the kernel no longer has their rules.
+        self._store.write([], [], removes + loaded.tombstones)
+        self._entries = entries
+        self._expiry = []
+        for e in entries.values():
+            self._schedule(e)
+        logger.info("reconciled %d blocks: %d re-added, %d expired, %d adopted, %d removals finished",
+                    len(entries), restored, len(removes), len(adopted), len(loaded.tombstones))

@@ -1,0 +1,482 @@
+"""The HTTPS API: routes as a pure request-to-response function, a thin handler, and the server.
+
+The TLS handshake runs in each connection's own thread, never in the accept loop,
+so a silent client stalls nobody. Every response is JSON; every bad input is a 4xx.
+"""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import ipaddress
+import json
+import logging
+import re
+import socket
+import socketserver
+import ssl
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from webiptd import __version__
+from webiptd.auth import AuthFailure, Authenticator, FailureThrottle
+from webiptd.commands import (
+    Block, Blocked, Command, Entry, FirewallUnavailable, ListChain, Lookup, Unblock, Unblocked, parse_network,
+)
+from webiptd.config import CHAIN_NAME_RE, Address, Config, User
+from webiptd.firewall.worker import Worker
+
+logger = logging.getLogger(__name__)
+
+MAX_REQUEST_LINE = 8192
+MAX_HEADER_BYTES = 16384
+MAX_IGNORED_BODY = 65536
+MAX_TIMEOUT = 10 * 365 * 86400  # ten years; anything longer is a typo, and permanent is -1 or 0
+REALM = 'Basic realm="web-ipt-d", charset="UTF-8"'
+PATH_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
+PERCENT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
+METHOD_RE = re.compile(r"^[A-Z]{1,16}$")
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: Mapping[str, Any]
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def error(status: int, code: str, message: str, *headers: tuple[str, str]) -> Response:
+    return Response(status, {"error": code, "message": message}, tuple(headers))
+
+
+UNAUTHORIZED = error(401, "unauthorized", "valid credentials are required", ("WWW-Authenticate", REALM))
+NOT_FOUND = error(404, "not_found", "no such resource")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One config and what is derived from it; a reload swaps the whole value at once."""
+
+    config: Config
+    authenticator: Authenticator
+
+
+class ConnectionSlots:
+    """Caps open connections and lets shutdown close the idle ones."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._open: dict[Any, bool] = {}  # socket -> busy
+        self._last_warning = 0.0
+
+    def acquire(self, sock: Any, limit: int) -> bool:
+        with self._cond:
+            if len(self._open) >= limit:
+                now = time.monotonic()
+                if now - self._last_warning > 10:
+                    self._last_warning = now
+                    logger.warning("connection limit of %d reached; refusing new connections", limit)
+                return False
+            self._open[sock] = False
+            return True
+
+    def rebind(self, old: Any, new: Any) -> None:
+        with self._cond:
+            self._open[new] = self._open.pop(old, False)
+
+    def set_busy(self, sock: Any, busy: bool) -> None:
+        with self._cond:
+            if sock in self._open:
+                self._open[sock] = busy
+
+    def release(self, sock: Any) -> None:
+        with self._cond:
+            self._open.pop(sock, None)
+            self._cond.notify_all()
+
+    def close_idle(self, everything: bool = False) -> None:
+        with self._cond:
+            for sock, busy in list(self._open.items()):
+                if everything or not busy:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+    def wait_empty(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._open, timeout)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+
+class Runtime:
+    """The one mutable holder: the current generation (swapped whole), the throttle and the worker."""
+
+    def __init__(self, generation: Generation, worker: Worker, throttle: FailureThrottle | None = None):
+        self.generation = generation
+        self.worker = worker
+        self.throttle = throttle or FailureThrottle()
+        self.connections = ConnectionSlots()
+        self.stopping = False
+
+
+def client_address(host: str) -> Address:
+    address = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def parse_target(target: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """Split a request target into decoded path segments and query pairs, strictly.
+
+    Percent-encoding is decoded once; what it decodes to must itself be a plain
+    segment, so encoded slashes, double encoding and control characters are refused.
+    """
+    if not target.isascii() or any(ord(c) < 0x21 or c == "\x7f" for c in target):
+        raise ValueError("the request target must be printable ASCII")
+    if not target.startswith("/") or "#" in target:
+        raise ValueError("the request target must be an absolute path")
+    path, _, query = target.partition("?")
+    raw_segments = path[1:].split("/")
+    segments = []
+    for raw in raw_segments:
+        if "%" in PERCENT_RE.sub("", raw):
+            raise ValueError("malformed percent-encoding in the path")
+        try:
+            seg = PERCENT_RE.sub(lambda m: chr(int(m.group(1), 16)), raw).encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            raise ValueError("the path is not valid UTF-8") from None
+        if not seg or not PATH_SEGMENT_RE.match(seg) or seg in (".", ".."):
+            raise ValueError("the path holds an empty or invalid segment")
+        segments.append(seg)
+    pairs = []
+    if query:
+        for item in query.split("&"):
+            key, sep, value = item.partition("=")
+            if not sep or not re.fullmatch(r"[a-z_]{1,32}", key) or not re.fullmatch(r"-?[0-9]{1,12}", value):
+                raise ValueError(f"malformed query parameter {item[:40]!r}")
+            pairs.append((key, value))
+    return segments, pairs
+
+
+def parse_timeout(pairs: list[tuple[str, str]]) -> int | None:
+    """The PUT query: `timeout` or its rfw alias `expire`, in seconds; -1, 0 or none is permanent."""
+    allowed = {"timeout", "expire"}
+    seen = [k for k, _ in pairs]
+    unknown = [k for k in seen if k not in allowed]
+    if unknown:
+        raise ValueError(f"unknown query parameter {unknown[0]!r}; PUT accepts timeout (alias expire)")
+    if len(seen) > 1:
+        raise ValueError("give timeout (or expire) at most once")
+    if not pairs:
+        return None
+    value = int(pairs[0][1])
+    if value in (-1, 0):
+        return None
+    if value < 0 or value > MAX_TIMEOUT:
+        raise ValueError(f"timeout must be -1, 0 (permanent) or 1 to {MAX_TIMEOUT} seconds")
+    return value
+
+
+ROUTES: dict[tuple[str, int], tuple[str, ...]] = {
+    ("health", 1): ("GET", "HEAD"),
+    ("version", 1): ("GET", "HEAD"),
+    ("chains", 1): ("GET", "HEAD"),
+    ("chain", 2): ("GET", "HEAD"),
+    ("chain", 4): ("GET", "HEAD", "PUT", "DELETE"),
+    ("chain", 5): ("GET", "HEAD", "PUT", "DELETE"),
+}
+
+
+class App:
+    """Turns one request into one Response. Never raises for anything a client sends."""
+
+    def __init__(self, runtime: Runtime, clock: Any = time.time):
+        self.runtime = runtime
+        self.clock = clock
+
+    def handle(self, method: str, target: str, authorization: str | None, client: Address) -> Response:
+        try:
+            return self._handle(method, target, authorization, client)
+        except Exception:
+            logger.exception("internal error on %s %s", method, target[:200])
+            return error(500, "internal_error", "the server failed; this is a bug and it has been logged")
+
+    def _handle(self, method: str, target: str, authorization: str | None, client: Address) -> Response:
+        gen = self.runtime.generation  # one snapshot for the whole request
+        try:
+            segments, query = parse_target(target)
+        except ValueError as exc:
+            return error(400, "bad_request", str(exc))
+        allowed = ROUTES.get((segments[0], len(segments)))
+        if allowed is None:
+            return NOT_FOUND
+        if method not in allowed:
+            return error(405, "method_not_allowed", f"{method} is not allowed here", ("Allow", ", ".join(allowed)))
+        if segments[0] == "health":
+            return Response(200, {"status": "ok"})
+
+        user = self._authenticate(gen, authorization, client)
+        if isinstance(user, Response):
+            return user
+        if not user.may_connect_from(client):
+            logger.warning("user=%s refused from client=%s (not in allow_from)", user.name, client)
+            return error(403, "forbidden", "this user may not connect from this address")
+
+        if segments[0] == "version":
+            return self._no_query(query) or Response(200, {"version": __version__})
+        if segments[0] == "chains":
+            return self._no_query(query) or Response(200, {"chains": [
+                {"name": c.name, "target": c.target, "hooks": list(c.hooks), "backend": "iptables"}
+                for c in gen.config.chains.values() if user.may_use(c.name)]})
+
+        name = segments[1]
+        if not CHAIN_NAME_RE.match(name):
+            return error(400, "bad_chain", "a chain name is 1 to 28 letters, digits, '-' or '_'")
+        network = None
+        if len(segments) > 2:
+            try:
+                network = parse_network(segments[2], segments[3], segments[4] if len(segments) == 5 else None)
+            except ValueError as exc:
+                return error(400, "bad_address", str(exc))
+        timeout = None
+        if method == "PUT":
+            try:
+                timeout = parse_timeout(query)
+            except ValueError as exc:
+                return error(400, "bad_query", str(exc))
+        elif (bad := self._no_query(query)) is not None:
+            return bad
+        chain = gen.config.chains.get(name)
+        if chain is None:
+            return error(404, "unknown_chain", f"chain {name!r} is not managed by web-ipt-d")
+        if not user.may_use(name):
+            return error(403, "forbidden", f"user {user.name!r} may not use chain {name!r}")
+        if method in ("PUT", "DELETE") and user.read_only:
+            return error(403, "read_only", f"user {user.name!r} is read-only")
+
+        if network is None:
+            entries = self._run(gen, ListChain(name))
+            if isinstance(entries, Response):
+                return entries
+            return Response(200, {"chain": name, "entries": [e.to_json() for e in entries]})
+        actor, peer = user.name, str(client)
+        if method == "PUT":
+            protected = gen.config.protected_by(network)
+            if protected is not None:
+                return error(409, "never_block", f"{network} overlaps {protected}, which is in never_block")
+            expires_at = None if timeout is None else self.clock() + timeout
+            result = self._run(gen, Block(chain, network, expires_at, actor, peer))
+            if isinstance(result, Response):
+                return result
+            assert isinstance(result, Blocked)
+            return Response(201 if result.created else 200, result.entry.to_json())
+        if method == "DELETE":
+            result = self._run(gen, Unblock(chain, network, actor, peer))
+            if isinstance(result, Response):
+                return result
+            assert isinstance(result, Unblocked)
+            return Response(200, {"deleted": result.deleted,
+                                  "entry": result.entry.to_json() if result.entry else None})
+        found = self._run(gen, Lookup(name, network))
+        if isinstance(found, Response):
+            return found
+        if found is None:
+            return error(404, "not_blocked", f"{network} is not blocked in chain {name!r}")
+        assert isinstance(found, Entry)
+        return Response(200, found.to_json())
+
+    @staticmethod
+    def _no_query(query: list[tuple[str, str]]) -> Response | None:
+        if query:
+            return error(400, "bad_query", f"unknown query parameter {query[0][0]!r}")
+        return None
+
+    def _authenticate(self, gen: Generation, authorization: str | None, client: Address) -> User | Response:
+        throttle = self.runtime.throttle
+        limits = gen.config.limits
+        wait = throttle.retry_after(client, self.clock())
+        if wait is not None:
+            return error(429, "throttled", "too many failed logins from this address; try again later",
+                         ("Retry-After", str(max(1, int(wait + 0.999)))))
+        try:
+            return gen.authenticator.authenticate(authorization)
+        except AuthFailure as exc:
+            if authorization is not None:
+                logger.warning("authentication failed: client=%s reason=%s", client, exc)
+                if throttle.record_failure(client, self.clock(), limits.auth_failures, limits.auth_window):
+                    logger.warning("throttling client=%s for %ds after %d failed logins",
+                                   client, limits.auth_window, limits.auth_failures)
+            return UNAUTHORIZED
+
+    def _run(self, gen: Generation, command: Command) -> Any:
+        """Submit to the worker and wait, bounded by limits.worker_timeout; a Response on failure."""
+        fut: Future[Any] = self.runtime.worker.submit(command)
+        try:
+            return fut.result(timeout=gen.config.limits.worker_timeout)
+        except TimeoutError:
+            if fut.cancel():
+                return error(503, "worker_timeout", "the firewall is busy; nothing was changed, try again")
+            try:
+                return fut.result(timeout=gen.config.limits.worker_timeout)
+            except TimeoutError:
+                return error(503, "worker_timeout", "the firewall is busy; the change may still be applied")
+            except FirewallUnavailable as exc:
+                return error(503, "firewall_unavailable", str(exc))
+        except FirewallUnavailable as exc:
+            return error(503, "firewall_unavailable", str(exc))
+
+
+class _HeaderLimit:
+    """Wraps rfile while headers are read so their total size is bounded (431 past it)."""
+
+    def __init__(self, raw: Any, limit: int):
+        self._raw = raw
+        self._left = limit
+
+    def readline(self, size: int = -1) -> bytes:
+        line = self._raw.readline(min(size if size >= 0 else self._left + 1, self._left + 1))
+        self._left -= len(line)
+        if self._left < 0:
+            raise http.client.LineTooLong("header")
+        return line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+
+ERROR_CODES = {400: "bad_request", 408: "timeout", 413: "too_large", 414: "uri_too_long",
+               431: "headers_too_large", 501: "not_implemented", 505: "http_version_not_supported"}
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "web-ipt-d"
+    sys_version = ""
+    server: "Server"
+
+    def handle_one_request(self) -> None:
+        try:
+            self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            self.server.runtime.connections.set_busy(self.connection, True)
+            if len(self.raw_requestline) > MAX_REQUEST_LINE:
+                self.request_version, self.command, self.requestline = "HTTP/1.1", "", ""
+                self.send_error(414, "the request line is too long")
+                return
+            raw_rfile, self.rfile = self.rfile, _HeaderLimit(self.rfile, MAX_HEADER_BYTES)
+            try:
+                parsed = self.parse_request()
+            finally:
+                self.rfile = raw_rfile
+            if parsed:
+                self._dispatch()
+        except (TimeoutError, ConnectionError, ssl.SSLError):
+            self.close_connection = True
+        finally:
+            self.server.runtime.connections.set_busy(self.connection, False)
+            if self.server.runtime.stopping:
+                self.close_connection = True
+
+    def _dispatch(self) -> None:
+        method = self.command
+        if not METHOD_RE.match(method):
+            self.send_error(400, "malformed method")
+            return
+        if self.headers.get("Transfer-Encoding") is not None:
+            self.send_error(400, "Transfer-Encoding is not accepted; send a Content-Length")
+            return
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) > 1 or (lengths and not lengths[0].isdigit()):
+            self.send_error(400, "malformed Content-Length")
+            return
+        length = int(lengths[0]) if lengths else 0
+        if length > MAX_IGNORED_BODY:
+            self.send_error(413, "the request body is too large")
+            return
+        if length:
+            self.rfile.read(length)  # no route takes a body; read it to keep the connection in step
+        auths = self.headers.get_all("Authorization") or []
+        authorization = auths[0] if len(auths) == 1 else ("" if auths else None)
+        response = self.server.app.handle(method, self.path, authorization, client_address(self.client_address[0]))
+        self._write(response, head=method == "HEAD")
+
+    def _write(self, response: Response, head: bool = False, close: bool = False) -> None:
+        body = json.dumps(response.body, separators=(",", ":")).encode() + b"\n"
+        self.send_response(response.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in response.headers:
+            self.send_header(name, value)
+        if close or self.close_connection or self.server.runtime.stopping:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # Errors found while parsing: answer in JSON like every other response, then close.
+        self.close_connection = True
+        text = message if message and code != 431 else http.HTTPStatus(code).phrase
+        self._write(error(code, ERROR_CODES.get(code, "bad_request"), text), close=True)
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        logger.debug('client=%s "%s" %s', self.client_address[0], self.requestline[:200], code)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("client=%s " + format, self.client_address[0], *args)
+
+
+class Server(socketserver.TCPServer):
+    """Serves one listening socket; each connection gets its own thread for TLS and HTTP."""
+
+    def __init__(self, sock: socket.socket, runtime: Runtime, app: App):
+        super().__init__(sock.getsockname()[:2], Handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.runtime = runtime
+        self.app = app
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        limits = self.runtime.generation.config.limits
+        if self.runtime.stopping or not self.runtime.connections.acquire(request, limits.max_connections):
+            request.close()
+            return
+        threading.Thread(target=self._serve, args=(request, client_address), daemon=True,
+                         name=f"conn-{client_address[0]}").start()
+
+    def _serve(self, request: socket.socket, addr: Any) -> None:
+        conn: Any = request
+        gen = self.runtime.generation
+        try:
+            request.settimeout(gen.config.limits.request_timeout)
+            if request.family in (socket.AF_INET, socket.AF_INET6):
+                request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if gen.config.ssl_context is not None:
+                conn = gen.config.ssl_context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+                self.runtime.connections.rebind(request, conn)
+                conn.do_handshake()
+            Handler(conn, addr, self)
+        except (OSError, ssl.SSLError) as exc:
+            logger.debug("connection from %s ended: %s", addr[0], exc)
+        except Exception:
+            logger.exception("connection from %s failed", addr[0])
+        finally:
+            try:
+                conn.close()
+            finally:
+                request.close()
+                self.runtime.connections.release(conn)
