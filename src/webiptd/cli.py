@@ -75,7 +75,12 @@ def hash_password() -> int:
     if not password:
         print("web-ipt-d: refusing an empty password", file=sys.stderr)
         return 1
-    print(make_hash(password))
+    try:
+        hashed = make_hash(password)
+    except ValueError as exc:  # bcrypt >= 5 refuses passwords over 72 bytes rather than truncate them
+        print(f"web-ipt-d: cannot hash this password: {exc}", file=sys.stderr)
+        return 1
+    print(hashed)
     return 0
 
 

@@ -29,13 +29,14 @@ DEFAULT_PATH = Path("/etc/web-ipt-d/config.yaml")
 
 # iptables(8): a user chain name is at most 28 characters; we also keep to a
 # shell- and URL-safe alphabet so a name never needs quoting or escaping.
-CHAIN_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,28}$")
-USER_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+CHAIN_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,28}\Z")
+USER_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
 # Names iptables reserves for built-in chains and targets.
 RESERVED_CHAIN_NAMES = frozenset(
     {"INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING",
      "ACCEPT", "DROP", "REJECT", "RETURN", "QUEUE", "LOG", "NFQUEUE"}
 )
+FILTER_BUILTINS = ("INPUT", "FORWARD", "OUTPUT")
 TARGETS = ("DROP", "REJECT")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
@@ -202,16 +203,34 @@ class _Reader:
             return default
 
     def path(self, value: Any) -> Path:
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, str) or not value or "\0" in value:
             raise ValueError("expected a file path")
         p = Path(value)
         return p if p.is_absolute() else self.base / p
+
+    def item(self, key: str, value: Any, convert: Callable[[Any], Any]) -> Any:
+        """A list element: an empty (null) one is a problem, never silently dropped (allow_from: [null])."""
+        if value is None:
+            self.problem(key, "an empty list item", value)
+            return None
+        return self.take(key, value, convert, None)
 
     def readable_file(self, key: str, value: Any) -> Path | None:
         p = self.take(key, value, self.path, None)
         if p is not None and not os.access(p, os.R_OK):
             self.problem(key, "file is missing or unreadable", str(p))
         return p
+
+
+def _well_formed_hash(text: str) -> bool:
+    """A complete hash of a supported scheme; a truncated paste would otherwise fail every login."""
+    scheme = CRYPT_CONTEXT.identify(text)
+    if scheme is None:
+        return False
+    try:
+        return CRYPT_CONTEXT.handler(scheme).from_string(text).checksum is not None
+    except ValueError:
+        return False
 
 
 def _bool(value: Any) -> bool:
@@ -266,6 +285,20 @@ LOG_KEYS = dict.fromkeys(["file", "level"])
 LIMIT_KEYS = dict.fromkeys(["max_connections", "request_timeout", "worker_timeout", "auth_failures", "auth_window"])
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys: PyYAML would silently keep only the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load(path: Path | str) -> Config:
     """Read, parse and validate `path`. Raises ConfigError listing every problem."""
     path = Path(path)
@@ -274,7 +307,7 @@ def load(path: Path | str) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(path, [f"cannot read the config file: {exc}"]) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(path, [f"not valid YAML: {exc}".replace("\n", " ")]) from None
     return from_mapping(raw, path)
@@ -315,6 +348,11 @@ def from_mapping(raw: Any, path: Path) -> Config:
             key = r.readable_file("tls.key", tls_raw.get("key"))
             min_version = r.take("tls.min_version", _yaml_version(tls_raw.get("min_version")), _choice(TLS_VERSIONS), "1.2")
             client_ca = r.readable_file("tls.client_ca", tls_raw.get("client_ca"))
+            if client_ca is not None and not any(p.startswith("tls.client_ca") for p in r.problems):
+                try:
+                    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=str(client_ca))
+                except (ssl.SSLError, OSError, ValueError) as exc:
+                    r.problem("tls.client_ca", f"does not load as PEM CA certificates: {exc}", str(client_ca))
             if cert is not None and key is not None:
                 tls = TLS(cert, key, min_version, client_ca)
                 if not any(p.startswith(("tls.cert", "tls.key", "tls.client_ca")) for p in r.problems):
@@ -340,9 +378,12 @@ def from_mapping(raw: Any, path: Path) -> Config:
         hooks_raw = r.take(f"{key}.hooks", b.get("hooks", ["INPUT"]), _str_list, [])
         hooks = []
         for i, h in enumerate(hooks_raw):
-            hook = r.take(f"{key}.hooks[{i}]", h, _chain_name, None)
+            hook = r.item(f"{key}.hooks[{i}]", h, _chain_name)
             if hook is not None:
-                if hook == name:
+                if hook in RESERVED_CHAIN_NAMES and hook not in FILTER_BUILTINS:
+                    r.problem(f"{key}.hooks[{i}]", "is not a chain of the filter table; use INPUT, FORWARD, "
+                              "OUTPUT or a user chain", hook)
+                elif hook == name:
                     r.problem(f"{key}.hooks[{i}]", "a chain cannot jump to itself", hook)
                 elif hook not in hooks:
                     hooks.append(hook)
@@ -363,11 +404,9 @@ def from_mapping(raw: Any, path: Path) -> Config:
         pw = b.get("password_hash")
         if not isinstance(pw, str) or not pw:
             r.problem(f"{key}.password_hash", "is required: make one with `web-ipt-d -hash_password`", show=False)
-            continue
-        if CRYPT_CONTEXT.identify(pw) is None:
+        elif not _well_formed_hash(pw):
             r.problem(f"{key}.password_hash", "is not a supported hash (bcrypt, argon2, sha512_crypt, sha256_crypt, "
                       "pbkdf2_sha256); make one with `web-ipt-d -hash_password`", show=False)
-            continue
         patterns = r.take(f"{key}.chains", b.get("chains", []), _str_list, [])
         good_patterns = []
         for i, p in enumerate(patterns):
@@ -377,13 +416,13 @@ def from_mapping(raw: Any, path: Path) -> Config:
                 good_patterns.append(p)
         allow = r.take(f"{key}.allow_from", b.get("allow_from", []), _str_list, [])
         nets = tuple(n for i, item in enumerate(allow)
-                     if (n := r.take(f"{key}.allow_from[{i}]", item, parse_network, None)) is not None)
+                     if (n := r.item(f"{key}.allow_from[{i}]", item, parse_network)) is not None)
         read_only = r.take(f"{key}.read_only", b.get("read_only"), _bool, False)
-        users[name] = User(name, pw, tuple(good_patterns), nets, read_only)
+        users[name] = User(name, pw if isinstance(pw, str) else "", tuple(good_patterns), nets, read_only)
 
     nb_raw = r.take("never_block", top.get("never_block", ["127.0.0.0/8", "::1/128"]), _str_list, [])
     never_block = tuple(n for i, item in enumerate(nb_raw)
-                        if (n := r.take(f"never_block[{i}]", item, parse_network, None)) is not None)
+                        if (n := r.item(f"never_block[{i}]", item, parse_network)) is not None)
 
     log_raw = r.mapping("log", top.get("log"), LOG_KEYS)
     log_file = (r.take("log.file", log_raw.get("file", "/var/log/web-ipt-d.log"), r.path, None)

@@ -36,9 +36,10 @@ MAX_HEADER_BYTES = 16384
 MAX_IGNORED_BODY = 65536
 MAX_TIMEOUT = 10 * 365 * 86400  # ten years; anything longer is a typo, and permanent is -1 or 0
 REALM = 'Basic realm="web-ipt-d", charset="UTF-8"'
-PATH_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
+PATH_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_.:-]+\Z")
 PERCENT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
-METHOD_RE = re.compile(r"^[A-Z]{1,16}$")
+METHOD_RE = re.compile(r"^[A-Z]{1,16}\Z")
+REQUEST_LINE_RE = re.compile(rb"[!-~]+ [!-~]+ HTTP/1\.[0-9]\r?\n\Z")  # RFC 9112 section 3
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,8 @@ class App:
 
     def _handle(self, method: str, target: str, authorization: str | None, client: Address) -> Response:
         gen = self.runtime.generation  # one snapshot for the whole request
+        if target == "/":
+            return NOT_FOUND
         try:
             segments, query = parse_target(target)
         except ValueError as exc:
@@ -352,7 +355,7 @@ class _HeaderLimit:
 
 
 ERROR_CODES = {400: "bad_request", 408: "timeout", 413: "too_large", 414: "uri_too_long",
-               431: "headers_too_large", 501: "not_implemented", 505: "http_version_not_supported"}
+               431: "headers_too_large"}
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -388,6 +391,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         method = self.command
+        if not REQUEST_LINE_RE.match(self.raw_requestline):
+            # parse_request() splits on any whitespace, raw non-ASCII included, and accepts HTTP/0.9.
+            self.send_error(400, "malformed request line")
+            return
         if not METHOD_RE.match(method):
             self.send_error(400, "malformed method")
             return
@@ -395,10 +402,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(400, "Transfer-Encoding is not accepted; send a Content-Length")
             return
         lengths = self.headers.get_all("Content-Length") or []
-        if len(lengths) > 1 or (lengths and not lengths[0].isdigit()):
+        if len(lengths) > 1 or (lengths and not (lengths[0].isascii() and lengths[0].isdigit())):
             self.send_error(400, "malformed Content-Length")
             return
-        length = int(lengths[0]) if lengths else 0
+        # int() refuses strings over 4300 digits; anything over 18 is too large anyway.
+        length = 0 if not lengths else int(lengths[0]) if len(lengths[0]) <= 18 else MAX_IGNORED_BODY + 1
         if length > MAX_IGNORED_BODY:
             self.send_error(413, "the request body is too large")
             return
@@ -406,7 +414,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.rfile.read(length)  # no route takes a body; read it to keep the connection in step
         auths = self.headers.get_all("Authorization") or []
         authorization = auths[0] if len(auths) == 1 else ("" if auths else None)
-        response = self.server.app.handle(method, self.path, authorization, client_address(self.client_address[0]))
+        # parse_request() folds a leading "//" into "/"; route the target exactly as it was sent.
+        target = self.requestline.split()[1]
+        response = self.server.app.handle(method, target, authorization, client_address(self.client_address[0]))
         self._write(response, head=method == "HEAD")
 
     def _write(self, response: Response, head: bool = False, close: bool = False) -> None:
@@ -427,6 +437,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         # Errors found while parsing: answer in JSON like every other response, then close.
         self.close_connection = True
+        if code >= 500:
+            # The stdlib answers 505 for HTTP/2.0 and 501 for odd methods; a client's mistake is a 4xx here.
+            code, message = 400, f"unsupported request: {message or http.HTTPStatus(code).phrase}"
+        if self.request_version == "HTTP/0.9":
+            # parse_request() fails before it has read a version: still answer with a status line.
+            self.request_version = "HTTP/1.1"
         text = message if message and code != 431 else http.HTTPStatus(code).phrase
         self._write(error(code, ERROR_CODES.get(code, "bad_request"), text), close=True)
 

@@ -30,7 +30,12 @@ def listen_sockets() -> list[socket.socket]:
 def notify(*lines: str) -> None:
     """Send state lines such as READY=1 to the service manager, if there is one."""
     if os.environ.get("NOTIFY_SOCKET"):
-        sd.notify("\n".join(lines))
+        try:
+            sd.notify("\n".join(lines))
+        except OSError as exc:
+            # Like sd_notify(3), a lost notification is reported, never fatal: a vanished
+            # socket must not turn a periodic STATUS= into an exit.
+            logger.warning("could not notify the service manager: %s", exc)
 
 
 def watchdog_interval() -> float | None:

@@ -38,6 +38,13 @@ class IptablesBackend:
 
     def __init__(self, lock_path: str = LOCK_PATH):
         self._lock_path = lock_path
+        # python-iptables decides whether a jump target is a chain by opening every table, and opening
+        # one instantiates it in the kernel (nat pulls in conntrack). Our chains live in filter only,
+        # so tell it the other tables are absent rather than create them on the host.
+        for table_class in (iptc.Table, iptc.Table6):
+            for other in table_class.ALL:
+                if other != "filter":
+                    table_class.existing_table_names[other] = False
         self._tables: dict[int, iptc.Table] = {4: iptc.Table(iptc.Table.FILTER), 6: iptc.Table6(iptc.Table6.FILTER)}
         for table in self._tables.values():
             table.autocommit = False
@@ -125,26 +132,44 @@ class IptablesBackend:
         for op in ops:
             by_version.setdefault(op.network.version, []).append(op)
         with self._xtables_lock():
-            for version, version_ops in by_version.items():
-                table = self._tables[version]
-                table.refresh()
-                for name in {op.chain for op in version_ops}:
-                    if name in chains:
-                        self._ensure(version, chains[name])
-                for op in version_ops:
-                    rule = self._rule(version, op.network, op.target)
-                    chain = iptc.Chain(table, op.chain)
-                    if isinstance(op, Add):
-                        chain.append_rule(rule)
-                    elif isinstance(op, Remove):
-                        try:
-                            chain.delete_rule(rule)
-                        except iptc.IPTCError:
-                            # Someone removed it behind our back; the end state is what was asked for.
-                            logger.warning("rule for %s was already gone from chain %s", op.network, op.chain)
-                table.commit()
+            committed: list[tuple[int, list[Op]]] = []
+            try:
+                for version, version_ops in by_version.items():
+                    self._commit(version, version_ops, chains)
+                    committed.append((version, version_ops))
+            except Exception:
+                # Each table commits on its own; undo the ones that did, so the batch fails as a whole.
+                for version, done in committed:
+                    try:
+                        self._commit(version, [_inverse(op) for op in reversed(done)], chains)
+                    except Exception:
+                        logger.exception("could not undo the ipv%d part of a failed batch", version)
+                raise
+
+    def _commit(self, version: int, ops: list[Op], chains: Mapping[str, Chain]) -> None:
+        table = self._tables[version]
+        table.refresh()  # drops whatever a failed attempt left uncommitted
+        for name in {op.chain for op in ops}:
+            if name in chains:
+                self._ensure(version, chains[name])
+        for op in ops:
+            rule = self._rule(version, op.network, op.target)
+            chain = iptc.Chain(table, op.chain)
+            if isinstance(op, Add):
+                chain.append_rule(rule)
+            else:
+                try:
+                    chain.delete_rule(rule)
+                except iptc.IPTCError:
+                    # Someone removed it behind our back; the end state is what was asked for.
+                    logger.warning("rule for %s was already gone from chain %s", op.network, op.chain)
+        table.commit()
 
     def close(self) -> None:
         for table in self._tables.values():
             with contextlib.suppress(Exception):
                 table.close()
+
+
+def _inverse(op: Op) -> Op:
+    return Remove(op.chain, op.network, op.target) if isinstance(op, Add) else Add(op.chain, op.network, op.target)

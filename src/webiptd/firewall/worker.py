@@ -29,6 +29,7 @@ audit = logging.getLogger("webiptd.audit")
 MAX_BATCH = 4096
 MAX_QUEUE = 10_000
 HEARTBEAT = 1.0  # the longest the worker sleeps, so the watchdog can tell it is alive
+RETRY_DELAY = 1.0  # after a failed batch, due expiries wait this long before they are tried again
 
 Key = tuple[str, Network]
 
@@ -84,6 +85,7 @@ class Worker:
         self._entries: dict[Key, Entry] = {}
         self._expiry: list[tuple[float, str, str, Key]] = []
         self._purge: list[Entry] = []  # tombstones whose kernel removal is done
+        self._retry_at = 0.0  # expiries are not tried before this (clock time) after a failed batch
         self._thread = threading.Thread(target=self._run, name="firewall-worker", daemon=True)
         self._started = threading.Event()
         self._start_error: BaseException | None = None
@@ -148,7 +150,8 @@ class Worker:
     def _next_batch(self) -> list[tuple[Any, Future[Any] | None]]:
         wait = HEARTBEAT
         if self._expiry:
-            wait = min(wait, max(0.0, self._expiry[0][0] - self._clock()))
+            now = self._clock()
+            wait = min(wait, max(0.0, self._expiry[0][0] - now, self._retry_at - now))
         try:
             items = [self._queue.get(timeout=wait)]
         except queue.Empty:
@@ -162,7 +165,9 @@ class Worker:
 
     def _due(self) -> list[Key]:
         now = self._clock()
-        due = []
+        due: list[Key] = []
+        if now < self._retry_at:
+            return due
         while self._expiry and self._expiry[0][0] <= now:
             expires_at, _, _, key = heapq.heappop(self._expiry)
             entry = self._entries.get(key)
@@ -200,9 +205,10 @@ class Worker:
                     result: Any = None
                 else:
                     result = self._execute(batch, cmd)
-            except Exception as exc:
+            except Exception:
                 logger.exception("command failed: %r", cmd)
-                result = FirewallUnavailable(str(exc))
+                # The client gets a fixed sentence; the exception's text is for the log only.
+                result = FirewallUnavailable("the firewall worker failed on this request")
             if fut is not None:
                 results.append((fut, result))
 
@@ -210,14 +216,21 @@ class Worker:
         if changed:
             try:
                 self._commit(changed)
-            except Exception as exc:
+            except Exception:
                 logger.exception("applying a batch of %d changes failed; nothing was changed", len(changed))
                 failure = FirewallUnavailable("the firewall refused the change")
                 for fut, _ in results:
                     fut.set_exception(failure)
+                # The due expiries left the heap in _due(); put them back so they are tried again.
+                for cmd, _ in items:
+                    if isinstance(cmd, _Expire) and cmd.key in self._entries:
+                        self._schedule(self._entries[cmd.key])
+                self._retry_at = self._clock() + RETRY_DELAY
                 return
-            for args in batch.audits:
-                audit.info("user=%s client=%s action=%s chain=%s network=%s timeout=%s result=%s", *args)
+        # Every acknowledged write is audited, also one that changed nothing (a block then an unblock
+        # in one batch, an unblock of an absent network).
+        for args in batch.audits:
+            audit.info("user=%s client=%s action=%s chain=%s network=%s timeout=%s result=%s", *args)
         if reconfigure is not None:
             try:
                 self._chains = {c.name: c for c in reconfigure.chains}

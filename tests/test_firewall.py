@@ -1,0 +1,408 @@
+"""The iptables side, against the real daemon in a private namespace: chains and hook jumps,
+adoption without flushing, foreign rules left alone, reconcile on restart and SIGHUP, concurrency.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import re
+import subprocess
+import threading
+from typing import Any, Callable, Iterable
+
+from tests.conftest import Daemon, needs_netns
+
+pytestmark = needs_netns
+
+MANAGED = ("f2b-web", "f2b-ssh", "admin-list")
+HOOKS = {"f2b-web": ("INPUT",), "f2b-ssh": ("INPUT",), "admin-list": ("INPUT", "FORWARD")}
+BLOCK_RULE_RE = re.compile(r"^-A (\S+) -s (\S+) -j (DROP|REJECT)(?: --reject-with (\S+))?$")
+Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def ipt(d: Daemon, *args: str, family: int = 4, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """iptables-legacy (or ip6tables-legacy) inside the daemon's namespace, taking the xtables lock."""
+    tool = "iptables-legacy" if family == 4 else "ip6tables-legacy"
+    return d.ns.run([tool, "-w", *args], check=check)
+
+
+def both(d: Daemon, *args: str) -> None:
+    for family in (4, 6):
+        ipt(d, *args, family=family)
+
+
+def saved_tables(d: Daemon, family: int) -> dict[str, list[str]]:
+    """iptables-legacy-save per table, without comments and packet counters."""
+    tables: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in d.ns.iptables_save(family).splitlines():
+        if line.startswith("*"):
+            current = tables.setdefault(line[1:], [])
+        elif line and not line.startswith("#"):
+            current.append(re.sub(r" \[\d+:\d+\]$", "", line))
+    return tables
+
+
+def without_managed(tables: dict[str, list[str]], managed: Iterable[str] = MANAGED) -> dict[str, list[str]]:
+    def ours(line: str) -> bool:
+        return any(line.startswith((f":{c} ", f"-A {c} ")) or line.endswith(f" -j {c}") for c in managed)
+    return {name: [line for line in lines if not ours(line)] for name, lines in tables.items()}
+
+
+def blocks_in(d: Daemon, chain: str) -> collections.Counter[tuple[Net, str]]:
+    """(network, target) of every rule of our shape in `chain`, both families, counted."""
+    found: collections.Counter[tuple[Net, str]] = collections.Counter()
+    for family in (4, 6):
+        for rule in d.chain_rules(chain, family):
+            m = BLOCK_RULE_RE.match(rule)
+            if m:
+                found[(ipaddress.ip_network(m.group(2)), m.group(3))] += 1
+    return found
+
+
+def listed(d: Daemon, chain: str) -> dict[Net, dict[str, Any]]:
+    r = d.request("GET", f"/chain/{chain}")
+    assert r.status == 200, r
+    return {ipaddress.ip_network(e["network"]): e for e in r.json["entries"]}
+
+
+def path(chain: str, net: Net) -> str:
+    family = "ipv4" if net.version == 4 else "ipv6"
+    if net.prefixlen == net.max_prefixlen:
+        return f"/chain/{chain}/{family}/{net.network_address}"
+    return f"/chain/{chain}/{family}/{net.network_address}/{net.prefixlen}"
+
+
+def restart(d: Daemon) -> None:
+    assert d.stop() == 0, d.stderr()
+    d.start()
+
+
+def assert_hooked(d: Daemon, chains: dict[str, tuple[str, ...]] = HOOKS) -> None:
+    """Each managed chain exists in both filter tables, jumped to exactly once from each hook,
+    and the jumps come before every other rule of the hook chain."""
+    for family in (4, 6):
+        filt = saved_tables(d, family)["filter"]
+        for chain in chains:
+            assert f":{chain} -" in filt, (family, chain, filt)
+        for hook in ("INPUT", "FORWARD"):
+            expected = {f"-A {hook} -j {c}" for c, hooks in chains.items() if hook in hooks}
+            hook_rules = [line for line in filt if line.startswith(f"-A {hook} ")]
+            assert set(hook_rules[:len(expected)]) == expected, (family, hook, hook_rules)
+            for jump in expected:
+                assert hook_rules.count(jump) == 1, (family, hook, hook_rules)
+
+
+def run_threads(n: int, target: Callable[[int], None]) -> None:
+    errors: list[BaseException] = []
+
+    def wrap(i: int) -> None:
+        try:
+            target(i)
+        except BaseException as exc:  # re-raised in the test thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=wrap, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a client thread hung"
+    if errors:
+        raise errors[0]
+
+
+def test_chains_and_jumps_created_in_both_tables_and_admin_rule_kept(daemon):
+    d = daemon
+    both(d, "-A", "INPUT", "-p", "tcp", "--dport", "8443", "-j", "ACCEPT")
+    both(d, "-A", "FORWARD", "-p", "udp", "--dport", "53", "-j", "ACCEPT")
+    d.start()
+    assert_hooked(d)
+    for family in (4, 6):
+        filt = saved_tables(d, family)["filter"]
+        assert [line for line in filt if line.startswith("-A INPUT ")][-1] == \
+            "-A INPUT -p tcp -m tcp --dport 8443 -j ACCEPT"
+        assert [line for line in filt if line.startswith("-A FORWARD ")] == \
+            ["-A FORWARD -j admin-list", "-A FORWARD -p udp -m udp --dport 53 -j ACCEPT"]
+        for chain in MANAGED:
+            assert d.chain_rules(chain, family) == []
+    r = d.request("GET", "/chains")
+    assert r.status == 200
+    assert {c["name"]: (c["target"], tuple(c["hooks"])) for c in r.json["chains"]} == {
+        "f2b-web": ("DROP", ("INPUT",)), "f2b-ssh": ("REJECT", ("INPUT",)),
+        "admin-list": ("DROP", ("INPUT", "FORWARD"))}
+
+
+def test_rules_of_our_shape_are_adopted_and_foreign_rules_left_alone(daemon):
+    d = daemon
+    both(d, "-N", "f2b-web")
+    ipt(d, "-A", "f2b-web", "-p", "tcp", "--dport", "22", "-j", "ACCEPT")
+    ipt(d, "-A", "f2b-web", "-s", "203.0.113.7/32", "-j", "DROP")
+    ipt(d, "-A", "f2b-web", "-s", "203.0.113.64/26", "-j", "DROP")
+    ipt(d, "-A", "f2b-web", "-s", "203.0.113.8", "-i", "lo", "-j", "DROP")  # an interface match: not ours
+    ipt(d, "-A", "f2b-web", "-s", "2001:db8:ffff:1::/64", "-j", "DROP", family=6)
+    ipt(d, "-N", "f2b-ssh")
+    ipt(d, "-A", "f2b-ssh", "-s", "203.0.113.9", "-j", "REJECT")
+    ipt(d, "-A", "f2b-ssh", "-s", "203.0.113.10", "-j", "REJECT", "--reject-with", "icmp-host-unreachable")
+    # Our shape, but in a chain web-ipt-d does not manage.
+    ipt(d, "-N", "mine")
+    ipt(d, "-A", "mine", "-s", "203.0.113.11", "-j", "DROP")
+    before = {(c, f): d.chain_rules(c, f) for c in ("f2b-web", "f2b-ssh", "mine") for f in (4, 6)}
+
+    d.start()
+    for (chain, family), rules in before.items():
+        assert d.chain_rules(chain, family) == rules, "a pre-existing rule was flushed, moved or duplicated"
+    adopted = {
+        "f2b-web": {ipaddress.ip_network("203.0.113.7/32"), ipaddress.ip_network("203.0.113.64/26"),
+                    ipaddress.ip_network("2001:db8:ffff:1::/64")},
+        "f2b-ssh": {ipaddress.ip_network("203.0.113.9/32")},
+    }
+    for chain, nets in adopted.items():
+        entries = listed(d, chain)
+        assert set(entries) == nets
+        assert {e["created_by"] for e in entries.values()} == {"adopted"}
+        assert {e["expires_at"] for e in entries.values()} == {None}
+    assert listed(d, "f2b-ssh")[ipaddress.ip_network("203.0.113.9/32")]["target"] == "REJECT"
+    assert d.request("GET", "/chain/f2b-web/ipv4/203.0.113.8").status == 404
+
+    # Adopted means ours from now on: a PUT finds it, a DELETE removes just that rule.
+    r = d.request("PUT", "/chain/f2b-web/ipv4/203.0.113.7")
+    assert r.status == 200 and r.json["created_by"] == "adopted", r
+    r = d.request("DELETE", "/chain/f2b-web/ipv4/203.0.113.64/26")
+    assert r.status == 200 and r.json["deleted"] is True, r
+    assert d.chain_rules("f2b-web") == [
+        "-A f2b-web -p tcp -m tcp --dport 22 -j ACCEPT",
+        "-A f2b-web -s 203.0.113.7/32 -j DROP",
+        "-A f2b-web -s 203.0.113.8/32 -i lo -j DROP",
+    ]
+    # Foreign rules are never removed, not even by unblocking an address they mention.
+    r = d.request("DELETE", "/chain/f2b-ssh/ipv4/203.0.113.10")
+    assert r.status == 200 and r.json["deleted"] is False, r
+    assert "-A f2b-ssh -s 203.0.113.10/32 -j REJECT --reject-with icmp-host-unreachable" in d.chain_rules("f2b-ssh")
+
+    restart(d)
+    assert set(listed(d, "f2b-web")) == {ipaddress.ip_network("203.0.113.7/32"),
+                                         ipaddress.ip_network("2001:db8:ffff:1::/64")}
+    assert listed(d, "f2b-web")[ipaddress.ip_network("203.0.113.7/32")]["created_by"] == "adopted"
+    assert d.chain_rules("mine") == before[("mine", 4)]
+    assert len(d.chain_rules("f2b-web")) == 3
+
+
+def test_other_chains_and_tables_untouched(daemon):
+    d = daemon
+    for family in (4, 6):
+        ipt(d, "-N", "mine", family=family)
+        ipt(d, "-A", "mine", "-p", "tcp", "--dport", "25", "-j", "REJECT", family=family)
+        ipt(d, "-A", "INPUT", "-j", "mine", family=family)
+        ipt(d, "-A", "OUTPUT", "-p", "udp", "-j", "ACCEPT", family=family)
+        ipt(d, "-P", "FORWARD", "DROP", family=family)
+        ipt(d, "-t", "mangle", "-A", "PREROUTING", "-j", "MARK", "--set-mark", "7", family=family)
+        ipt(d, "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", "2222", "-j", "REDIRECT", "--to-ports", "22",
+            family=family)
+    ipt(d, "-t", "raw", "-A", "PREROUTING", "-p", "udp", "-j", "NOTRACK")
+    before = {f: saved_tables(d, f) for f in (4, 6)}
+
+    d.start()
+    for net in ("ipv4/203.0.113.1", "ipv6/2001:db8:ffff::1", "ipv4/203.0.113.0/28"):
+        for chain in MANAGED:
+            assert d.request("PUT", f"/chain/{chain}/{net}?timeout=600").status == 201
+    assert d.request("DELETE", "/chain/f2b-web/ipv4/203.0.113.1").status == 200
+    restart(d)
+    for family in (4, 6):
+        after = saved_tables(d, family)
+        assert set(after) == set(before[family]), "a table was loaded or dropped"
+        assert without_managed(after) == before[family]
+        # Everything that is left over is ours: chain headers, hook jumps and block rules.
+        for line in set(after["filter"]) - set(before[family]["filter"]):
+            assert line.split()[0] in {f":{c}" for c in MANAGED} or line.endswith(MANAGED) \
+                or BLOCK_RULE_RE.match(line), line
+
+
+def test_restart_does_not_duplicate_jumps_or_rules(running):
+    d = running
+    for path_ in ("/chain/f2b-web/ipv4/203.0.113.1", "/chain/f2b-ssh/ipv6/2001:db8:ffff::2",
+                  "/chain/admin-list/ipv4/203.0.113.128/25", "/chain/f2b-web/ipv6/2001:db8:ffff::/48?timeout=900"):
+        assert d.request("PUT", path_).status == 201
+    first = {f: saved_tables(d, f)["filter"] for f in (4, 6)}
+    for _ in range(2):
+        restart(d)
+        assert {f: saved_tables(d, f)["filter"] for f in (4, 6)} == first
+    assert_hooked(d)
+    assert d.chain_rules("f2b-ssh", 6) == ["-A f2b-ssh -s 2001:db8:ffff::2/128 -j REJECT --reject-with "
+                                           "icmp6-port-unreachable"]
+
+
+def test_reconcile_after_chain_flushed_restart_and_reload(running):
+    d = running
+    nets = ["203.0.113.1/32", "203.0.113.32/27", "2001:db8:ffff::9/128"]
+    for net in nets:
+        assert d.request("PUT", path("f2b-web", ipaddress.ip_network(net))).status == 201
+    expected = collections.Counter({(ipaddress.ip_network(n), "DROP"): 1 for n in nets})
+    assert blocks_in(d, "f2b-web") == expected
+
+    both(d, "-F", "f2b-web")
+    assert blocks_in(d, "f2b-web") == collections.Counter()
+    restart(d)
+    assert blocks_in(d, "f2b-web") == expected
+    assert set(listed(d, "f2b-web")) == {ipaddress.ip_network(n) for n in nets}
+
+    both(d, "-F", "f2b-web")
+    d.reload()
+    assert blocks_in(d, "f2b-web") == expected
+
+    # Flushed behind our back, then an unrelated change to the same chain: nothing is lost.
+    both(d, "-F", "f2b-web")
+    assert d.request("PUT", "/chain/f2b-web/ipv4/203.0.113.200").status == 201
+    restart(d)
+    assert blocks_in(d, "f2b-web") == expected + collections.Counter(
+        {(ipaddress.ip_network("203.0.113.200/32"), "DROP"): 1})
+
+
+def test_deleted_jump_comes_back_on_restart_reload_and_next_change(running):
+    d = running
+    assert d.request("PUT", "/chain/admin-list/ipv4/203.0.113.5").status == 201
+    for family in (4, 6):
+        ipt(d, "-D", "INPUT", "-j", "f2b-web", family=family)
+        ipt(d, "-D", "FORWARD", "-j", "admin-list", family=family)
+    restart(d)
+    assert_hooked(d)
+
+    for family in (4, 6):
+        ipt(d, "-D", "INPUT", "-j", "admin-list", family=family)
+    d.reload()
+    assert_hooked(d)
+
+    # The jump is re-checked before a change to that chain, without a restart or reload.
+    ipt(d, "-D", "INPUT", "-j", "f2b-ssh")
+    assert d.request("PUT", "/chain/f2b-ssh/ipv4/203.0.113.6").status == 201
+    assert ipt(d, "-C", "INPUT", "-j", "f2b-ssh", check=False).returncode == 0
+
+
+def test_chain_added_by_reload_is_created_and_hooked(running):
+    d = running
+    assert d.request("PUT", "/chain/f2b-mail/ipv4/203.0.113.3").status == 404
+    d.config["chains"]["f2b-mail"] = {"hooks": ["INPUT", "FORWARD"], "target": "REJECT"}
+    d.reload()
+    assert_hooked(d, {**HOOKS, "f2b-mail": ("INPUT", "FORWARD")})
+    r = d.request("PUT", "/chain/f2b-mail/ipv4/203.0.113.3", user="f2b")
+    assert r.status == 201 and r.json["target"] == "REJECT", r
+    assert d.chain_rules("f2b-mail") == ["-A f2b-mail -s 203.0.113.3/32 -j REJECT --reject-with icmp-port-unreachable"]
+    assert "f2b-mail" in {c["name"] for c in d.request("GET", "/chains", user="f2b").json["chains"]}
+
+
+def test_families_land_in_their_own_table_and_reject_target(running):
+    d = running
+    assert d.request("PUT", "/chain/f2b-web/ipv6/2001:db8:ffff::5").status == 201
+    assert d.request("PUT", "/chain/f2b-web/ipv4/203.0.113.5").status == 201
+    assert d.chain_rules("f2b-web", 6) == ["-A f2b-web -s 2001:db8:ffff::5/128 -j DROP"]
+    assert d.chain_rules("f2b-web", 4) == ["-A f2b-web -s 203.0.113.5/32 -j DROP"]
+
+    r4 = d.request("PUT", "/chain/f2b-ssh/ipv4/203.0.113.0/24")
+    r6 = d.request("PUT", "/chain/f2b-ssh/ipv6/2001:db8:ffff::/48")
+    assert (r4.status, r4.json["target"], r6.status, r6.json["target"]) == (201, "REJECT", 201, "REJECT")
+    assert d.chain_rules("f2b-ssh", 4) == ["-A f2b-ssh -s 203.0.113.0/24 -j REJECT --reject-with icmp-port-unreachable"]
+    assert d.chain_rules("f2b-ssh", 6) == [
+        "-A f2b-ssh -s 2001:db8:ffff::/48 -j REJECT --reject-with icmp6-port-unreachable"]
+
+    assert d.request("DELETE", "/chain/f2b-web/ipv6/2001:db8:ffff::5").json["deleted"] is True
+    assert d.chain_rules("f2b-web", 6) == []
+    assert d.chain_rules("f2b-web", 4) == ["-A f2b-web -s 203.0.113.5/32 -j DROP"]
+
+
+def distinct_networks(n: int) -> list[Net]:
+    """n distinct never-contacted hosts: 203.0.113.0/24 first, then 2001:db8:ffff::/48."""
+    v4 = [ipaddress.ip_network(f"203.0.113.{i}/32") for i in range(min(n, 200))]
+    v6 = [ipaddress.ip_network(f"2001:db8:ffff::{i:x}/128") for i in range(1, n - len(v4) + 1)]
+    return v4 + v6
+
+
+def test_concurrent_puts_and_deletes_lose_nothing(running):
+    d = running
+    nets = distinct_networks(400)
+    shares = [nets[i::8] for i in range(8)]
+    statuses: list[list[int]] = [[] for _ in range(8)]
+
+    def client(method: str) -> Callable[[int], None]:
+        def run(i: int) -> None:
+            conn = d.connection()
+            try:
+                for net in shares[i]:
+                    statuses[i].append(d.request(method, path("f2b-web", net), conn=conn).status)
+            finally:
+                conn.close()
+        return run
+
+    run_threads(8, client("PUT"))
+    assert [s for ss in statuses for s in ss] == [201] * 400
+    assert blocks_in(d, "f2b-web") == collections.Counter({(n, "DROP"): 1 for n in nets})
+    assert set(listed(d, "f2b-web")) == set(nets)
+
+    statuses = [[] for _ in range(8)]
+    run_threads(8, client("DELETE"))
+    assert [s for ss in statuses for s in ss] == [200] * 400
+    assert blocks_in(d, "f2b-web") == collections.Counter()
+    assert d.chain_rules("f2b-web", 4) == [] and d.chain_rules("f2b-web", 6) == []
+    assert listed(d, "f2b-web") == {}
+
+
+def test_same_address_put_concurrently_is_created_once(running):
+    d = running
+    n = 12
+    conns = [d.connection() for _ in range(n)]
+    for conn in conns:
+        assert d.request("GET", "/version", conn=conn).status == 200  # connected and authenticated already
+    barrier = threading.Barrier(n)
+    statuses: list[int] = []
+
+    def put(i: int) -> None:
+        barrier.wait()
+        statuses.append(d.request("PUT", "/chain/f2b-ssh/ipv4/203.0.113.77", conn=conns[i]).status)
+
+    try:
+        run_threads(n, put)
+    finally:
+        for conn in conns:
+            conn.close()
+    assert sorted(statuses) == [200] * (n - 1) + [201]
+    assert d.chain_rules("f2b-ssh") == ["-A f2b-ssh -s 203.0.113.77/32 -j REJECT --reject-with icmp-port-unreachable"]
+    assert set(listed(d, "f2b-ssh")) == {ipaddress.ip_network("203.0.113.77/32")}
+
+
+def test_external_iptables_writer_and_daemon_lose_nothing(running):
+    d = running
+    ipt(d, "-N", "outside")
+    count, outside_count = 200, 400
+    # A separate iptables process per rule, as fail2ban or an admin script would run it.
+    script = (f"for i in $(seq 0 {outside_count - 1}); do iptables-legacy -w -A outside -s 203.0.113.$((i % 256)) "
+              "-p tcp --dport $((1000 + i)) -j RETURN || exit 1; done")
+    writer = d.ns.popen(["sh", "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    nets = [ipaddress.ip_network(f"203.0.113.{i}/32") for i in range(count)]
+    shares = [nets[i::8] for i in range(8)]
+    statuses: list[int] = []
+
+    def client(i: int) -> None:
+        conn = d.connection()
+        try:
+            for net in shares[i]:
+                statuses.append(d.request("PUT", path("f2b-ssh", net), conn=conn).status)
+        finally:
+            conn.close()
+
+    try:
+        run_threads(8, client)
+        # The daemon keeps changing the table while the writer is still at it.
+        while writer.poll() is None:
+            for net in nets[:20]:
+                d.request("DELETE", path("f2b-ssh", net))
+                d.request("PUT", path("f2b-ssh", net))
+        assert writer.wait(60) == 0, writer.stderr.read() if writer.stderr else ""
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    assert statuses == [201] * count
+    outside = d.chain_rules("outside")
+    assert len(outside) == outside_count and len(set(outside)) == outside_count, "the external writer lost rules"
+    assert blocks_in(d, "f2b-ssh") == collections.Counter({(n, "REJECT"): 1 for n in nets})
+    assert set(listed(d, "f2b-ssh")) == set(nets)

@@ -1,0 +1,610 @@
+"""Pure tests of the firewall worker and the SQLite store, against a recording in-memory backend.
+
+The backend here only records the exact ordered operations it is asked for (as sshuttle's tests do);
+real iptables is covered by the namespace tests.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import sqlite3
+import stat
+import threading
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import pytest
+
+from webiptd.commands import (
+    Block, Blocked, Entry, FirewallUnavailable, ListChain, Lookup, Reconfigure, Unblock, Unblocked,
+)
+from webiptd.config import Chain, Network
+from webiptd.firewall.backend import Add, Op, Remove
+from webiptd.firewall.worker import Worker, kernel_ops
+from webiptd.state import Loaded, Store
+
+net = ipaddress.ip_network
+WEB = Chain("f2b-web", ("INPUT",), "DROP")
+SSH = Chain("f2b-ssh", ("INPUT",), "REJECT")
+T0 = 1_700_000_000.0
+WAIT = 10  # seconds a test waits for a future; the worker answers in milliseconds
+
+
+class RecordingBackend:
+    """An in-memory firewall: `kernel` maps (chain, network) to target; every call is recorded in order."""
+
+    name = "recording"
+
+    def __init__(self, kernel: Mapping[tuple[str, Network], str] | None = None):
+        self.kernel: dict[tuple[str, Network], str] = dict(kernel or {})
+        self.calls: list[tuple[Any, ...]] = []
+        self.fail_applies = 0          # how many of the next apply() calls raise
+        self.anomalies: list[str] = []  # an Add of a rule already there, a Remove of one that is not
+        self.closed = False
+
+    def prepare(self, chains: Iterable[Chain]) -> None:
+        self.calls.append(("prepare", tuple(c.name for c in chains)))
+
+    def read(self, chains: Iterable[str]) -> dict[tuple[str, Network], str]:
+        names = tuple(chains)
+        self.calls.append(("read", names))
+        return {k: t for k, t in self.kernel.items() if k[0] in names}
+
+    def apply(self, ops: Iterable[Op], chains: Mapping[str, Chain]) -> None:
+        ops = list(ops)
+        self.calls.append(("apply", ops))
+        if self.fail_applies:
+            self.fail_applies -= 1
+            raise OSError("simulated: iptc commit failed")
+        for op in ops:
+            key = (op.chain, op.network)
+            if isinstance(op, Add):
+                if key in self.kernel:
+                    self.anomalies.append(f"duplicate {op}")
+                self.kernel[key] = op.target
+            else:
+                if self.kernel.get(key) != op.target:
+                    self.anomalies.append(f"missing {op}")
+                self.kernel.pop(key, None)
+
+    def close(self) -> None:
+        self.closed = True
+
+    @property
+    def applies(self) -> list[list[Op]]:
+        return [call[1] for call in self.calls if call[0] == "apply"]
+
+
+class Clock:
+    def __init__(self, now: float = T0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Harness:
+    """A store in tmp_path, a recording backend and a clock; makes workers and stops them afterwards."""
+
+    def __init__(self, tmp_path: Path):
+        self.state_dir = tmp_path / "state"
+        self.store = Store(self.state_dir)
+        self.backend = RecordingBackend()
+        self.clock = Clock()
+        self.workers: list[Worker] = []
+
+    def worker(self, chains: Iterable[Chain] = (WEB, SSH), start: bool = True) -> Worker:
+        w = Worker(self.backend, self.store, chains, clock=self.clock)
+        self.workers.append(w)
+        if start:
+            w.start(timeout=WAIT)
+        return w
+
+    def run(self, worker: Worker, cmd: Any) -> Any:
+        return worker.submit(cmd).result(WAIT)
+
+    def stored(self) -> Loaded:
+        """What a fresh process would load from the same file."""
+        other = Store(self.state_dir)
+        try:
+            loaded = other.load()
+        finally:
+            other.close()
+        return Loaded(sorted(loaded.entries, key=_order), sorted(loaded.tombstones, key=_order))
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.stop(timeout=WAIT)
+        self.store.close()
+
+
+def _order(e: Entry) -> tuple[Any, ...]:
+    return (e.chain, e.network.version, e.network)
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Iterator[Harness]:
+    harness = Harness(tmp_path)
+    try:
+        yield harness
+    finally:
+        harness.close()
+    assert harness.backend.anomalies == []
+
+
+def block(chain: Chain, network: str, expires_at: float | None = None, actor: str = "admin") -> Block:
+    return Block(chain, net(network), expires_at, actor, "198.51.100.7")
+
+
+def unblock(chain: Chain, network: str, actor: str = "admin") -> Unblock:
+    return Unblock(chain, net(network), actor, "198.51.100.7")
+
+
+def entry(chain: Chain, network: str, expires_at: float | None = None, created_at: float = T0,
+          created_by: str = "admin", target: str | None = None) -> Entry:
+    return Entry(chain.name, net(network), target or chain.target, created_at, expires_at, created_by)
+
+
+# -- kernel_ops ------------------------------------------------------------------------------
+
+
+def test_kernel_ops() -> None:
+    a = entry(WEB, "203.0.113.1/32")
+    assert kernel_ops(None, a) == [Add("f2b-web", net("203.0.113.1/32"), "DROP")]
+    assert kernel_ops(a, None) == [Remove("f2b-web", net("203.0.113.1/32"), "DROP")]
+    assert kernel_ops(None, None) == []
+    # Only the expiry or the author changed: nothing for the kernel to do.
+    assert kernel_ops(a, entry(WEB, "203.0.113.1/32", expires_at=T0 + 5, created_by="x")) == []
+    rejected = entry(WEB, "203.0.113.1/32", target="REJECT")
+    assert kernel_ops(a, rejected) == [Remove("f2b-web", net("203.0.113.1/32"), "DROP"),
+                                       Add("f2b-web", net("203.0.113.1/32"), "REJECT")]
+
+
+# -- start-up, group commit and no-op batches ---------------------------------------------------
+
+
+def test_start_prepares_every_chain_then_reads_them(h: Harness) -> None:
+    h.worker()
+    assert h.backend.calls == [("prepare", ("f2b-web", "f2b-ssh")), ("read", ("f2b-ssh", "f2b-web"))]
+
+
+def test_commands_queued_before_the_worker_runs_are_one_apply(h: Harness) -> None:
+    w = h.worker(start=False)
+    nets = [f"203.0.113.{i}/32" for i in range(1, 41)] + ["2001:db8:ffff::/48"]
+    futures = [w.submit(block(WEB, n)) for n in nets] + [w.submit(block(SSH, "203.0.113.1/32", T0 + 60))]
+    w.start(timeout=WAIT)
+    results = [f.result(WAIT) for f in futures]
+    assert all(isinstance(r, Blocked) and r.created for r in results)
+    assert h.backend.applies == [
+        [Add("f2b-web", net(n), "DROP") for n in nets] + [Add("f2b-ssh", net("203.0.113.1/32"), "REJECT")]
+    ]
+    assert len(h.stored().entries) == 42
+    assert w.count == 42
+
+
+def test_block_then_unblock_in_one_batch_touches_no_kernel(h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    w = h.worker(start=False)
+    put = w.submit(block(WEB, "203.0.113.9/32"))
+    delete = w.submit(unblock(WEB, "203.0.113.9/32", actor="f2b"))
+    with caplog.at_level(logging.INFO, logger="webiptd.audit"):
+        w.start(timeout=WAIT)
+        assert put.result(WAIT) == Blocked(True, entry(WEB, "203.0.113.9/32"))
+        assert delete.result(WAIT) == Unblocked(True, entry(WEB, "203.0.113.9/32"))
+    assert h.backend.applies == []
+    assert h.stored() == Loaded([], [])
+    assert h.run(w, Lookup("f2b-web", net("203.0.113.9/32"))) is None
+    # Both acknowledged requests are in the audit trail, though the kernel never changed.
+    audits = [r.getMessage() for r in caplog.records if r.name == "webiptd.audit"]
+    assert any("user=admin" in a and "action=block" in a and "result=created" in a for a in audits), audits
+    assert any("user=f2b" in a and "action=unblock" in a and "result=deleted" in a for a in audits), audits
+
+
+def test_unblock_then_block_in_one_batch_touches_no_kernel(h: Harness) -> None:
+    first = h.worker()
+    h.run(first, block(WEB, "203.0.113.9/32", actor="f2b"))
+    first.stop(timeout=WAIT)
+    h.clock.now += 10
+    w = h.worker(start=False)  # a restart: both commands wait in the queue for one batch
+    f1 = w.submit(unblock(WEB, "203.0.113.9/32"))
+    f2 = w.submit(block(WEB, "203.0.113.9/32", T0 + 600, actor="admin"))
+    w.start(timeout=WAIT)
+    assert f1.result(WAIT) == Unblocked(True, entry(WEB, "203.0.113.9/32", created_by="f2b"))
+    # A new block, not the old one extended: new author, new creation time.
+    fresh = entry(WEB, "203.0.113.9/32", expires_at=T0 + 600, created_at=T0 + 10)
+    assert f2.result(WAIT) == Blocked(True, fresh)
+    assert h.backend.applies == [[Add("f2b-web", net("203.0.113.9/32"), "DROP")]]  # only the first worker's
+    assert h.backend.kernel == {("f2b-web", net("203.0.113.9/32")): "DROP"}
+    assert h.stored() == Loaded([fresh], [])
+
+
+def test_reblock_with_a_new_timeout_changes_only_the_store(h: Harness) -> None:
+    w = h.worker()
+    first = h.run(w, block(WEB, "203.0.113.9/32", actor="f2b"))
+    assert first == Blocked(True, entry(WEB, "203.0.113.9/32", created_by="f2b"))
+    h.clock.now += 5
+    again = h.run(w, block(WEB, "203.0.113.9/32", T0 + 3600, actor="admin"))
+    # 200, not 201; the original author and creation time stay, the new expiry replaces the old.
+    assert again == Blocked(False, entry(WEB, "203.0.113.9/32", expires_at=T0 + 3600, created_by="f2b"))
+    assert h.run(w, block(WEB, "203.0.113.9/32")).entry.expires_at is None  # back to permanent
+    assert h.backend.applies == [[Add("f2b-web", net("203.0.113.9/32"), "DROP")]]
+    assert h.stored().entries == [entry(WEB, "203.0.113.9/32", created_by="f2b")]
+
+
+def test_the_same_network_in_two_chains_is_two_blocks(h: Harness) -> None:
+    w = h.worker()
+    h.run(w, block(WEB, "203.0.113.9/32"))
+    h.run(w, block(SSH, "203.0.113.9/32"))
+    assert h.backend.applies == [[Add("f2b-web", net("203.0.113.9/32"), "DROP")],
+                                 [Add("f2b-ssh", net("203.0.113.9/32"), "REJECT")]]
+    assert h.run(w, unblock(SSH, "203.0.113.9/32")).deleted
+    assert h.run(w, Lookup("f2b-web", net("203.0.113.9/32"))) == entry(WEB, "203.0.113.9/32")
+
+
+def test_unblock_of_an_absent_network_touches_nothing(h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    w = h.worker()
+    with caplog.at_level(logging.INFO, logger="webiptd.audit"):
+        assert h.run(w, unblock(WEB, "203.0.113.9/32")) == Unblocked(False, None)
+    assert h.backend.applies == []
+    assert any("action=unblock" in r.getMessage() and "result=absent" in r.getMessage()
+               for r in caplog.records if r.name == "webiptd.audit")
+
+
+def test_unblock_removes_the_rule_and_leaves_no_tombstone(h: Harness) -> None:
+    w = h.worker()
+    h.run(w, block(WEB, "2001:db8:ffff::/48"))
+    result = h.run(w, unblock(WEB, "2001:db8:ffff::/48"))
+    assert result == Unblocked(True, entry(WEB, "2001:db8:ffff::/48"))
+    assert h.backend.applies[-1] == [Remove("f2b-web", net("2001:db8:ffff::/48"), "DROP")]
+    assert h.backend.kernel == {}
+    w.stop(timeout=WAIT)
+    assert h.stored() == Loaded([], [])
+
+
+def test_list_and_lookup_see_the_current_state(h: Harness) -> None:
+    w = h.worker()
+    h.run(w, block(WEB, "2001:db8:ffff::/48"))
+    h.run(w, block(WEB, "203.0.113.9/32", T0 + 60))
+    h.run(w, block(WEB, "203.0.113.0/25"))
+    h.run(w, block(SSH, "203.0.113.200/32"))
+    listed = h.run(w, ListChain("f2b-web"))
+    # IPv4 first, then by network.
+    assert [str(e.network) for e in listed] == ["203.0.113.0/25", "203.0.113.9/32", "2001:db8:ffff::/48"]
+    assert h.run(w, ListChain("f2b-nope")) == []
+    assert h.run(w, Lookup("f2b-web", net("203.0.113.9/32"))).expires_at == T0 + 60
+    assert h.run(w, Lookup("f2b-ssh", net("203.0.113.9/32"))) is None
+
+
+# -- reconcile -----------------------------------------------------------------------------
+
+
+def test_reconcile_makes_the_kernel_match_the_store(h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    missing = entry(WEB, "203.0.113.1/32", created_by="f2b")                  # in the store, not the kernel
+    present = entry(WEB, "203.0.113.2/32", expires_at=T0 + 600)               # in both
+    expired_present = entry(WEB, "203.0.113.3/32", expires_at=T0 - 1)         # expired, still in the kernel
+    expired_absent = entry(SSH, "203.0.113.4/32", expires_at=T0)              # expired, gone from the kernel
+    wrong_target = entry(SSH, "2001:db8:ffff::/48")                            # kernel says DROP, store REJECT
+    tomb_present = entry(WEB, "203.0.113.5/32")                                # an unblock the kernel missed
+    tomb_absent = entry(SSH, "203.0.113.6/32")                                 # an unblock that finished
+    h.store.write([missing, present, expired_present, expired_absent, wrong_target, tomb_present, tomb_absent], [])
+    h.store.write([], [tomb_present, tomb_absent])
+    key = lambda e: (e.chain, e.network)  # noqa: E731
+    h.backend.kernel = {
+        key(present): "DROP",
+        key(expired_present): "DROP",
+        key(wrong_target): "DROP",
+        key(tomb_present): "DROP",
+        ("f2b-web", net("203.0.113.77/32")): "DROP",          # strays: rules of our shape, not in the store
+        ("f2b-ssh", net("2001:db8:ffff:1::/64")): "REJECT",
+    }
+    h.clock.now = T0
+    with caplog.at_level(logging.INFO, logger="webiptd.audit"):
+        w = h.worker()
+
+    assert h.backend.calls[:2] == [("prepare", ("f2b-web", "f2b-ssh")), ("read", ("f2b-ssh", "f2b-web"))]
+    assert len(h.backend.applies) == 1
+    ops = h.backend.applies[0]
+    assert sorted(map(repr, ops)) == sorted(map(repr, [
+        Remove("f2b-web", net("203.0.113.5/32"), "DROP"),
+        Add("f2b-web", net("203.0.113.1/32"), "DROP"),
+        Remove("f2b-web", net("203.0.113.3/32"), "DROP"),
+        Remove("f2b-ssh", net("2001:db8:ffff::/48"), "DROP"),
+        Add("f2b-ssh", net("2001:db8:ffff::/48"), "REJECT"),
+    ]))
+    assert ops.index(Remove("f2b-ssh", net("2001:db8:ffff::/48"), "DROP")) < \
+        ops.index(Add("f2b-ssh", net("2001:db8:ffff::/48"), "REJECT"))
+
+    adopted = [Entry("f2b-web", net("203.0.113.77/32"), "DROP", T0, None, "adopted"),
+               Entry("f2b-ssh", net("2001:db8:ffff:1::/64"), "REJECT", T0, None, "adopted")]
+    expected = sorted([missing, present, wrong_target, *adopted], key=_order)
+    assert h.stored() == Loaded(expected, [])
+    assert {(e.chain, e.network): e.target for e in expected} == h.backend.kernel
+    assert w.count == len(expected)
+    assert h.run(w, Lookup("f2b-web", net("203.0.113.77/32"))) == adopted[0]
+    assert h.run(w, Lookup("f2b-web", net("203.0.113.3/32"))) is None
+    expiries = [r.getMessage() for r in caplog.records if "action=expire" in r.getMessage()]
+    assert len(expiries) == 2 and any("network=203.0.113.3/32" in m for m in expiries)
+
+
+def test_reconcile_of_a_consistent_state_changes_nothing(h: Harness) -> None:
+    h.store.write([entry(WEB, "203.0.113.1/32"), entry(SSH, "2001:db8:ffff::/48", expires_at=T0 + 5)], [])
+    h.backend.kernel = {("f2b-web", net("203.0.113.1/32")): "DROP", ("f2b-ssh", net("2001:db8:ffff::/48")): "REJECT"}
+    before = h.stored()
+    h.worker()
+    assert h.backend.applies == []
+    assert h.stored() == before
+
+
+def test_reconcile_reads_chains_that_are_only_in_the_store(h: Harness) -> None:
+    # A chain dropped from the config still has its stored blocks re-read (and kept) rather than forgotten.
+    old = Chain("old-chain", ("INPUT",), "DROP")
+    h.store.write([entry(old, "203.0.113.1/32")], [])
+    h.backend.kernel = {("old-chain", net("203.0.113.1/32")): "DROP"}
+    h.worker(chains=(WEB,))
+    assert ("read", ("f2b-web", "old-chain")) in h.backend.calls
+    assert h.backend.applies == []
+
+
+def test_reconfigure_prepares_new_chains_and_reconciles(h: Harness) -> None:
+    w = h.worker(chains=(WEB,))
+    h.run(w, block(WEB, "203.0.113.1/32"))
+    h.backend.kernel[("f2b-ssh", net("203.0.113.99/32"))] = "REJECT"  # appeared behind our back
+    assert h.run(w, Reconfigure((WEB, SSH))) is None
+    assert ("prepare", ("f2b-web", "f2b-ssh")) in h.backend.calls
+    assert h.run(w, Lookup("f2b-ssh", net("203.0.113.99/32"))).created_by == "adopted"
+
+
+def test_a_failed_reconcile_fails_start(h: Harness) -> None:
+    h.store.write([entry(WEB, "203.0.113.1/32")], [])
+    h.backend.fail_applies = 1
+    w = h.worker(start=False)
+    with pytest.raises(OSError):
+        w.start(timeout=WAIT)
+    h.workers.remove(w)
+    # The store still holds the block, so the next start re-adds it.
+    assert h.stored().entries == [entry(WEB, "203.0.113.1/32")]
+
+
+# -- failures --------------------------------------------------------------------------------
+
+
+def test_a_failed_apply_leaves_the_store_as_it_was(h: Harness) -> None:
+    a = entry(WEB, "203.0.113.1/32")
+    b = entry(WEB, "203.0.113.2/32", expires_at=T0 + 600)
+    h.store.write([a, b], [])
+    h.backend.kernel = {("f2b-web", a.network): "DROP", ("f2b-web", b.network): "DROP"}
+    before = h.stored()
+    kernel_before = dict(h.backend.kernel)
+
+    w = h.worker(start=False)
+    futures = [
+        w.submit(block(WEB, "203.0.113.3/32")),             # new
+        w.submit(unblock(WEB, "203.0.113.1/32")),           # remove an existing one
+        w.submit(block(WEB, "203.0.113.2/32", T0 + 9999)),  # change an existing expiry
+        w.submit(block(SSH, "2001:db8:ffff::/48")),         # the other family
+        w.submit(Lookup("f2b-web", a.network)),
+    ]
+    h.backend.fail_applies = 1
+    w.start(timeout=WAIT)
+    for fut in futures:
+        with pytest.raises(FirewallUnavailable) as info:
+            fut.result(WAIT)
+        assert "simulated" not in str(info.value), "a client-facing message never echoes the exception"
+    assert len(h.backend.applies) == 1  # the reconcile had nothing to do; the batch was tried once
+    assert h.stored() == before
+    assert h.backend.kernel == kernel_before
+
+    # The worker's own view was not changed either, and it carries on once the firewall works again.
+    assert h.run(w, Lookup("f2b-web", a.network)) == a
+    assert h.run(w, Lookup("f2b-web", b.network)) == b
+    assert h.run(w, Lookup("f2b-web", net("203.0.113.3/32"))) is None
+    assert h.run(w, block(WEB, "203.0.113.3/32")).created is True
+    assert h.run(w, unblock(WEB, "203.0.113.1/32")).deleted is True
+    assert h.backend.kernel == {("f2b-web", b.network): "DROP", ("f2b-web", net("203.0.113.3/32")): "DROP"}
+
+
+def test_a_failed_expiry_is_retried(h: Harness) -> None:
+    w = h.worker()
+    h.run(w, block(WEB, "203.0.113.9/32", T0 + 60))
+    h.clock.now = T0 + 61
+    h.backend.fail_applies = 1
+    with pytest.raises(FirewallUnavailable):
+        h.run(w, ListChain("f2b-web"))  # shares the batch with the failing expiry
+    h.clock.now = T0 + 120
+    h.run(w, ListChain("f2b-web"))
+    assert h.run(w, Lookup("f2b-web", net("203.0.113.9/32"))) is None
+    assert h.backend.kernel == {}
+    assert h.backend.applies[-1] == [Remove("f2b-web", net("203.0.113.9/32"), "DROP")]
+
+
+def test_a_cancelled_command_is_skipped(h: Harness) -> None:
+    w = h.worker(start=False)
+    gone = w.submit(block(WEB, "203.0.113.1/32"))
+    assert gone.cancel()  # the client's request timed out before the worker took it
+    kept = w.submit(block(WEB, "203.0.113.2/32"))
+    w.start(timeout=WAIT)
+    assert kept.result(WAIT).created
+    assert h.backend.applies == [[Add("f2b-web", net("203.0.113.2/32"), "DROP")]]
+
+
+# -- expiry ----------------------------------------------------------------------------------
+
+
+def test_expiry_follows_the_injected_clock(h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    w = h.worker()
+    h.run(w, block(WEB, "203.0.113.9/32", T0 + 60))
+    h.run(w, block(WEB, "203.0.113.10/32"))
+    h.clock.now = T0 + 59
+    h.run(w, ListChain("f2b-web"))  # wakes the worker: nothing is due yet
+    assert h.run(w, Lookup("f2b-web", net("203.0.113.9/32"))) is not None
+    h.clock.now = T0 + 60
+    with caplog.at_level(logging.INFO, logger="webiptd.audit"):
+        h.run(w, ListChain("f2b-web"))  # the due expiry joins this batch at the latest
+        assert h.run(w, Lookup("f2b-web", net("203.0.113.9/32"))) is None
+    assert h.backend.applies[-1] == [Remove("f2b-web", net("203.0.113.9/32"), "DROP")]
+    assert h.backend.kernel == {("f2b-web", net("203.0.113.10/32")): "DROP"}
+    assert any("action=expire" in r.getMessage() and "network=203.0.113.9/32" in r.getMessage()
+               for r in caplog.records)
+    w.stop(timeout=WAIT)
+    assert h.stored() == Loaded([entry(WEB, "203.0.113.10/32")], [])
+
+
+def test_a_new_timeout_replaces_the_old_expiry(h: Harness) -> None:
+    w = h.worker()
+    h.run(w, block(WEB, "203.0.113.9/32", T0 + 60))
+    h.run(w, block(WEB, "203.0.113.9/32", T0 + 600))   # extended
+    h.clock.now = T0 + 61
+    h.run(w, ListChain("f2b-web"))
+    assert h.run(w, Lookup("f2b-web", net("203.0.113.9/32"))) is not None
+    h.run(w, block(WEB, "203.0.113.9/32"))             # made permanent
+    h.clock.now = T0 + 601
+    h.run(w, ListChain("f2b-web"))
+    assert h.run(w, Lookup("f2b-web", net("203.0.113.9/32"))) is not None
+    assert len(h.backend.applies) == 1
+
+
+def test_an_unblocked_then_reblocked_network_keeps_only_the_new_expiry(h: Harness) -> None:
+    w = h.worker()
+    h.run(w, block(WEB, "203.0.113.9/32", T0 + 60))
+    h.run(w, unblock(WEB, "203.0.113.9/32"))
+    h.run(w, block(WEB, "203.0.113.9/32", T0 + 600))
+    h.clock.now = T0 + 61
+    h.run(w, ListChain("f2b-web"))
+    assert h.run(w, Lookup("f2b-web", net("203.0.113.9/32"))).expires_at == T0 + 600
+
+
+def test_expired_blocks_are_dropped_at_the_next_start(h: Harness) -> None:
+    w = h.worker()
+    h.run(w, block(WEB, "203.0.113.9/32", T0 + 60))
+    w.stop(timeout=WAIT)
+    h.clock.now = T0 + 3600   # the daemon was down past the expiry
+    h.worker()
+    assert h.backend.applies[-1] == [Remove("f2b-web", net("203.0.113.9/32"), "DROP")]
+    assert h.stored() == Loaded([], [])
+
+
+def test_stop_finishes_what_is_queued(h: Harness) -> None:
+    w = h.worker()
+    futures = [w.submit(block(WEB, f"203.0.113.{i}/32")) for i in range(1, 6)]
+    w.stop(timeout=WAIT)
+    assert not w.is_alive()
+    assert all(f.result(0).created for f in futures)
+    assert len(h.stored().entries) == 5
+
+
+# -- the store -----------------------------------------------------------------------------
+
+
+def test_store_round_trip(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state")
+    entries = [entry(WEB, "203.0.113.9/32", created_at=T0 + 0.123456),
+               entry(SSH, "2001:db8:ffff::/48", expires_at=T0 + 86400.5, created_by="f2b"),
+               entry(WEB, "203.0.113.0/24", expires_at=T0 + 1)]
+    store.write(entries, [])
+    store.close()
+    loaded = Store(tmp_path / "state").load()
+    assert sorted(loaded.entries, key=_order) == sorted(entries, key=_order)
+    assert loaded.tombstones == []
+
+
+def test_store_upsert_replaces_and_revives(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    a = entry(WEB, "203.0.113.9/32")
+    store.write([a], [])
+    store.write([], [a])
+    assert store.load() == Loaded([], [a])
+    a2 = entry(WEB, "203.0.113.9/32", expires_at=T0 + 5, created_by="x")
+    store.write([a2], [])          # a block of a tombstoned key makes it live again
+    assert store.load() == Loaded([a2], [])
+    store.close()
+
+
+def test_store_purge_removes_only_tombstones(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    a, b = entry(WEB, "203.0.113.1/32"), entry(WEB, "203.0.113.2/32")
+    store.write([a, b], [])
+    store.write([], [a])
+    store.write([], [], [a, b])   # b is live: a purge must not delete it
+    assert store.load() == Loaded([b], [])
+    store.close()
+
+
+def test_store_restore(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    a, b = entry(WEB, "203.0.113.1/32"), entry(WEB, "203.0.113.2/32", expires_at=T0 + 5)
+    store.write([a, b], [])
+    b_changed = entry(WEB, "203.0.113.2/32", expires_at=T0 + 500)
+    c = entry(SSH, "203.0.113.3/32")
+    store.write([b_changed, c], [a])
+    store.restore([(("f2b-web", a.network), a), (("f2b-web", b.network), b), (("f2b-ssh", c.network), None)])
+    loaded = store.load()
+    assert sorted(loaded.entries, key=_order) == sorted([a, b], key=_order)
+    assert loaded.tombstones == []
+    store.close()
+
+
+def test_store_write_is_all_or_nothing(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    good = entry(WEB, "203.0.113.1/32")
+    bad = Entry("f2b-web", net("203.0.113.2/32"), None, T0, None, "x")  # type: ignore[arg-type]
+    with pytest.raises(sqlite3.IntegrityError):
+        store.write([good, bad], [])
+    assert store.load() == Loaded([], [])
+    store.write([good], [])   # and the connection is usable afterwards
+    assert store.load() == Loaded([good], [])
+    store.close()
+
+
+def test_store_skips_unreadable_rows(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.write([entry(WEB, "203.0.113.1/32")], [])
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        db.execute("INSERT INTO blocks VALUES ('f2b-web', 'garbage', 'DROP', 0, NULL, 'x', 0)")
+    assert store.load() == Loaded([entry(WEB, "203.0.113.1/32")], [])
+    store.close()
+
+
+def test_store_is_durable_and_private(tmp_path: Path) -> None:
+    state_dir = tmp_path / "new-state"
+    store = Store(state_dir)
+    store.write([entry(WEB, "203.0.113.1/32")], [])
+    assert stat.S_IMODE(os.stat(state_dir / "state.db").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(state_dir).st_mode) == 0o700
+    # SQLite gives the WAL the database file's mode.
+    assert stat.S_IMODE(os.stat(state_dir / "state.db-wal").st_mode) == 0o600
+    with sqlite3.connect(state_dir / "state.db") as other:
+        assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)  # persistent, in the file
+    # synchronous is per connection: read it from the store's own one. 2 is FULL.
+    assert store._db.execute("PRAGMA synchronous").fetchone() == (2,)
+    store.close()
+
+
+def test_store_can_be_used_from_the_worker_thread(tmp_path: Path) -> None:
+    # The connection is made on the main thread and then used only by the worker thread.
+    store = Store(tmp_path)
+    errors: list[BaseException] = []
+
+    def use() -> None:
+        try:
+            store.write([entry(WEB, "203.0.113.1/32")], [])
+            store.load()
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=use)
+    t.start()
+    t.join(WAIT)
+    assert errors == []
+    store.close()
+
+
+def test_a_command_that_fails_gets_a_fixed_message_and_spares_the_batch(h: Harness) -> None:
+    w = h.worker(start=False)
+    bad = w.submit(object())  # type: ignore[arg-type]  # nothing the HTTP edge can send; a bug stand-in
+    good = w.submit(block(WEB, "203.0.113.1/32"))
+    w.start(timeout=WAIT)
+    with pytest.raises(FirewallUnavailable) as info:
+        bad.result(WAIT)
+    assert "object" not in str(info.value), "the exception text stays in the log"
+    assert good.result(WAIT).created
