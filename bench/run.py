@@ -22,10 +22,11 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 # tests.netns is the one vetted way into a private namespace; src/ lets a plain checkout run too.
@@ -294,7 +295,7 @@ class Server:
     authorization: str
     startup_s: float
     count_rules: Callable[[], int]
-    notify: socket.socket | None = None
+    notify: NotifyReader | None = None
 
     @property
     def pid(self) -> int:
@@ -315,6 +316,52 @@ class Server:
         finally:
             if self.notify is not None:
                 self.notify.close()
+
+
+class NotifyReader:
+    """The NOTIFY_SOCKET end systemd would hold (sd_notify(3)): waits for READY=1, then keeps reading.
+
+    It must keep reading: once a datagram socket's queue is full (net.unix.max_dgram_qlen, 10 by
+    default) the sender blocks, and python-systemd's notify() holds the GIL while it does, which
+    freezes the whole daemon at its next STATUS= (every 10 s).
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.messages: list[str] = []
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+        self._sock.settimeout(0.2)
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="notify-reader", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                msg = self._sock.recv(4096).decode(errors="replace")
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.messages.append(msg)
+            if "READY=1" in msg.split("\n"):
+                self._ready.set()
+
+    def wait_ready(self, proc: subprocess.Popen[bytes], stderr_path: Path, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.2):
+            if proc.poll() is not None:
+                raise RuntimeError(f"the daemon exited with {proc.returncode} before READY=1; stderr:\n"
+                                   f"{stderr_path.read_text(errors='replace')[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no READY=1 within {timeout:.0f} s; got {self.messages}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._sock.close()
 
 
 @dataclass
@@ -358,12 +405,10 @@ class WebiptdTarget(Target):
             write_state(Path(config["state_dir"]), family, existing)
         config_path = workdir / "config.yaml"
         config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-        notify_path = workdir / "notify.sock"
-        # Kept open while the daemon runs, as systemd would: it also gets STATUS= and STOPPING=1.
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        # Read for as long as the daemon runs, as systemd would: it also sends STATUS= and STOPPING=1.
+        notify = NotifyReader(workdir / "notify.sock")
         try:
-            notify.bind(str(notify_path))
-            env = {**os.environ, "NOTIFY_SOCKET": str(notify_path),
+            env = {**os.environ, "NOTIFY_SOCKET": str(notify.path),
                    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
             t0 = time.perf_counter()
             with open(workdir / "stderr.log", "ab") as err:
@@ -371,7 +416,7 @@ class WebiptdTarget(Target):
                 proc = ns.popen([sys.executable, "-m", "webiptd", "-config", str(config_path)], env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                 start_new_session=True)
-            wait_ready(notify, proc, workdir / "stderr.log")
+            notify.wait_ready(proc, workdir / "stderr.log")
             startup = time.perf_counter() - t0
         except BaseException:
             notify.close()
@@ -399,23 +444,6 @@ def write_state(state_dir: Path, family: str, count: int) -> None:
                      for i in range(count)], [], [])
     finally:
         store.close()
-
-
-def wait_ready(notify: socket.socket, proc: subprocess.Popen[bytes], stderr_path: Path) -> None:
-    """Wait for READY=1 on the NOTIFY_SOCKET (sd_notify(3)), as systemd would."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    notify.settimeout(0.2)
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the daemon exited with {proc.returncode} before READY=1; stderr:\n"
-                               f"{stderr_path.read_text(errors='replace')[-3000:]}")
-        try:
-            msg = notify.recv(4096).decode()
-        except TimeoutError:
-            continue
-        if "READY=1" in msg.split("\n"):
-            return
-    raise RuntimeError(f"no READY=1 within {READY_TIMEOUT:.0f} s")
 
 
 # -- PKI and user --------------------------------------------------------------------------
@@ -565,18 +593,24 @@ def bench_size(pool: ClientPool, target: Target, pki: Pki, workdir_root: Path, a
 
 
 class Profiler:
-    """py-spy sampling the server during the measured phases (it pauses the target: figures drop)."""
+    """py-spy sampling the server during the measured phases; raw stacks plus a per-thread summary.
+
+    --nonblocking keeps the target running while it is sampled, so figures drop only a little;
+    threads blocked in a system call (waiting on a socket, a future or fsync) are not sampled.
+    """
 
     def __init__(self, pid: int, out: Path):
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         out.parent.mkdir(parents=True, exist_ok=True)
         self.out = out.with_suffix(".txt")
+        self._err = open(out.with_suffix(".stderr"), "wb")
         self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-            [spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--threads", "--gil", "--nonblocking",
-             "--output", str(self.out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--threads", "--nonblocking",
+             "--output", str(self.out)], stdout=subprocess.DEVNULL, stderr=self._err)
         time.sleep(1.0)  # let it attach before the first phase starts
         if self._proc.poll() is not None:
-            raise RuntimeError(f"py-spy failed: {self._proc.stderr.read().decode(errors='replace')}")
+            self._err.close()
+            raise RuntimeError(f"py-spy failed: {out.with_suffix('.stderr').read_text(errors='replace')}")
 
     def stop(self) -> None:
         if self._proc is None:
@@ -589,9 +623,44 @@ class Profiler:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
-        if proc.stderr is not None:
-            proc.stderr.close()
-        print(f"  profile written to {self.out}", file=sys.stderr)
+        self._err.close()
+        if self.out.exists():
+            summary = self.out.with_suffix(".summary.txt")
+            summary.write_text(profile_summary(self.out.read_text()), encoding="utf-8")
+            print(f"  profile: {self.out} and {summary}", file=sys.stderr)
+
+
+def profile_summary(raw: str, top: int = 25) -> str:
+    """Per thread (connection threads pooled): share of samples, then the functions most often on the stack
+    (inclusive) and at its top (self). Waits py-spy could not tell from work (Condition.wait, SSL reads) show up
+    too; read them as "waiting for the worker" and "waiting for the next request"."""
+    threads: dict[str, int] = {}
+    inclusive: dict[tuple[str, str], int] = {}
+    leaf: dict[tuple[str, str], int] = {}
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        head, *frames = stack.split(";")
+        name = head.partition(": ")[2] or head
+        name = "conn-*" if name.startswith("conn-") else name
+        threads[name] = threads.get(name, 0) + n
+        total += n
+        for func in {f.partition(" (")[0] for f in frames} - {"Thread._bootstrap", "Thread._bootstrap_inner",
+                                                              "Thread.run"}:
+            inclusive[(name, func)] = inclusive.get((name, func), 0) + n
+        if frames:
+            leaf[(name, frames[-1])] = leaf.get((name, frames[-1]), 0) + n
+    if not total:
+        return "no samples\n"
+    out = [f"{total} samples"]
+    out += [f"{100 * n / total:5.1f}%  thread {t}" for t, n in sorted(threads.items(), key=lambda x: -x[1])]
+    for title, table in (("on the stack (inclusive)", inclusive), ("at the top of the stack (self)", leaf)):
+        out.append(f"functions {title}, top {top}:")
+        out += [f"{100 * n / total:5.1f}%  {t:16} {f}" for (t, f), n in sorted(table.items(), key=lambda x: -x[1])[:top]]
+    return "\n".join(out) + "\n"
 
 
 def loadavg() -> str:
@@ -688,8 +757,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, metavar="PATH", help="also write every figure, raw latencies included")
     p.add_argument("--keep", action="store_true", help="keep each run's work dir (config, logs, state DB)")
     p.add_argument("--profile", type=Path, metavar="DIR",
-                   help="sample the server with py-spy during the measured phases; raw stacks per N go to DIR "
-                        "(slows the server down: figures from such a run are not comparable)")
+                   help="sample the server with py-spy (pip install py-spy) during the measured phases; raw "
+                        "stacks and a per-thread summary per N go to DIR (costs the server a little CPU)")
     args = p.parse_args(argv)
     if args.ops < 1 or min(args.clients) < 1:
         p.error("--ops and --clients must be at least 1")

@@ -244,6 +244,19 @@ def test_watchdog_is_fed(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 @needs_netns
+def test_unread_notify_socket_never_stalls_the_daemon(daemon: Daemon) -> None:
+    # A manager that stops reading fills the datagram queue (about 10 messages); notify must
+    # drop messages then, never block: a blocking send would freeze every thread.
+    daemon.start()
+    for _ in range(15):  # each reload sends RELOADING=1 and READY=1; nobody reads them
+        daemon.signal(signal.SIGHUP)
+        r = daemon.request("GET", "/version")
+        assert r.status == 200, r
+    daemon.drain_notify()
+    assert daemon.stop() == 0
+
+
+@needs_netns
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate")
 def test_socket_activation_through_systemd_socket_activate(daemon: Daemon) -> None:
     d = daemon

@@ -119,7 +119,7 @@ def parse_network(family: str, address: str, prefix: str | None) -> Network:
             raise ValueError("scoped IPv6 addresses cannot be blocked")
         if addr.ipv4_mapped is not None:
             raise ValueError("IPv4-mapped IPv6 addresses are blocked through the ipv4 path")
-    max_len = addr.max_prefixlen
+    max_len: int = addr.max_prefixlen
     if prefix is None:
         length = max_len
     else:

@@ -375,7 +375,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.request_version, self.command, self.requestline = "HTTP/1.1", "", ""
                 self.send_error(414, "the request line is too long")
                 return
-            raw_rfile, self.rfile = self.rfile, _HeaderLimit(self.rfile, MAX_HEADER_BYTES)
+            raw_rfile, self.rfile = self.rfile, _HeaderLimit(self.rfile, MAX_HEADER_BYTES)  # type: ignore[assignment]
             try:
                 parsed = self.parse_request()
             finally:

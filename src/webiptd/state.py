@@ -52,7 +52,8 @@ class Store:
         self._db.executescript(SCHEMA)
 
     def load(self) -> Loaded:
-        entries, tombstones = [], []
+        entries: list[Entry] = []
+        tombstones: list[Entry] = []
         for chain, net, target, created_at, expires_at, created_by, removing in self._db.execute(
             "SELECT chain, network, target, created_at, expires_at, created_by, removing FROM blocks"
         ):

@@ -10,7 +10,7 @@ import logging
 import os
 import socket
 
-from systemd import daemon as sd
+from systemd import daemon as sd  # type: ignore[attr-defined]
 
 logger = logging.getLogger(__name__)
 
@@ -27,15 +27,31 @@ def listen_sockets() -> list[socket.socket]:
     return socks
 
 
+_notify_sock: socket.socket | None = None
+
+
 def notify(*lines: str) -> None:
-    """Send state lines such as READY=1 to the service manager, if there is one."""
-    if os.environ.get("NOTIFY_SOCKET"):
-        try:
-            sd.notify("\n".join(lines))
-        except OSError as exc:
-            # Like sd_notify(3), a lost notification is reported, never fatal: a vanished
-            # socket must not turn a periodic STATUS= into an exit.
-            logger.warning("could not notify the service manager: %s", exc)
+    """Send state lines such as READY=1 to the service manager, if there is one; never blocks.
+
+    python-systemd's notify() blocks while holding the GIL when the manager is not
+    reading, which would freeze every thread; this is sd_notify(3)'s protocol over a
+    non-blocking datagram socket instead, as gunicorn does.
+    """
+    global _notify_sock
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]  # an abstract socket
+    try:
+        if _notify_sock is None:
+            _notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            _notify_sock.setblocking(False)
+        _notify_sock.sendto("\n".join(lines).encode(), path)
+    except OSError as exc:
+        # Like sd_notify(3), a lost notification is reported, never fatal: a full queue or a
+        # vanished socket must not stall the daemon or turn a periodic STATUS= into an exit.
+        logger.warning("could not notify the service manager: %s", exc)
 
 
 def watchdog_interval() -> float | None:

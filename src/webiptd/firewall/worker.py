@@ -279,7 +279,7 @@ class Worker:
         if isinstance(cmd, Lookup):
             return batch.get((cmd.chain, cmd.network))
         if isinstance(cmd, ListChain):
-            view = {k: e for k, e in self._entries.items() if k[0] == cmd.chain}
+            view: dict[Key, Entry | None] = {k: e for k, e in self._entries.items() if k[0] == cmd.chain}
             view.update((k, e) for k, e in batch.after.items() if k[0] == cmd.chain)
             return sorted((e for e in view.values() if e is not None),
                           key=lambda e: (e.network.version, e.network))
