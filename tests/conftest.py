@@ -32,6 +32,8 @@ PORT = 8820
 FAST_HASH = CRYPT_CONTEXT.using(bcrypt__rounds=4)
 PASSWORDS = {"admin": "admin-pw", "f2b": "f2b-pw", "reader": "reader-pw", "faraway": "faraway-pw"}
 
+BACKENDS = ("iptables", "ipset", "nftables")
+
 needs_netns = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("iptables-legacy-save") is None,
     reason="needs root, iproute2 and iptables to run the daemon in a private network namespace",
@@ -69,6 +71,19 @@ def make_pki(directory: Path, name: str = "test") -> PKI:
     return pki
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked `backends` run once per firewall backend (all three, or the ones named); others on iptables."""
+    if "backend" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("backends")
+        names = (marker.args or BACKENDS) if marker is not None else ("iptables",)
+        metafunc.parametrize("backend", names, indirect=True)
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return make_pki(tmp_path_factory.mktemp("pki"))
@@ -79,8 +94,8 @@ def user_hashes() -> dict[str, str]:
     return {name: FAST_HASH.hash(pw) for name, pw in PASSWORDS.items()}
 
 
-def base_config(workdir: Path, pki: PKI, hashes: dict[str, str]) -> dict[str, Any]:
-    return {
+def base_config(workdir: Path, pki: PKI, hashes: dict[str, str], backend: str = "iptables") -> dict[str, Any]:
+    config = {
         "listen": [f"127.0.0.1:{PORT}", f"[::1]:{PORT}"],
         "tls": {"cert": str(pki.server_cert), "key": str(pki.server_key), "min_version": "1.2"},
         "state_dir": str(workdir / "state"),
@@ -99,6 +114,10 @@ def base_config(workdir: Path, pki: PKI, hashes: dict[str, str]) -> dict[str, An
         "log": {"file": str(workdir / "web-ipt-d.log"), "level": "DEBUG"},
         "limits": {"request_timeout": 3, "worker_timeout": 5, "auth_failures": 5, "auth_window": 30},
     }
+    if backend != "iptables":
+        for chain in config["chains"].values():
+            chain["backend"] = backend
+    return config
 
 
 class Reply:
@@ -115,11 +134,12 @@ class Reply:
 class Daemon:
     """A real `web-ipt-d` process in `ns`, with its config, notify socket and log in `workdir`."""
 
-    def __init__(self, ns: NetNS, workdir: Path, pki: PKI, hashes: dict[str, str]):
+    def __init__(self, ns: NetNS, workdir: Path, pki: PKI, hashes: dict[str, str], backend: str = "iptables"):
         self.ns = ns
         self.workdir = workdir
         self.pki = pki
-        self.config = base_config(workdir, pki, hashes)
+        self.backend = backend
+        self.config = base_config(workdir, pki, hashes, backend)
         self.config_path = workdir / "config.yaml"
         self.proc: subprocess.Popen[bytes] | None = None
         self.notify_path = workdir / "notify.sock"
@@ -233,6 +253,18 @@ class Daemon:
     def chain_rules(self, chain: str, family: int = 4) -> list[str]:
         return [r for r in self.rules(family) if r.startswith(f"-A {chain} ")]
 
+    def kernel_entries(self, chain: str, family: int = 4) -> set[str]:
+        """The networks `chain` blocks in the kernel, whatever its backend, as CIDR strings."""
+        backend = self.config["chains"].get(chain, {}).get("backend", "iptables")
+        if backend == "iptables":
+            return {r.split()[3] for r in self.chain_rules(chain, family) if r.split()[2] == "-s"}
+        if backend == "ipset":
+            out = self.ns.run(["ipset", "list", f"{chain}-v{family}"]).stdout
+            members = out.split("Members:\n", 1)[1] if "Members:\n" in out else ""
+            return {_cidr(line.split()[0]) for line in members.splitlines() if line.strip()}
+        out = self.ns.run(["nft", "-j", "list", "set", "inet", "web-ipt-d", f"{chain}-v{family}"]).stdout
+        return {_cidr(e) for e in _nft_elements(json.loads(out))}
+
     def close(self) -> None:
         try:
             if self.proc is not None and self.proc.poll() is None:
@@ -241,6 +273,24 @@ class Daemon:
         finally:
             if self.notify is not None:
                 self.notify.close()
+
+
+def _cidr(text: str) -> str:
+    import ipaddress
+    return str(ipaddress.ip_network(text))
+
+
+def _nft_elements(doc: dict[str, Any]) -> list[str]:
+    """Set elements from `nft -j list set`: plain addresses, prefixes, or either wrapped with a timeout."""
+    out = []
+    for item in doc["nftables"]:
+        for elem in item.get("set", {}).get("elem", []):
+            if isinstance(elem, dict) and "elem" in elem:
+                elem = elem["elem"]["val"]
+            if isinstance(elem, dict) and "prefix" in elem:
+                elem = f"{elem['prefix']['addr']}/{elem['prefix']['len']}"
+            out.append(str(elem))
+    return out
 
 
 @pytest.fixture
@@ -260,9 +310,9 @@ def ns() -> Iterator[NetNS]:
 
 
 @pytest.fixture
-def daemon(ns: NetNS, workdir: Path, pki: PKI, user_hashes: dict[str, str]) -> Iterator[Daemon]:
+def daemon(ns: NetNS, workdir: Path, pki: PKI, user_hashes: dict[str, str], backend: str) -> Iterator[Daemon]:
     """A daemon object, configured but not started: tests tweak `daemon.config` then call start()."""
-    d = Daemon(ns, workdir, pki, user_hashes)
+    d = Daemon(ns, workdir, pki, user_hashes, backend)
     try:
         yield d
     finally:

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import pytest
 
 from webiptd.commands import (
-    Block, Blocked, Entry, FirewallUnavailable, ListChain, Lookup, Reconfigure, Unblock, Unblocked,
+    Block, Blocked, BulkBlock, Entry, FirewallUnavailable, ListChain, Lookup, Reconfigure, Unblock, Unblocked,
 )
 from webiptd.config import Chain, Network
 from webiptd.firewall.backend import Add, Op, Remove
@@ -43,6 +43,10 @@ class RecordingBackend:
         self.fail_applies = 0          # how many of the next apply() calls raise
         self.anomalies: list[str] = []  # an Add of a rule already there, a Remove of one that is not
         self.closed = False
+        self.kernel_timeouts = False   # True acts like a set backend whose kernel expires entries
+
+    def expires_in_kernel(self, chain: str) -> bool:
+        return self.kernel_timeouts
 
     def prepare(self, chains: Iterable[Chain]) -> None:
         self.calls.append(("prepare", tuple(c.name for c in chains)))
@@ -178,7 +182,7 @@ def test_commands_queued_before_the_worker_runs_are_one_apply(h: Harness) -> Non
     results = [f.result(WAIT) for f in futures]
     assert all(isinstance(r, Blocked) and r.created for r in results)
     assert h.backend.applies == [
-        [Add("f2b-web", net(n), "DROP") for n in nets] + [Add("f2b-ssh", net("203.0.113.1/32"), "REJECT")]
+        [Add("f2b-web", net(n), "DROP") for n in nets] + [Add("f2b-ssh", net("203.0.113.1/32"), "REJECT", T0 + 60)]
     ]
     assert len(h.stored().entries) == 42
     assert w.count == 42
@@ -608,3 +612,23 @@ def test_a_command_that_fails_gets_a_fixed_message_and_spares_the_batch(h: Harne
         bad.result(WAIT)
     assert "object" not in str(info.value), "the exception text stays in the log"
     assert good.result(WAIT).created
+
+
+def test_kernel_ops_tell_a_set_backend_of_a_new_expiry() -> None:
+    a = Entry("f2b-web", net("203.0.113.1/32"), "DROP", T0, T0 + 60, "admin")
+    longer = Entry("f2b-web", net("203.0.113.1/32"), "DROP", T0, T0 + 600, "admin")
+    # iptables has no kernel timeouts: a new expiry changes nothing in the kernel.
+    assert kernel_ops(a, longer) == []
+    # A set backend replaces the entry's timeout.
+    assert kernel_ops(a, longer, expires_in_kernel=True) == [Add("f2b-web", net("203.0.113.1/32"), "DROP", T0 + 600)]
+    assert kernel_ops(a, a, expires_in_kernel=True) == []
+
+
+def test_a_bulk_block_is_one_group_commit(h: Harness) -> None:
+    w = h.worker()
+    nets = ("203.0.113.1/32", "203.0.113.2/32", "203.0.113.1/32")
+    fut = w.submit(BulkBlock(WEB, tuple(net(n) for n in nets), None, "admin", "198.51.100.9"))
+    results = fut.result(WAIT)
+    assert [r.created for r in results] == [True, True, False]
+    assert h.backend.applies[-1] == [Add("f2b-web", net("203.0.113.1/32"), "DROP"),
+                                     Add("f2b-web", net("203.0.113.2/32"), "DROP")]

@@ -32,6 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_argument("-demo", "--demo", action="store_true",
                          help="run a demo on https://localhost:8820 with its own certificate and user; "
                               "its rules go into a private network namespace (needs root)")
+    actions.add_argument("-gen_certs", "--gen_certs", metavar="DIR", type=Path,
+                         help="make a CA, a server certificate for every -host, and a client certificate: "
+                              "ca.crt, ca.key, server.crt, server.key, client.crt, client.key in DIR "
+                              "(created mode 0700 if missing; keys mode 0600). A CA already in DIR "
+                              "(ca.crt and ca.key) is reused, never overwritten; server.* and client.* "
+                              "are replaced on every run")
+    p.add_argument("-host", "--host", metavar="NAME", action="append", dest="hosts", default=[],
+                   help="with -gen_certs: a DNS name or IP address clients reach the server by "
+                        "(at least one; repeat the flag for more)")
+    p.add_argument("-client_name", "--client_name", metavar="NAME",
+                   help="with -gen_certs: the client certificate's CN (default: web-ipt-d-client); "
+                        "with tls.client_cert_auth it logs in as the config user of that name")
     p.add_argument("-h", "-help", "--help", action="help", help="show this help and exit")
     return p
 
@@ -84,6 +96,31 @@ def hash_password() -> int:
     return 0
 
 
+def gen_certs(directory: Path, hosts: list[str], client_name: str | None) -> int:
+    from webiptd import certs
+
+    directory = directory.absolute()
+    try:
+        done = certs.generate(directory, hosts, certs.DEFAULT_CLIENT_NAME if client_name is None else client_name)
+    except certs.CertError as exc:
+        print(f"web-ipt-d: {exc}", file=sys.stderr)
+        return 1
+    if done.ca_reused:
+        print(f"reused the CA {directory / 'ca.crt'} and its key {directory / 'ca.key'} (not modified): "
+              f"{certs.describe(done.ca)}; SHA-256 {certs.fingerprint(done.ca)}")
+    details = {"ca.crt": certs.describe(done.ca) + f"; SHA-256 {certs.fingerprint(done.ca)}",
+               "server.crt": certs.describe(done.server), "client.crt": certs.describe(done.client)}
+    for path in done.written:
+        verb = "replaced" if path in done.replaced else "wrote"
+        print(f"{verb} {path}: " + details.get(path.name, "private key, mode 0600"))
+    host = hosts[0] if ":" not in hosts[0] else f"[{hosts[0]}]"
+    print(f"server config:  tls: {{cert: {directory / 'server.crt'}, key: {directory / 'server.key'}, "
+          f"client_ca: {directory / 'ca.crt'}}}")
+    print(f"a client:       curl --cacert {directory / 'ca.crt'} --cert {directory / 'client.crt'} "
+          f"--key {directory / 'client.key'} https://{host}:8820/health")
+    return 0
+
+
 def run_daemon(path: Path) -> int:
     from webiptd.daemon import Daemon
 
@@ -98,6 +135,9 @@ def run_daemon(path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.gen_certs is None and (args.hosts or args.client_name is not None):
+        print("web-ipt-d: -host and -client_name go with -gen_certs DIR", file=sys.stderr)
+        return 1
     if args.version:
         print(f"web-ipt-d {__version__}")
         return 0
@@ -107,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         return check_config(args.config)
     if args.hash_password:
         return hash_password()
+    if args.gen_certs is not None:
+        return gen_certs(args.gen_certs, args.hosts, args.client_name)
     if args.demo:
         from webiptd.demo import run_demo
 

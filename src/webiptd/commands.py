@@ -61,6 +61,17 @@ class Block:
 
 
 @dataclass(frozen=True)
+class BulkBlock:
+    """Many blocks in one chain, applied in one group commit (a threat feed, say)."""
+
+    chain: Chain
+    networks: tuple[Network, ...]
+    expires_at: float | None
+    actor: str
+    client: str
+
+
+@dataclass(frozen=True)
 class Unblock:
     chain: Chain
     network: Network
@@ -86,7 +97,7 @@ class Reconfigure:
     chains: tuple[Chain, ...]
 
 
-Command = Union[Block, Unblock, Lookup, ListChain, Reconfigure]
+Command = Union[Block, BulkBlock, Unblock, Lookup, ListChain, Reconfigure]
 
 
 @dataclass(frozen=True)
@@ -103,6 +114,17 @@ class Unblocked:
 
 class FirewallUnavailable(Exception):
     """The firewall or the state store refused a change; the request gets a 503 and nothing changed."""
+
+
+class FirewallFull(FirewallUnavailable):
+    """A set backend's set is full (maxelem); the request gets a 507 and nothing changed."""
+
+
+def parse_item(text: str) -> Network:
+    """One bulk item, "ADDRESS" or "ADDRESS/PREFIX", its family taken from the address."""
+    address, _, prefix = text.partition("/")
+    family = "ipv6" if ":" in address else "ipv4"
+    return parse_network(family, address, prefix if "/" in text else None)
 
 
 def parse_network(family: str, address: str, prefix: str | None) -> Network:

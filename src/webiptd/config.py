@@ -38,6 +38,7 @@ RESERVED_CHAIN_NAMES = frozenset(
 )
 FILTER_BUILTINS = ("INPUT", "FORWARD", "OUTPUT")
 TARGETS = ("DROP", "REJECT")
+BACKENDS = ("iptables", "ipset", "nftables")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -70,6 +71,8 @@ class TLS:
     key: Path
     min_version: str
     client_ca: Path | None
+    # A verified client certificate whose subject CN names a user logs in as that user, without Basic.
+    client_cert_auth: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,9 @@ class Chain:
     name: str
     hooks: tuple[str, ...]
     target: str
+    backend: str = "iptables"
+    maxelem: int = 1_048_576  # ipset and nftables: the most entries a set holds, per family
+    priority: int = -10  # nftables: the base chain's priority (the filter table's is 0)
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,7 @@ class Limits:
     worker_timeout: float = 5.0
     auth_failures: int = 10
     auth_window: int = 60
+    max_bulk_items: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -278,11 +285,12 @@ def _str_list(value: Any) -> list[Any]:
 TOP_KEYS = dict.fromkeys(
     ["listen", "tls", "plain_http", "state_dir", "users", "chains", "never_block", "log", "limits"]
 )
-TLS_KEYS = dict.fromkeys(["cert", "key", "min_version", "client_ca"])
+TLS_KEYS = dict.fromkeys(["cert", "key", "min_version", "client_ca", "client_cert_auth"])
 USER_KEYS = dict.fromkeys(["password_hash", "chains", "allow_from", "read_only"])
-CHAIN_KEYS = dict.fromkeys(["hooks", "target"])
+CHAIN_KEYS = dict.fromkeys(["hooks", "target", "backend", "maxelem", "priority"])
 LOG_KEYS = dict.fromkeys(["file", "level"])
-LIMIT_KEYS = dict.fromkeys(["max_connections", "request_timeout", "worker_timeout", "auth_failures", "auth_window"])
+LIMIT_KEYS = dict.fromkeys(["max_connections", "request_timeout", "worker_timeout", "auth_failures", "auth_window",
+                            "max_bulk_items"])
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -353,8 +361,12 @@ def from_mapping(raw: Any, path: Path) -> Config:
                     ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=str(client_ca))
                 except (ssl.SSLError, OSError, ValueError) as exc:
                     r.problem("tls.client_ca", f"does not load as PEM CA certificates: {exc}", str(client_ca))
+            client_cert_auth = r.take("tls.client_cert_auth", tls_raw.get("client_cert_auth"), _bool, False)
+            if client_cert_auth and tls_raw.get("client_ca") is None:
+                r.problem("tls.client_cert_auth", "needs tls.client_ca: only a certificate that CA signed "
+                          "and the handshake verified can stand in for a password", show=False)
             if cert is not None and key is not None:
-                tls = TLS(cert, key, min_version, client_ca)
+                tls = TLS(cert, key, min_version, client_ca, client_cert_auth)
                 if not any(p.startswith(("tls.cert", "tls.key", "tls.client_ca")) for p in r.problems):
                     try:
                         ssl_context = build_ssl_context(tls)
@@ -388,7 +400,18 @@ def from_mapping(raw: Any, path: Path) -> Config:
                 elif hook not in hooks:
                     hooks.append(hook)
         target = r.take(f"{key}.target", b.get("target"), _choice(TARGETS), "DROP")
-        chains[name] = Chain(name, tuple(hooks), target)
+        backend = r.take(f"{key}.backend", b.get("backend"), _choice(BACKENDS), "iptables")
+        maxelem = r.take(f"{key}.maxelem", b.get("maxelem"), _int_range(1, 2**31 - 1), Chain.maxelem)
+        priority = r.take(f"{key}.priority", b.get("priority"), _int_range(-400, 400), Chain.priority)
+        if "maxelem" in b and backend == "iptables":
+            r.problem(f"{key}.maxelem", "applies only to the ipset and nftables backends", b["maxelem"])
+        if "priority" in b and backend != "nftables":
+            r.problem(f"{key}.priority", "applies only to the nftables backend", b["priority"])
+        if backend == "nftables":
+            for i, hook in enumerate(hooks):
+                if hook not in FILTER_BUILTINS:
+                    r.problem(f"{key}.hooks[{i}]", "an nftables chain hooks INPUT, FORWARD or OUTPUT", hook)
+        chains[name] = Chain(name, tuple(hooks), target, backend, maxelem, priority)
     for chain in chains.values():
         for hook in chain.hooks:
             if hook in chains:
@@ -439,6 +462,8 @@ def from_mapping(raw: Any, path: Path) -> Config:
         worker_timeout=r.take("limits.worker_timeout", lim.get("worker_timeout"), _seconds(0, 600), d.worker_timeout),
         auth_failures=r.take("limits.auth_failures", lim.get("auth_failures"), _int_range(1, 100000), d.auth_failures),
         auth_window=r.take("limits.auth_window", lim.get("auth_window"), _int_range(1, 86400), d.auth_window),
+        max_bulk_items=r.take("limits.max_bulk_items", lim.get("max_bulk_items"), _int_range(1, 1_000_000),
+                              d.max_bulk_items),
     )
 
     if r.problems:

@@ -74,22 +74,26 @@ class Daemon:
 
     def run(self) -> int:
         # Imported here so that -check_config and -hash_password never load libiptc.
-        from webiptd.firewall.iptables import IptablesBackend, iptables_is_nft_variant
+        from webiptd.firewall.backend import ByChain
+        from webiptd.firewall.iptables import iptables_is_nft_variant
         from webiptd.firewall.worker import Worker
         from webiptd.state import Store
 
         config = self.config
         log.setup(config.log, verbose_stderr=self.verbose)
-        logger.info("starting web-ipt-d %s with %s (backend iptables)", __version__, config.path)
+        logger.info("starting web-ipt-d %s with %s", __version__, config.path)
+        for chain in config.chains.values():
+            logger.info("chain %s: backend %s, target %s, hooks %s", chain.name, chain.backend, chain.target,
+                        ",".join(chain.hooks) or "none")
         if config.plain_http:
             logger.warning("plain_http is on: credentials cross loopback unencrypted")
-        if iptables_is_nft_variant():
+        if any(c.backend != "nftables" for c in config.chains.values()) and iptables_is_nft_variant():
             logger.warning("this host's `iptables` is the nft variant; web-ipt-d writes the legacy tables through "
                            "python-iptables, so `iptables -S` does not show its rules. They still filter packets: "
                            "see them with `iptables-legacy -S` and `ip6tables-legacy -S`")
         socks = self.sockets if self.sockets is not None else open_listeners(config)
         store = Store(config.state_dir)
-        backend = IptablesBackend()
+        backend = ByChain(config.chains.values())
         worker = Worker(backend, store, config.chains.values())
         try:
             worker.start()

@@ -24,9 +24,9 @@ from typing import Any, Mapping
 from webiptd import __version__
 from webiptd.auth import AuthFailure, Authenticator, FailureThrottle
 from webiptd.commands import (
-    Block, Blocked, Command, Entry, FirewallUnavailable, ListChain, Lookup, Unblock, Unblocked, parse_network,
+    Block, Blocked, BulkBlock, Command, Entry, FirewallFull, FirewallUnavailable, ListChain, Lookup, Unblock, Unblocked, parse_item, parse_network,
 )
-from webiptd.config import CHAIN_NAME_RE, Address, Config, User
+from webiptd.config import CHAIN_NAME_RE, Address, Chain, Config, Network, User
 from webiptd.firewall.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ ROUTES: dict[tuple[str, int], tuple[str, ...]] = {
     ("health", 1): ("GET", "HEAD"),
     ("version", 1): ("GET", "HEAD"),
     ("chains", 1): ("GET", "HEAD"),
-    ("chain", 2): ("GET", "HEAD"),
+    ("chain", 2): ("GET", "HEAD", "POST"),
     ("chain", 4): ("GET", "HEAD", "PUT", "DELETE"),
     ("chain", 5): ("GET", "HEAD", "PUT", "DELETE"),
 }
@@ -202,14 +202,18 @@ class App:
         self.runtime = runtime
         self.clock = clock
 
-    def handle(self, method: str, target: str, authorization: str | None, client: Address) -> Response:
+    def handle(self, method: str, target: str, authorization: str | None, client: Address,
+               client_cert_cn: str | None = None, body: bytes = b"") -> Response:
+        """`client_cert_cn`: the subject CN of the client certificate the TLS handshake verified, if any.
+        `body`: the request body, which only POST (bulk) uses."""
         try:
-            return self._handle(method, target, authorization, client)
+            return self._handle(method, target, authorization, client, client_cert_cn, body)
         except Exception:
             logger.exception("internal error on %s %s", method, target[:200])
             return error(500, "internal_error", "the server failed; this is a bug and it has been logged")
 
-    def _handle(self, method: str, target: str, authorization: str | None, client: Address) -> Response:
+    def _handle(self, method: str, target: str, authorization: str | None, client: Address,
+                client_cert_cn: str | None, body: bytes) -> Response:
         gen = self.runtime.generation  # one snapshot for the whole request
         if target == "/":
             return NOT_FOUND
@@ -225,7 +229,7 @@ class App:
         if segments[0] == "health":
             return Response(200, {"status": "ok"})
 
-        user = self._authenticate(gen, authorization, client)
+        user = self._authenticate(gen, authorization, client, client_cert_cn)
         if isinstance(user, Response):
             return user
         if not user.may_connect_from(client):
@@ -236,7 +240,7 @@ class App:
             return self._no_query(query) or Response(200, {"version": __version__})
         if segments[0] == "chains":
             return self._no_query(query) or Response(200, {"chains": [
-                {"name": c.name, "target": c.target, "hooks": list(c.hooks), "backend": "iptables"}
+                {"name": c.name, "target": c.target, "hooks": list(c.hooks), "backend": c.backend}
                 for c in gen.config.chains.values() if user.may_use(c.name)]})
 
         name = segments[1]
@@ -249,7 +253,7 @@ class App:
             except ValueError as exc:
                 return error(400, "bad_address", str(exc))
         timeout = None
-        if method == "PUT":
+        if method in ("PUT", "POST"):
             try:
                 timeout = parse_timeout(query)
             except ValueError as exc:
@@ -261,9 +265,11 @@ class App:
             return error(404, "unknown_chain", f"chain {name!r} is not managed by web-ipt-d")
         if not user.may_use(name):
             return error(403, "forbidden", f"user {user.name!r} may not use chain {name!r}")
-        if method in ("PUT", "DELETE") and user.read_only:
+        if method in ("PUT", "DELETE", "POST") and user.read_only:
             return error(403, "read_only", f"user {user.name!r} is read-only")
 
+        if method == "POST":
+            return self._bulk(gen, chain, body, timeout, user.name, str(client))
         if network is None:
             entries = self._run(gen, ListChain(name))
             if isinstance(entries, Response):
@@ -295,19 +301,74 @@ class App:
         assert isinstance(found, Entry)
         return Response(200, found.to_json())
 
+    def _bulk(self, gen: Generation, chain: Chain, body: bytes, timeout: int | None, actor: str,
+              peer: str) -> Response:
+        """POST /chain/<chain>: a JSON list of addresses or networks, blocked in one group commit.
+
+        Each item gets its own result, as a single PUT would have; a bad item never stops the good ones.
+        """
+        limit = gen.config.limits.max_bulk_items
+        try:
+            items = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return error(400, "bad_body", "the body must be a JSON list of addresses or networks")
+        if not isinstance(items, list) or not items:
+            return error(400, "bad_body", "the body must be a non-empty JSON list of addresses or networks")
+        if len(items) > limit:
+            return error(413, "too_many_items", f"at most {limit} items per request (limits.max_bulk_items)")
+        results: list[dict[str, Any]] = []
+        wanted: list[tuple[int, Network]] = []
+        for i, item in enumerate(items):
+            result: dict[str, Any] = {"item": item if isinstance(item, str) and len(item) <= 64 else None}
+            results.append(result)
+            try:
+                if not isinstance(item, str) or len(item) > 64 or not item.isascii():
+                    raise ValueError("an item is a string: an address or ADDRESS/PREFIX")
+                network = parse_item(item)
+            except ValueError as exc:
+                result.update(status=400, error="bad_address", message=str(exc))
+                continue
+            protected = gen.config.protected_by(network)
+            if protected is not None:
+                result.update(status=409, error="never_block",
+                              message=f"{network} overlaps {protected}, which is in never_block")
+                continue
+            wanted.append((i, network))
+        if wanted:
+            expires_at = None if timeout is None else self.clock() + timeout
+            command = BulkBlock(chain, tuple(n for _, n in wanted), expires_at, actor, peer)
+            # A large batch takes longer in the worker; allow it about 2 ms an item on top.
+            done = self._run(gen, command, extra_time=len(wanted) / 500)
+            if isinstance(done, Response):
+                return done  # nothing was applied
+            for (i, _), blocked in zip(wanted, done):
+                results[i].update(status=201 if blocked.created else 200, entry=blocked.entry.to_json())
+        statuses = [r["status"] for r in results]
+        return Response(200, {"chain": chain.name, "results": results, "created": statuses.count(201),
+                              "existing": statuses.count(200), "failed": len(statuses) - len(wanted)})
+
     @staticmethod
     def _no_query(query: list[tuple[str, str]]) -> Response | None:
         if query:
             return error(400, "bad_query", f"unknown query parameter {query[0][0]!r}")
         return None
 
-    def _authenticate(self, gen: Generation, authorization: str | None, client: Address) -> User | Response:
+    def _authenticate(self, gen: Generation, authorization: str | None, client: Address,
+                      client_cert_cn: str | None) -> User | Response:
         throttle = self.runtime.throttle
         limits = gen.config.limits
         wait = throttle.retry_after(client, self.clock())
         if wait is not None:
             return error(429, "throttled", "too many failed logins from this address; try again later",
                          ("Retry-After", str(max(1, int(wait + 0.999)))))
+        # tls.client_cert_auth: a verified certificate naming a user is enough. Credentials that are
+        # sent are always checked, so a wrong password is a 401 even with a good certificate.
+        tls = gen.config.tls
+        if authorization is None and client_cert_cn is not None and tls is not None and tls.client_cert_auth:
+            cert_user = gen.config.users.get(client_cert_cn)
+            if cert_user is not None:
+                logger.debug("user=%s authenticated by client certificate, client=%s", cert_user.name, client)
+                return cert_user
         try:
             return gen.authenticator.authenticate(authorization)
         except AuthFailure as exc:
@@ -318,20 +379,21 @@ class App:
                                    client, limits.auth_window, limits.auth_failures)
             return UNAUTHORIZED
 
-    def _run(self, gen: Generation, command: Command) -> Any:
+    def _run(self, gen: Generation, command: Command, extra_time: float = 0.0) -> Any:
         """Submit to the worker and wait, bounded by limits.worker_timeout; a Response on failure."""
         fut: Future[Any] = self.runtime.worker.submit(command)
+        timeout = gen.config.limits.worker_timeout + extra_time
         try:
-            return fut.result(timeout=gen.config.limits.worker_timeout)
-        except TimeoutError:
-            if fut.cancel():
-                return error(503, "worker_timeout", "the firewall is busy; nothing was changed, try again")
             try:
-                return fut.result(timeout=gen.config.limits.worker_timeout)
+                return fut.result(timeout=timeout)
             except TimeoutError:
-                return error(503, "worker_timeout", "the firewall is busy; the change may still be applied")
-            except FirewallUnavailable as exc:
-                return error(503, "firewall_unavailable", str(exc))
+                if fut.cancel():
+                    return error(503, "worker_timeout", "the firewall is busy; nothing was changed, try again")
+                return fut.result(timeout=timeout)
+        except TimeoutError:
+            return error(503, "worker_timeout", "the firewall is busy; the change may still be applied")
+        except FirewallFull as exc:
+            return error(507, "firewall_full", str(exc))
         except FirewallUnavailable as exc:
             return error(503, "firewall_unavailable", str(exc))
 
@@ -407,17 +469,44 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         # int() refuses strings over 4300 digits; anything over 18 is too large anyway.
         length = 0 if not lengths else int(lengths[0]) if len(lengths[0]) <= 18 else MAX_IGNORED_BODY + 1
-        if length > MAX_IGNORED_BODY:
+        # Only a bulk POST carries a body: room for its item limit (an item is at most 64 bytes).
+        limit = (64 * self.server.runtime.generation.config.limits.max_bulk_items + 1024 if method == "POST"
+                 else MAX_IGNORED_BODY)
+        if length > limit:
             self.send_error(413, "the request body is too large")
             return
-        if length:
-            self.rfile.read(length)  # no route takes a body; read it to keep the connection in step
+        body = self.rfile.read(length) if length else b""
+        if len(body) < length:
+            self.close_connection = True
+            return
+        if method != "POST":
+            body = b""  # no other route takes a body; it was read only to keep the connection in step
         auths = self.headers.get_all("Authorization") or []
         authorization = auths[0] if len(auths) == 1 else ("" if auths else None)
         # parse_request() folds a leading "//" into "/"; route the target exactly as it was sent.
         target = self.requestline.split()[1]
-        response = self.server.app.handle(method, target, authorization, client_address(self.client_address[0]))
+        response = self.server.app.handle(method, target, authorization, client_address(self.client_address[0]),
+                                          self._client_cert_cn(), body)
         self._write(response, head=method == "HEAD")
+
+    def _client_cert_cn(self) -> str | None:
+        """The subject CN of the client certificate this connection's handshake verified, or None.
+
+        Only while the current config trusts the same client CAs as the context that verified it:
+        after a reload that replaces tls.client_ca, a connection opened before it no longer logs in by it.
+        """
+        conn = self.connection
+        current = self.server.runtime.generation.config.ssl_context
+        if not isinstance(conn, ssl.SSLSocket) or current is None:
+            return None
+        if conn.context is not current and (
+                conn.context.get_ca_certs(binary_form=True) != current.get_ca_certs(binary_form=True)):
+            return None
+        cert: Any = conn.getpeercert()  # {} unless the handshake asked for and verified a certificate
+        if not cert:
+            return None
+        names = [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
+        return names[0] if len(names) == 1 else None  # several CNs: ambiguous, so none
 
     def _write(self, response: Response, head: bool = False, close: bool = False) -> None:
         body = json.dumps(response.body, separators=(",", ":")).encode() + b"\n"

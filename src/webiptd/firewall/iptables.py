@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Mapping
 import iptc
 
 from webiptd.config import Chain, Network
-from webiptd.firewall.backend import Add, Op, Remove
+from webiptd.firewall.backend import Add, Op, inverse
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class IptablesBackend:
             table.autocommit = False
 
     @contextlib.contextmanager
-    def _xtables_lock(self) -> Iterator[None]:
+    def xtables_lock(self) -> Iterator[None]:
         # python-iptables takes no lock of its own; without it, concurrent writers silently lose rules.
         fd = os.open(self._lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -66,7 +66,11 @@ class IptablesBackend:
         rule.target = rule.create_target(target)
         return rule
 
-    def _ensure(self, version: int, chain: Chain) -> None:
+    def table(self, version: int) -> iptc.Table:
+        return self._tables[version]
+
+    def ensure_chain(self, version: int, chain: Chain) -> None:
+        """Create `chain` if missing and jump to it from position 1 of each of its hooks; commit is the caller's."""
         table = self._tables[version]
         if not table.is_chain(chain.name):
             table.create_chain(chain.name)
@@ -83,26 +87,29 @@ class IptablesBackend:
                 hook_chain.insert_rule(jump, 0)
                 logger.info("inserted jump %s -> %s at position 1 (ipv%d)", hook, chain.name, version)
 
+    def expires_in_kernel(self, chain: str) -> bool:
+        return False  # one rule per network has no timeout; the worker expires them
+
     def prepare(self, chains: Iterable[Chain]) -> None:
         chains = list(chains)
-        with self._xtables_lock():
+        with self.xtables_lock():
             for version, table in self._tables.items():
                 table.refresh()
                 for chain in chains:
-                    self._ensure(version, chain)
+                    self.ensure_chain(version, chain)
                 table.commit()
 
     def read(self, chains: Iterable[str]) -> dict[tuple[str, Network], str]:
         found: dict[tuple[str, Network], str] = {}
         names = list(chains)
-        with self._xtables_lock():
+        with self.xtables_lock():
             for version, table in self._tables.items():
                 table.refresh()
                 for name in names:
                     if not table.is_chain(name):
                         continue
                     for rule in iptc.Chain(table, name).rules:
-                        parsed = self._parse(version, rule)
+                        parsed = self.parse_rule(version, rule)
                         if parsed is None:
                             logger.warning("chain %s (ipv%d) holds a rule web-ipt-d did not make; leaving it "
                                            "alone: src=%s target=%s", name, version, rule.src, rule.target.name)
@@ -111,7 +118,7 @@ class IptablesBackend:
         return found
 
     @staticmethod
-    def _parse(version: int, rule: iptc.Rule) -> tuple[Network, str] | None:
+    def parse_rule(version: int, rule: iptc.Rule) -> tuple[Network, str] | None:
         """(network, target) for a rule of the one shape we make; None for anything else."""
         target = rule.target.name
         if target not in ("DROP", "REJECT") or rule.matches or rule.in_interface or rule.out_interface:
@@ -131,7 +138,7 @@ class IptablesBackend:
         by_version: dict[int, list[Op]] = {}
         for op in ops:
             by_version.setdefault(op.network.version, []).append(op)
-        with self._xtables_lock():
+        with self.xtables_lock():
             committed: list[tuple[int, list[Op]]] = []
             try:
                 for version, version_ops in by_version.items():
@@ -141,7 +148,7 @@ class IptablesBackend:
                 # Each table commits on its own; undo the ones that did, so the batch fails as a whole.
                 for version, done in committed:
                     try:
-                        self._commit(version, [_inverse(op) for op in reversed(done)], chains)
+                        self._commit(version, [inverse(op) for op in reversed(done)], chains)
                     except Exception:
                         logger.exception("could not undo the ipv%d part of a failed batch", version)
                 raise
@@ -151,7 +158,7 @@ class IptablesBackend:
         table.refresh()  # drops whatever a failed attempt left uncommitted
         for name in {op.chain for op in ops}:
             if name in chains:
-                self._ensure(version, chains[name])
+                self.ensure_chain(version, chains[name])
         for op in ops:
             rule = self._rule(version, op.network, op.target)
             chain = iptc.Chain(table, op.chain)
@@ -170,6 +177,3 @@ class IptablesBackend:
             with contextlib.suppress(Exception):
                 table.close()
 
-
-def _inverse(op: Op) -> Op:
-    return Remove(op.chain, op.network, op.target) if isinstance(op, Add) else Add(op.chain, op.network, op.target)

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 from webiptd.commands import (
-    Block, Blocked, Command, Entry, FirewallUnavailable, ListChain, Lookup, Reconfigure, Unblock, Unblocked,
+    Block, Blocked, BulkBlock, Command, Entry, FirewallFull, FirewallUnavailable, ListChain, Lookup, Reconfigure, Unblock, Unblocked,
 )
 from webiptd.config import Chain, Network
-from webiptd.firewall.backend import Add, Backend, Op, Remove
+from webiptd.firewall.backend import Add, Backend, CapacityExceeded, Op, Remove
 from webiptd.state import Store
 
 logger = logging.getLogger(__name__)
@@ -62,15 +62,21 @@ class _Batch:
         self.after[key] = entry
 
 
-def kernel_ops(before: Entry | None, after: Entry | None) -> list[Op]:
-    """The backend operations that turn `before` into `after` for one key."""
+def kernel_ops(before: Entry | None, after: Entry | None, expires_in_kernel: bool = False) -> list[Op]:
+    """The backend operations that turn `before` into `after` for one key.
+
+    Only a backend whose kernel expires entries needs to hear of a new expiry; for
+    iptables the worker's own expiry is the only clock.
+    """
     if before is not None and after is not None and before.target == after.target:
+        if expires_in_kernel and before.expires_at != after.expires_at:
+            return [Add(after.chain, after.network, after.target, after.expires_at)]
         return []
     ops: list[Op] = []
     if before is not None:
         ops.append(Remove(before.chain, before.network, before.target))
     if after is not None:
-        ops.append(Add(after.chain, after.network, after.target))
+        ops.append(Add(after.chain, after.network, after.target, after.expires_at))
     return ops
 
 
@@ -89,6 +95,7 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name="firewall-worker", daemon=True)
         self._started = threading.Event()
         self._start_error: BaseException | None = None
+        self._resync = False
         self.heartbeat = time.monotonic()
 
     # -- used by other threads --------------------------------------------------------
@@ -135,6 +142,12 @@ class Worker:
         self._started.set()
         while True:
             self.heartbeat = time.monotonic()
+            if self._resync:
+                try:
+                    self._reconcile()
+                    self._resync = False
+                except Exception:
+                    logger.exception("reconcile after a failed batch failed; trying again with the next batch")
             items = self._next_batch()
             stop = any(isinstance(cmd, _Stop) for cmd, _ in items)
             items = [(cmd, fut) for cmd, fut in items if not isinstance(cmd, _Stop)]
@@ -216,9 +229,13 @@ class Worker:
         if changed:
             try:
                 self._commit(changed)
-            except Exception:
+            except Exception as exc:
                 logger.exception("applying a batch of %d changes failed; nothing was changed", len(changed))
-                failure = FirewallUnavailable("the firewall refused the change")
+                failure: FirewallUnavailable = (
+                    FirewallFull("a set is full (maxelem); nothing was changed") if isinstance(exc, CapacityExceeded)
+                    else FirewallUnavailable("the firewall refused the change"))
+                # If undoing left the kernel and the store apart, the next reconcile brings them together.
+                self._resync = True
                 for fut, _ in results:
                     fut.set_exception(failure)
                 # The due expiries left the heap in _due(); put them back so they are tried again.
@@ -262,6 +279,9 @@ class Worker:
             batch.audits.append((cmd.actor, cmd.client, "block", cmd.chain.name, cmd.network, timeout,
                                  "exists" if old is not None else "created"))
             return Blocked(created=old is None, entry=new)
+        if isinstance(cmd, BulkBlock):
+            return [self._execute(batch, Block(cmd.chain, network, cmd.expires_at, cmd.actor, cmd.client))
+                    for network in cmd.networks]
         if isinstance(cmd, Unblock):
             key = (cmd.chain.name, cmd.network)
             old = batch.get(key)
@@ -290,7 +310,8 @@ class Worker:
         puts = [after for _, after in changed.values() if after is not None]
         removes = [before for before, after in changed.values() if after is None and before is not None]
         self._safe_write(puts, removes, self._take_purges())
-        ops = [op for before, after in changed.values() for op in kernel_ops(before, after)]
+        ops = [op for (chain, _), (before, after) in changed.items()
+               for op in kernel_ops(before, after, self._backend.expires_in_kernel(chain))]
         try:
             if ops:
                 self._backend.apply(ops, self._chains)
@@ -337,9 +358,9 @@ class Worker:
                 audit.info("user=- client=- action=expire chain=%s network=%s timeout=- result=deleted",
                            e.chain, e.network)
             elif present is None:
-                ops.append(Add(e.chain, e.network, e.target))
+                ops.append(Add(e.chain, e.network, e.target, e.expires_at))
             elif present != e.target:
-                ops += [Remove(e.chain, e.network, present), Add(e.chain, e.network, e.target)]
+                ops += [Remove(e.chain, e.network, present), Add(e.chain, e.network, e.target, e.expires_at)]
         for (chain, network), target in kernel.items():
             entry = Entry(chain, network, target, now, None, "adopted")
             entries[entry.key] = entry
