@@ -353,7 +353,7 @@ def from_mapping(raw: Any, path: Path) -> Config:
                 if tls_raw.get(name) is None:
                     r.problem(f"tls.{name}", "is required", show=False)
             cert = r.readable_file("tls.cert", tls_raw.get("cert"))
-            key = r.readable_file("tls.key", tls_raw.get("key"))
+            key_file = r.readable_file("tls.key", tls_raw.get("key"))
             min_version = r.take("tls.min_version", _yaml_version(tls_raw.get("min_version")), _choice(TLS_VERSIONS), "1.2")
             client_ca = r.readable_file("tls.client_ca", tls_raw.get("client_ca"))
             if client_ca is not None and not any(p.startswith("tls.client_ca") for p in r.problems):
@@ -365,14 +365,14 @@ def from_mapping(raw: Any, path: Path) -> Config:
             if client_cert_auth and tls_raw.get("client_ca") is None:
                 r.problem("tls.client_cert_auth", "needs tls.client_ca: only a certificate that CA signed "
                           "and the handshake verified can stand in for a password", show=False)
-            if cert is not None and key is not None:
-                tls = TLS(cert, key, min_version, client_ca, client_cert_auth)
+            if cert is not None and key_file is not None:
+                tls = TLS(cert, key_file, min_version, client_ca, client_cert_auth)
                 if not any(p.startswith(("tls.cert", "tls.key", "tls.client_ca")) for p in r.problems):
                     try:
                         ssl_context = build_ssl_context(tls)
                     except (ssl.SSLError, OSError, ValueError) as exc:
                         r.problem("tls.cert", f"certificate and key do not load together: {exc}",
-                                  f"{cert}, {key}")
+                                  f"{cert}, {key_file}")
 
     state_dir = r.take("state_dir", top.get("state_dir"), r.path, Path("/var/lib/web-ipt-d"))
     if not state_dir.is_dir() and not state_dir.parent.is_dir():
