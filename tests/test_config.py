@@ -489,10 +489,23 @@ def test_bad_never_block(tmp_path: Path, base: dict[str, Any], value: Any, key: 
 
 
 def test_log_problems(tmp_path: Path, base: dict[str, Any]) -> None:
-    base["log"] = {"file": str(tmp_path / "missing-dir" / "x.log"), "level": "LOUD"}
+    base["log"] = {"file": str(tmp_path / "missing" / "missing-dir" / "x.log"), "level": "LOUD"}
     problems = problems_of(tmp_path, base)
     assert has_problem(problems, "log.file", "missing-dir")
     assert has_problem(problems, "log.level", "'LOUD'")
+
+
+def test_a_missing_log_directory_is_made_at_start(tmp_path: Path, base: dict[str, Any]) -> None:
+    # Like state_dir: /var/log/web-ipt-d/ need not exist before the first start.
+    base["log"] = {"file": str(tmp_path / "new-dir" / "x.log")}
+    assert load(write(tmp_path, base)).log.file == tmp_path / "new-dir" / "x.log"
+    from webiptd import log as log_mod
+    from webiptd.config import Log
+    try:
+        log_mod.setup(Log(tmp_path / "new-dir" / "x.log", "INFO"))
+        assert (tmp_path / "new-dir").is_dir()
+    finally:
+        log_mod.setup(Log(None, "INFO"))
 
 
 @pytest.mark.parametrize("key, value", [

@@ -448,10 +448,11 @@ def from_mapping(raw: Any, path: Path) -> Config:
                         if (n := r.item(f"never_block[{i}]", item, parse_network)) is not None)
 
     log_raw = r.mapping("log", top.get("log"), LOG_KEYS)
-    log_file = (r.take("log.file", log_raw.get("file", "/var/log/web-ipt-d.log"), r.path, None)
+    log_file = (r.take("log.file", log_raw.get("file", "/var/log/web-ipt-d/web-ipt-d.log"), r.path, None)
                 if log_raw.get("file", "") is not None else None)
-    if log_file is not None and not log_file.parent.is_dir():
-        r.problem("log.file", "its directory does not exist", str(log_file))
+    if log_file is not None and not log_file.parent.is_dir() and not log_file.parent.parent.is_dir():
+        # A missing directory is made at start (like state_dir); a missing parent is a typo.
+        r.problem("log.file", "neither its directory nor that directory's parent exists", str(log_file))
     level = r.take("log.level", log_raw.get("level"), _choice(LOG_LEVELS), "INFO")
 
     lim = r.mapping("limits", top.get("limits"), LIMIT_KEYS)

@@ -41,6 +41,7 @@ def setup(log: Log, *, verbose_stderr: bool = False) -> None:
     stderr.addFilter(_StderrFilter(verbose_stderr or log.file is None))
     root.addHandler(stderr)
     if log.file is not None:
+        log.file.parent.mkdir(mode=0o750, exist_ok=True)
         handler = logging.handlers.WatchedFileHandler(log.file, encoding="utf-8")
         handler.setFormatter(logging.Formatter(FORMAT))
         root.addHandler(handler)
