@@ -1,0 +1,374 @@
+"""End-to-end: the real fail2ban-server (Debian's 1.0.2) bans and unbans through the shipped action,
+fail2ban/action.d/web-ipt-d.conf, inside the daemon's namespace; packets from a banned peer are dropped.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+import pytest
+
+from tests.conftest import PASSWORDS, PORT, Daemon, needs_netns
+from tests.netns import NetNS, veth_pair
+
+T = TypeVar("T")
+# fail2ban's own complaint about the socket file a SIGKILLed server leaves behind; -x removes it.
+STALE_SOCKET = "Fail2ban seems to be already running"
+
+ROOT = Path(__file__).resolve().parent.parent
+ACTION = ROOT / "fail2ban" / "action.d" / "web-ipt-d.conf"
+FAIL2BAN_SERVER = shutil.which("fail2ban-server")
+FAIL2BAN_CLIENT = shutil.which("fail2ban-client")
+
+pytestmark = pytest.mark.skipif(FAIL2BAN_SERVER is None or FAIL2BAN_CLIENT is None or shutil.which("curl") is None,
+                                reason="needs fail2ban and curl")
+
+SERVER4, PEER4 = "198.51.100.1", "198.51.100.2"
+SERVER6, PEER6 = "2001:db8::1", "2001:db8::2"
+APP_PORT = 9099
+JAIL = "wipt"
+CHAIN = "f2b-web"
+WAIT = 15.0  # upper bound for anything fail2ban does; it usually takes well under a second
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = WAIT) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Fail2ban:
+    """A fail2ban-server in the foreground inside `ns`, with a private config dir built around our action.
+
+    Nothing of /etc/fail2ban is read: fail2ban.conf, jail.conf, the filter and the action are
+    all in `root`, and the only action is a copy of the shipped web-ipt-d.conf.
+    """
+
+    def __init__(self, daemon: Daemon, root: Path, bantime: int = 600, curlopts: str = ""):
+        self.ns = daemon.ns
+        self.root = root
+        self.conf = root / "conf"
+        self.sock = root / "f2b.sock"
+        self.pidfile = root / "f2b.pid"
+        self.logfile = root / "fail2ban.log"
+        self.authlog = root / "auth.log"
+        self.stderr_path = root / "stderr.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        (self.conf / "action.d").mkdir(parents=True)
+        (self.conf / "filter.d").mkdir()
+        shutil.copy(ACTION, self.conf / "action.d" / "web-ipt-d.conf")
+        netrc = root / "netrc"
+        netrc.write_text(f"machine 127.0.0.1 login f2b password {PASSWORDS['f2b']}\n")
+        netrc.chmod(0o600)
+        self.authlog.touch()
+        (self.conf / "fail2ban.conf").write_text(
+            "[Definition]\n"
+            "loglevel = INFO\n"
+            f"logtarget = {self.logfile}\n"
+            f"socket = {self.sock}\n"
+            f"pidfile = {self.pidfile}\n"
+            f"dbfile = {root / 'fail2ban.sqlite3'}\n"
+            "dbpurgeage = 1d\n")
+        (self.conf / "filter.d" / "wipt.conf").write_text(
+            "[Definition]\n"
+            "failregex = ^auth failure from <HOST>$\n"
+            "datepattern = {NONE}\n")
+        (self.conf / "jail.conf").write_text(
+            "[DEFAULT]\n"
+            "backend = polling\n"
+            "usedns = no\n"
+            "ignoreself = false\n"
+            "ignoreip =\n"
+            "maxretry = 2\n"
+            "findtime = 10m\n"
+            f"bantime = {bantime}\n"
+            f"\n[{JAIL}]\n"
+            "enabled = true\n"
+            "filter = wipt\n"
+            f"logpath = {self.authlog}\n"
+            f'action = web-ipt-d[url="https://127.0.0.1:{PORT}", chain={CHAIN}, '
+            f'cafile="{daemon.pki.ca}", netrc="{netrc}", curlopts="{curlopts}"]\n')
+
+    def start(self) -> None:
+        assert FAIL2BAN_SERVER is not None
+        with open(self.stderr_path, "ab") as err:
+            self.proc = self.ns.popen(
+                [FAIL2BAN_SERVER, "-f", "-x", "-c", self.conf, "-s", self.sock, "-p", self.pidfile],
+                stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+        # The global status, not `status JAIL`: asking for a jail that is not there yet is an ERROR in its log.
+        wait_for(f"jail {JAIL} to start", lambda: self.alive() and re.search(
+            rf"Jail list:\s*{JAIL}$", self.client("status", check=False).stdout, re.M), timeout=30)
+
+    def alive(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"fail2ban-server exited with {self.proc.returncode}:\n"
+                                 f"{self.stderr_path.read_text(errors='replace')}\n{self.log()}")
+        return True
+
+    def client(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """fail2ban-client on our private socket (never the system's)."""
+        assert FAIL2BAN_CLIENT is not None
+        return self.ns.run([FAIL2BAN_CLIENT, "-c", self.conf, "-s", self.sock, *args], check=check, timeout=30)
+
+    def fail(self, address: str, times: int = 2) -> None:
+        with open(self.authlog, "a") as log:
+            log.write(f"auth failure from {address}\n" * times)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(30)
+
+    def log(self) -> str:
+        return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
+
+    def errors(self) -> list[str]:
+        return [line for line in self.log().splitlines()
+                if re.search(r"\b(ERROR|CRITICAL)\b", line) and STALE_SOCKET not in line]
+
+
+@pytest.fixture
+def peer() -> Iterator[NetNS]:
+    with NetNS.create() as p:
+        yield p
+
+
+@pytest.fixture
+def net(daemon: Daemon, peer: NetNS) -> Iterator[tuple[Daemon, NetNS]]:
+    """The daemon's namespace linked to a peer, with a TCP listener on APP_PORT (the kernel
+    completes the handshake from the backlog, so nobody has to accept)."""
+    veth_pair(daemon.ns, peer)
+    listeners = []
+    for family, host in ((socket.AF_INET, SERVER4), (socket.AF_INET6, SERVER6)):
+        sock = daemon.ns.socket(family)
+        sock.bind((host, APP_PORT))
+        sock.listen(64)
+        listeners.append(sock)
+    daemon.start()
+    try:
+        yield daemon, peer
+    finally:
+        for sock in listeners:
+            sock.close()
+
+
+@contextmanager
+def make_fail2ban(daemon: Daemon, bantime: int, curlopts: str = "") -> Iterator[Fail2ban]:
+    f2b = Fail2ban(daemon, daemon.workdir / "f2b", bantime, curlopts)
+    try:
+        yield f2b
+    finally:
+        # Before the daemon goes, so fail2ban's unbans on stop find it.
+        if f2b.proc is not None and f2b.proc.poll() is None:
+            f2b.proc.terminate()
+            try:
+                f2b.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                f2b.proc.kill()
+                f2b.proc.wait(10)
+
+
+@pytest.fixture
+def f2b(net: tuple[Daemon, NetNS], request: pytest.FixtureRequest) -> Iterator[Fail2ban]:
+    with make_fail2ban(net[0], getattr(request, "param", 600)) as f2b:
+        yield f2b
+
+
+def reaches(peer: NetNS, host: str) -> bool:
+    """Whether a TCP connect from the peer to host:APP_PORT completes (a DROP makes it time out)."""
+    try:
+        peer.connect(host, APP_PORT, timeout=1.0).close()
+    except TimeoutError:
+        return False
+    return True
+
+
+def audit(d: Daemon, network: str) -> list[str]:
+    return [line for line in d.log().splitlines() if "webiptd.audit" in line and f"network={network} " in line]
+
+
+def rule(network: str) -> str:
+    return f"-A {CHAIN} -s {network} -j DROP"
+
+
+@needs_netns
+def test_failures_ban_the_peer_and_unbanip_lifts_it(net, f2b):
+    d, peer = net
+    f2b.start()
+    assert reaches(peer, SERVER4)
+
+    f2b.fail(PEER4)
+    wait_for("the ban rule", lambda: d.chain_rules(CHAIN) == [rule(PEER4 + "/32")])
+    assert not reaches(peer, SERVER4)
+    assert reaches(peer, SERVER6), "an IPv4 ban must not touch IPv6"
+    entry = d.request("GET", f"/chain/{CHAIN}/ipv4/{PEER4}").json
+    assert entry["created_by"] == "f2b" and entry["expires_at"] is not None
+    assert audit(d, PEER4 + "/32")[-1].endswith("action=block chain=f2b-web network=198.51.100.2/32 "
+                                                  "timeout=600 result=created")
+
+    f2b.client("set", JAIL, "unbanip", PEER4)
+    wait_for("the unban", lambda: d.chain_rules(CHAIN) == [])
+    assert reaches(peer, SERVER4)
+    assert f2b.errors() == []
+
+
+@needs_netns
+def test_an_ipv6_failure_bans_in_ip6tables(net, f2b):
+    d, peer = net
+    f2b.start()
+    assert reaches(peer, SERVER6)
+
+    f2b.fail(PEER6)
+    f2b.fail("2001:db8:ffff::7")  # blocked only, never contacted
+    wait_for("the IPv6 ban rules", lambda: sorted(d.chain_rules(CHAIN, 6)) ==
+             [rule("2001:db8::2/128"), rule("2001:db8:ffff::7/128")])
+    assert not reaches(peer, SERVER6)
+    assert reaches(peer, SERVER4), "an IPv6 ban must not touch IPv4"
+    assert d.chain_rules(CHAIN, 4) == []
+    assert d.request("GET", f"/chain/{CHAIN}/ipv6/{PEER6}").json["created_by"] == "f2b"
+
+    f2b.client("set", JAIL, "unbanip", PEER6)
+    wait_for("the IPv6 unban", lambda: d.chain_rules(CHAIN, 6) == [rule("2001:db8:ffff::7/128")])
+    assert reaches(peer, SERVER6)
+    assert f2b.errors() == []
+
+
+@needs_netns
+@pytest.mark.parametrize("f2b", [3], indirect=True)
+def test_bantime_expiry_lifts_the_ban(net, f2b):
+    d, peer = net
+    f2b.start()
+    f2b.fail(PEER4)
+    wait_for("the ban rule", lambda: d.chain_rules(CHAIN) == [rule(PEER4 + "/32")])
+    assert "timeout=3 result=created" in audit(d, PEER4 + "/32")[-1]
+    assert not reaches(peer, SERVER4)
+
+    # Whichever comes first, fail2ban's unban or web-ipt-d's own expiry, the block goes.
+    wait_for("the ban to expire", lambda: d.chain_rules(CHAIN) == [], timeout=3 + WAIT)
+    assert reaches(peer, SERVER4)
+    assert d.request("GET", f"/chain/{CHAIN}/ipv4/{PEER4}").status == 404
+    assert f2b.errors() == []
+
+
+@needs_netns
+@pytest.mark.parametrize("f2b", [-1], indirect=True)
+def test_bantime_minus_one_is_a_permanent_block(net, f2b):
+    d, _ = net
+    f2b.start()
+    f2b.fail("203.0.113.9")
+    wait_for("the ban rule", lambda: d.chain_rules(CHAIN) == [rule("203.0.113.9/32")])
+    assert d.request("GET", f"/chain/{CHAIN}/ipv4/203.0.113.9").json["expires_at"] is None
+    assert audit(d, "203.0.113.9/32")[-1].endswith("timeout=permanent result=created")
+
+    # A ban restored from fail2ban's database keeps bantime -1, so it stays permanent.
+    f2b.stop(signal.SIGKILL)
+    f2b.start()
+    wait_for("the restored ban", lambda: audit(d, "203.0.113.9/32")[-1].endswith("timeout=permanent result=exists"))
+    assert d.chain_rules(CHAIN) == [rule("203.0.113.9/32")]
+    assert d.request("GET", f"/chain/{CHAIN}/ipv4/203.0.113.9").json["expires_at"] is None
+    assert f2b.errors() == []
+
+
+@needs_netns
+def test_restart_with_restored_bans_is_idempotent(net, f2b):
+    d, peer = net
+    f2b.start()
+    f2b.fail(PEER4)
+    f2b.fail(PEER6)
+    f2b.fail("203.0.113.5")
+    want4 = sorted([rule(PEER4 + "/32"), rule("203.0.113.5/32")])
+    want6 = [rule("2001:db8::2/128")]
+    wait_for("the ban rules", lambda: sorted(d.chain_rules(CHAIN)) == want4 and d.chain_rules(CHAIN, 6) == want6)
+
+    # A crash: no unbans are sent, the blocks stay, and the next start restores the bans
+    # from fail2ban's database and sends them again to blocks that already exist.
+    f2b.stop(signal.SIGKILL)
+    f2b.start()
+    wait_for("the restored bans", lambda: all(audit(d, n)[-1].endswith("result=exists")
+                                              for n in (PEER4 + "/32", "203.0.113.5/32", "2001:db8::2/128")))
+    assert sorted(d.chain_rules(CHAIN)) == want4 and d.chain_rules(CHAIN, 6) == want6
+    assert not reaches(peer, SERVER4) and not reaches(peer, SERVER6)
+
+    # A clean stop unbans everything fail2ban banned...
+    assert f2b.stop() == 0
+    assert d.chain_rules(CHAIN) == [] and d.chain_rules(CHAIN, 6) == []
+    assert reaches(peer, SERVER4) and reaches(peer, SERVER6)
+    # ...and the next start bans it all again, once.
+    f2b.start()
+    wait_for("the bans after a clean restart",
+             lambda: sorted(d.chain_rules(CHAIN)) == want4 and d.chain_rules(CHAIN, 6) == want6)
+    assert not reaches(peer, SERVER4)
+    assert f2b.errors() == []
+
+
+@needs_netns
+def test_curlopts_adds_a_client_certificate(daemon):
+    # With tls.client_ca the handshake needs a client certificate, which only curlopts can give.
+    daemon.config["tls"]["client_ca"] = str(daemon.pki.ca)
+    daemon.start()
+    pki = daemon.pki
+    with make_fail2ban(daemon, 600, curlopts=f"--cert {pki.client_cert} --key {pki.client_key}") as f2b:
+        f2b.start()
+        f2b.fail("203.0.113.20")
+        wait_for("the ban rule", lambda: daemon.chain_rules(CHAIN) == [rule("203.0.113.20/32")])
+        f2b.client("set", JAIL, "unbanip", "203.0.113.20")
+        wait_for("the unban", lambda: daemon.chain_rules(CHAIN) == [])
+        assert f2b.errors() == []
+
+
+@needs_netns
+def test_an_unreachable_daemon_fails_the_action_start_clearly(ns, workdir, pki, user_hashes):
+    # Nothing listens on the port, so actionstart's health check fails at jail start.
+    d = Daemon(ns, workdir, pki, user_hashes)
+    with make_fail2ban(d, 600) as f2b:
+        f2b.start()
+        line = wait_for("the start error", lambda: [l for l in f2b.errors() if "is not reachable" in l])
+        assert f"https://127.0.0.1:{PORT}/health" in line[0]
+        assert PASSWORDS["f2b"] not in f2b.log()
+
+
+
+def readme_jail() -> str:
+    section = (ROOT / "README.md").read_text().split("\n## fail2ban\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```ini\n(# /etc/fail2ban/jail.d/web-ipt-d.local\n.*?)```", section, re.S)
+    assert len(blocks) == 1
+    return blocks[0]
+
+
+@pytest.mark.skipif(not Path("/etc/fail2ban/jail.conf").exists(), reason="needs Debian's stock fail2ban config")
+def test_the_readme_jail_uses_only_our_action_with_debians_stock_config(tmp_path):
+    # A copy of the stock config plus the README's jail, only parsed (-d): no server, no socket.
+    conf = tmp_path / "fail2ban"
+    shutil.copytree("/etc/fail2ban", conf, symlinks=True)
+    for stale in (conf / "jail.d").glob("web-ipt-d.*"):  # a real installation's own, if any
+        stale.unlink()
+    shutil.copy(ACTION, conf / "action.d" / "web-ipt-d.conf")
+    (conf / "jail.d" / "web-ipt-d.local").write_text(readme_jail())
+    assert FAIL2BAN_CLIENT is not None
+    out = subprocess.run([FAIL2BAN_CLIENT, "-c", str(conf), "-s", str(tmp_path / "none.sock"), "-d"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    stream = [ast.literal_eval(line) for line in out.splitlines() if line.startswith("[")]
+    assert [c[3] for c in stream if c[:3] == ["set", "sshd", "addaction"]] == ["web-ipt-d"]
+    options = dict(next(c[4] for c in stream if c[:4] == ["multi-set", "sshd", "action", "web-ipt-d"]))
+    assert options["chain"] == "f2b-sshd"
+    assert options["addrfamily"] == "ipv4" and options["addrfamily?family=inet6"] == "ipv6"
+    assert options["actionban"].endswith('--request PUT "https://127.0.0.1:8820/chain/f2b-sshd/<addrfamily>/<ip>'
+                                         '?timeout=<bantime>"')
+    assert "--netrc-file '/etc/fail2ban/web-ipt-d.netrc'" in options["actionban"]
+    assert ["add", "sshd", "systemd"] in stream  # the journal backend, as README says Debian 12 needs
