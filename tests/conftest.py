@@ -262,8 +262,19 @@ class Daemon:
             out = self.ns.run(["ipset", "list", f"{chain}-v{family}"]).stdout
             members = out.split("Members:\n", 1)[1] if "Members:\n" in out else ""
             return {_cidr(line.split()[0]) for line in members.splitlines() if line.strip()}
-        out = self.ns.run(["nft", "-j", "list", "set", "inet", "web-ipt-d", f"{chain}-v{family}"]).stdout
-        return {_cidr(e) for e in _nft_elements(json.loads(out))}
+        # Hosts are in <chain>-v4 (-v6); the networks of each shorter prefix length L in <chain>-v4-L.
+        table = self.ns.run(["nft", "-j", "-t", "list", "table", "inet", "web-ipt-d"], check=False)
+        if table.returncode != 0:
+            return set()
+        hosts = f"{chain}-v{family}"
+        found = set()
+        for item in json.loads(table.stdout)["nftables"]:
+            name = item.get("set", {}).get("name", "")
+            if name == hosts or (name.startswith(f"{hosts}-") and name[len(hosts) + 1:].isdigit()):
+                suffix = "" if name == hosts else "/" + name[len(hosts) + 1:]
+                out = self.ns.run(["nft", "-j", "list", "set", "inet", "web-ipt-d", name]).stdout
+                found |= {_cidr(e + suffix) for e in _nft_elements(json.loads(out))}
+        return found
 
     def close(self) -> None:
         try:

@@ -1,5 +1,6 @@
 """Real packets: a peer namespace on a veth pair reaches a TCP listener in the daemon's namespace
 before a block, cannot during it (DROP times out, REJECT is refused), and can again after the unblock.
+Every test runs on every backend.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 from tests.conftest import PORT, Daemon, needs_netns
 from tests.netns import NetNS, veth_pair
 
-pytestmark = needs_netns
+pytestmark = [needs_netns, pytest.mark.backends]
 
 SERVER4, PEER4 = "198.51.100.1", "198.51.100.2"
 SERVER6, PEER6 = "2001:db8::1", "2001:db8::2"
@@ -135,6 +136,20 @@ def test_cidr_block_covers_the_peer(net):
     unblock(d, "admin-list", "ipv6/2001:db8::/64")
     assert attempt(peer, SERVER4, APP_PORT) == "ok"
     assert attempt(peer, SERVER6, APP_PORT) == "ok"
+
+
+def test_a_network_and_a_host_inside_it_are_unblocked_independently(net):
+    d, peer = net
+    block(d, "admin-list", "ipv4/198.51.100.0/25")
+    block(d, "admin-list", f"ipv4/{PEER4}")
+    assert attempt(peer, SERVER4, APP_PORT) == "timeout"
+    unblock(d, "admin-list", "ipv4/198.51.100.0/25")
+    assert attempt(peer, SERVER4, APP_PORT) == "timeout", "the host's own block is still there"
+    block(d, "admin-list", "ipv4/198.51.100.0/25")
+    unblock(d, "admin-list", f"ipv4/{PEER4}")
+    assert attempt(peer, SERVER4, APP_PORT) == "timeout", "the network's block is still there"
+    unblock(d, "admin-list", "ipv4/198.51.100.0/25")
+    assert attempt(peer, SERVER4, APP_PORT) == "ok"
 
 
 def test_blocked_peer_loses_the_api_but_loopback_keeps_it(net):

@@ -69,8 +69,23 @@ def check_config(path: Path) -> int:
         for problem in exc.problems:
             print(f"{exc.path}: {problem}", file=sys.stderr)
         return 1
+    from webiptd.firewall.host import host_errors, host_warnings  # reads files only; loads no firewall library
+
+    problems = host_errors(cfg.chains.values())
+    for problem in problems:
+        print(f"{path}: error: {problem}", file=sys.stderr)
+    for warning in host_warnings(cfg.chains.values()):
+        print(f"{path}: warning: {warning}", file=sys.stderr)
+    if problems:
+        return 1
     transport = "plain HTTP on loopback" if cfg.tls is None else f"TLS {cfg.tls.min_version} or later"
-    print(f"{path}: ok: {len(cfg.users)} users, {len(cfg.chains)} chains, backend iptables, {transport}")
+    backends = sorted({c.backend for c in cfg.chains.values()})
+    print(f"{path}: ok: {len(cfg.users)} users, {len(cfg.chains)} chains, "
+          f"backend{'s' if len(backends) > 1 else ''} {', '.join(backends) or 'none'}, {transport}")
+    for chain in cfg.chains.values():
+        where = f", priority {chain.priority}" if chain.backend == "nftables" else ""
+        print(f"  chain {chain.name}: backend {chain.backend}, target {chain.target}, "
+              f"hooks {','.join(chain.hooks) or 'none'}{where}")
     return 0
 
 

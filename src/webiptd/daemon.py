@@ -75,7 +75,7 @@ class Daemon:
     def run(self) -> int:
         # Imported here so that -check_config and -hash_password never load libiptc.
         from webiptd.firewall.backend import ByChain
-        from webiptd.firewall.iptables import iptables_is_nft_variant
+        from webiptd.firewall.host import host_errors, host_warnings
         from webiptd.firewall.worker import Worker
         from webiptd.state import Store
 
@@ -87,10 +87,10 @@ class Daemon:
                         ",".join(chain.hooks) or "none")
         if config.plain_http:
             logger.warning("plain_http is on: credentials cross loopback unencrypted")
-        if any(c.backend != "nftables" for c in config.chains.values()) and iptables_is_nft_variant():
-            logger.warning("this host's `iptables` is the nft variant; web-ipt-d writes the legacy tables through "
-                           "python-iptables, so `iptables -S` does not show its rules. They still filter packets: "
-                           "see them with `iptables-legacy -S` and `ip6tables-legacy -S`")
+        for problem in host_errors(config.chains.values()):
+            logger.error("%s", problem)
+        for warning in host_warnings(config.chains.values()):
+            logger.warning("%s", warning)
         socks = self.sockets if self.sockets is not None else open_listeners(config)
         store = Store(config.state_dir)
         backend = ByChain(config.chains.values())

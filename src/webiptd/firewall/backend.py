@@ -8,7 +8,7 @@ operations to that backend, so the worker sees one backend.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Protocol
 
 from webiptd.config import Chain, Network
@@ -24,6 +24,9 @@ class Add:
     network: Network
     target: str
     expires_at: float | None = None
+    # Set by the worker when the kernel holds the entry already and only its expiry changes, so a set
+    # backend can replace the element rather than probe for it. Not part of equality: the same entry.
+    replaces: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)

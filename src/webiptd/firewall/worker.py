@@ -70,7 +70,7 @@ def kernel_ops(before: Entry | None, after: Entry | None, expires_in_kernel: boo
     """
     if before is not None and after is not None and before.target == after.target:
         if expires_in_kernel and before.expires_at != after.expires_at:
-            return [Add(after.chain, after.network, after.target, after.expires_at)]
+            return [Add(after.chain, after.network, after.target, after.expires_at, replaces=True)]
         return []
     ops: list[Op] = []
     if before is not None:
@@ -230,7 +230,10 @@ class Worker:
             try:
                 self._commit(changed)
             except Exception as exc:
-                logger.exception("applying a batch of %d changes failed; nothing was changed", len(changed))
+                if isinstance(exc, CapacityExceeded):  # an operating condition, not a bug: no traceback
+                    logger.error("a batch of %d changes does not fit: %s; nothing was changed", len(changed), exc)
+                else:
+                    logger.exception("applying a batch of %d changes failed; nothing was changed", len(changed))
                 failure: FirewallUnavailable = (
                     FirewallFull("a set is full (maxelem); nothing was changed") if isinstance(exc, CapacityExceeded)
                     else FirewallUnavailable("the firewall refused the change"))
