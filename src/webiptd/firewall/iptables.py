@@ -12,7 +12,6 @@ import fcntl
 import ipaddress
 import logging
 import os
-import shutil
 from typing import Iterable, Iterator, Mapping
 
 import iptc
@@ -25,12 +24,6 @@ logger = logging.getLogger(__name__)
 LOCK_PATH = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
 ANY = {4: "0.0.0.0/0.0.0.0", 6: "::/0"}
 DEFAULT_REJECT = {4: "icmp-port-unreachable", 6: "icmp6-port-unreachable"}
-
-
-def iptables_is_nft_variant() -> bool:
-    """True when the host's `iptables` command is iptables-nft (Debian 12's default)."""
-    path = shutil.which("iptables")
-    return path is not None and "nft" in os.path.basename(os.path.realpath(path))
 
 
 class IptablesBackend:
