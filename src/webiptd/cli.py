@@ -62,12 +62,19 @@ def write_config() -> int:
     return 0
 
 
-def check_config(path: Path) -> int:
+def load_or_report(path: Path) -> config_mod.Config | None:
+    """The config, or None after printing each problem on its own line to stderr."""
     try:
-        cfg = config_mod.load(path)
+        return config_mod.load(path)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"{exc.path}: {problem}", file=sys.stderr)
+        return None
+
+
+def check_config(path: Path) -> int:
+    cfg = load_or_report(path)
+    if cfg is None:
         return 1
     from webiptd.firewall.host import host_errors, host_warnings  # reads files only; loads no firewall library
 
@@ -139,13 +146,8 @@ def gen_certs(directory: Path, hosts: list[str], client_name: str | None) -> int
 def run_daemon(path: Path) -> int:
     from webiptd.daemon import Daemon
 
-    try:
-        cfg = config_mod.load(path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"{exc.path}: {problem}", file=sys.stderr)
-        return 1
-    return Daemon(cfg).run()
+    cfg = load_or_report(path)
+    return 1 if cfg is None else Daemon(cfg).run()
 
 
 def main(argv: list[str] | None = None) -> int:
