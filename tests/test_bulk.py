@@ -93,3 +93,29 @@ def test_limits_and_permissions(daemon: Daemon) -> None:
     r = post(d, "f2b-web", ["203.0.113.1", "203.0.113.2", "203.0.113.3"], "?timeout=-1")
     assert r.status == 200 and r.json["created"] == 3
     assert all(res["entry"]["expires_at"] is None for res in r.json["results"])
+
+
+def test_expect_100_continue_is_answered_before_the_body(running: Daemon) -> None:
+    # curl sends "Expect: 100-continue" for bodies over 1 KiB and waits for the interim answer.
+    import base64
+    d = running
+    body = json.dumps([f"203.0.113.{i}" for i in range(1, 101)]).encode()
+    raw = d.ns.connect("127.0.0.1", 8820, timeout=5)
+    conn = d.context().wrap_socket(raw, server_hostname="127.0.0.1")
+    try:
+        token = base64.b64encode(b"admin:admin-pw").decode()
+        conn.sendall((f"POST /chain/f2b-web HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {token}\r\n"
+                      f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n").encode())
+        conn.settimeout(2)  # without the interim answer this times out
+        interim = conn.recv(4096)
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n"), interim
+        conn.sendall(body)
+        conn.settimeout(10)
+        reply = b""
+        while b'"failed"' not in reply:
+            chunk = conn.recv(65536)
+            assert chunk, reply
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200 ") and b'"created":100' in reply
+    finally:
+        conn.close()

@@ -10,7 +10,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any, Union
 
-from webiptd.config import Chain, Network
+from webiptd.config import Chain, Network, compact
 
 
 def family_name(network: Network) -> str:
@@ -24,7 +24,7 @@ def _iso(ts: float | None) -> str | None:
         "+00:00", "Z")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One blocked network in one managed chain, as stored and as reported."""
 
@@ -151,7 +151,7 @@ def parse_network(family: str, address: str, prefix: str | None) -> Network:
         if not 1 <= length <= max_len:
             raise ValueError(f"prefix length must be 1 to {max_len} for {family}")
     try:
-        return ipaddress.ip_network((addr, length), strict=True)
+        return compact(ipaddress.ip_network((addr, length), strict=True))
     except ValueError:
         proper = ipaddress.ip_network((addr, length), strict=False)
         raise ValueError(f"{address}/{length} has host bits set; did you mean {proper}?") from None

@@ -5,7 +5,9 @@ Signal handlers do nothing but wake the main thread (signal.set_wakeup_fd); the 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import ipaddress
 import logging
 import os
@@ -66,6 +68,16 @@ def open_listeners(config: Config) -> list[socket.socket]:
     return socks
 
 
+def release_memory() -> None:
+    """Hand the first reconcile's transient memory back to the OS: the backend's big messages are native heap
+    that glibc keeps otherwise (135 of 270 MiB at 100k entries with nftables). malloc_trim(3) is glibc's."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class Daemon:
     def __init__(self, config: Config, sockets: list[socket.socket] | None = None, verbose: bool = False):
         self.config = config
@@ -101,6 +113,7 @@ class Daemon:
             store.close()
             backend.close()
             raise
+        release_memory()
         runtime = Runtime(Generation(config, Authenticator(config.users)), worker)
         app = App(runtime)
         servers = [Server(sock, runtime, app) for sock in socks]

@@ -8,7 +8,6 @@ Only the firewall worker thread uses a Store.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import sqlite3
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, NamedTuple
 
 from webiptd.commands import Entry
-from webiptd.config import Network
+from webiptd.config import Network, parse_stored_network
 
 logger = logging.getLogger(__name__)
 
@@ -54,15 +53,18 @@ class Store:
     def load(self) -> Loaded:
         entries: list[Entry] = []
         tombstones: list[Entry] = []
+        # Each row's strings are new objects; 100k copies of the same chain, target and user cost ~15 MB.
+        same: dict[str, str] = {}
         for chain, net, target, created_at, expires_at, created_by, removing in self._db.execute(
             "SELECT chain, network, target, created_at, expires_at, created_by, removing FROM blocks"
         ):
             try:
-                network = ipaddress.ip_network(net)
+                network = parse_stored_network(net)
             except ValueError:
                 logger.error("ignoring unreadable row in %s: chain=%s network=%r", self.path, chain, net)
                 continue
-            entry = Entry(chain, network, target, created_at, expires_at, created_by)
+            entry = Entry(same.setdefault(chain, chain), network, same.setdefault(target, target), created_at,
+                          expires_at, same.setdefault(created_by, created_by))
             (tombstones if removing else entries).append(entry)
         return Loaded(entries, tombstones)
 
