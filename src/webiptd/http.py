@@ -277,9 +277,9 @@ class App:
             return Response(200, {"chain": name, "entries": [e.to_json() for e in entries]})
         actor, peer = user.name, str(client)
         if method == "PUT":
-            protected = gen.config.protected_by(network)
-            if protected is not None:
-                return error(409, "never_block", f"{network} overlaps {protected}, which is in never_block")
+            refused = self._never_block(gen, network)
+            if refused is not None:
+                return refused
             expires_at = None if timeout is None else self.clock() + timeout
             result = self._run(gen, Block(chain, network, expires_at, actor, peer))
             if isinstance(result, Response):
@@ -328,10 +328,9 @@ class App:
             except ValueError as exc:
                 result.update(status=400, error="bad_address", message=str(exc))
                 continue
-            protected = gen.config.protected_by(network)
-            if protected is not None:
-                result.update(status=409, error="never_block",
-                              message=f"{network} overlaps {protected}, which is in never_block")
+            refused = self._never_block(gen, network)
+            if refused is not None:
+                result.update(status=refused.status, **refused.body)
                 continue
             wanted.append((i, network))
         if wanted:
@@ -346,6 +345,14 @@ class App:
         statuses = [r["status"] for r in results]
         return Response(200, {"chain": chain.name, "results": results, "created": statuses.count(201),
                               "existing": statuses.count(200), "failed": len(statuses) - len(wanted)})
+
+    @staticmethod
+    def _never_block(gen: Generation, network: Network) -> Response | None:
+        """The 409 for a network that overlaps never_block, or None."""
+        protected = gen.config.protected_by(network)
+        if protected is None:
+            return None
+        return error(409, "never_block", f"{network} overlaps {protected}, which is in never_block")
 
     @staticmethod
     def _no_query(query: list[tuple[str, str]]) -> Response | None:

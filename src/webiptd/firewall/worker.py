@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 from webiptd.commands import (
-    Block, Blocked, BulkBlock, Command, Entry, FirewallFull, FirewallUnavailable, ListChain, Lookup, Reconfigure, Unblock, Unblocked,
+    Block, Blocked, BulkBlock, Command, Entry, FirewallFull, FirewallUnavailable, ListChain, Lookup, Reconfigure,
+    Unblock, Unblocked,
 )
 from webiptd.config import Chain, Network
 from webiptd.firewall.backend import Add, Backend, CapacityExceeded, Op, Remove
@@ -32,6 +33,12 @@ HEARTBEAT = 1.0  # the longest the worker sleeps, so the watchdog can tell it is
 RETRY_DELAY = 1.0  # after a failed batch, due expiries wait this long before they are tried again
 
 Key = tuple[str, Network]
+
+
+def _audit(user: str, client: str, action: str, chain: str, network: Network, timeout: str, result: str) -> None:
+    """The one greppable key=value line per change."""
+    audit.info("user=%s client=%s action=%s chain=%s network=%s timeout=%s result=%s",
+               user, client, action, chain, network, timeout, result)
 
 
 @dataclass(frozen=True)
@@ -230,13 +237,13 @@ class Worker:
             try:
                 self._commit(changed)
             except Exception as exc:
+                failure: FirewallUnavailable
                 if isinstance(exc, CapacityExceeded):  # an operating condition, not a bug: no traceback
                     logger.error("a batch of %d changes does not fit: %s; nothing was changed", len(changed), exc)
+                    failure = FirewallFull("a set is full (maxelem); nothing was changed")
                 else:
                     logger.exception("applying a batch of %d changes failed; nothing was changed", len(changed))
-                failure: FirewallUnavailable = (
-                    FirewallFull("a set is full (maxelem); nothing was changed") if isinstance(exc, CapacityExceeded)
-                    else FirewallUnavailable("the firewall refused the change"))
+                    failure = FirewallUnavailable("the firewall refused the change")
                 # If undoing left the kernel and the store apart, the next reconcile brings them together.
                 self._resync = True
                 for fut, _ in results:
@@ -250,7 +257,7 @@ class Worker:
         # Every acknowledged write is audited, also one that changed nothing (a block then an unblock
         # in one batch, an unblock of an absent network).
         for args in batch.audits:
-            audit.info("user=%s client=%s action=%s chain=%s network=%s timeout=%s result=%s", *args)
+            _audit(*args)
         if reconfigure is not None:
             try:
                 self._chains = {c.name: c for c in reconfigure.chains}
@@ -358,8 +365,7 @@ class Worker:
                 removes.append(e)
                 if present is not None:
                     ops.append(Remove(e.chain, e.network, present))
-                audit.info("user=- client=- action=expire chain=%s network=%s timeout=- result=deleted",
-                           e.chain, e.network)
+                _audit("-", "-", "expire", e.chain, e.network, "-", "deleted")
             elif present is None:
                 ops.append(Add(e.chain, e.network, e.target, e.expires_at))
             elif present != e.target:
