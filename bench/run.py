@@ -94,6 +94,13 @@ def proc_cpu_seconds(pid: int) -> float:
     return sum(int(v) for v in fields[11:15]) / CLK_TCK
 
 
+def proc_sys_seconds(pid: int) -> float:
+    """The kernel's share of proc_cpu_seconds(): system time of `pid` and its reaped children."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[12]) + int(fields[14])) / CLK_TCK
+
+
 def host_busy_seconds() -> float:
     """CPU seconds the whole machine spent busy so far: every field of proc(5)'s `cpu` line but idle and iowait."""
     with open("/proc/stat", encoding="ascii") as f:
@@ -518,8 +525,8 @@ class WebiptdTarget(Target):
         module = f"webiptd.firewall.{self.backend}"
         if importlib.util.find_spec(module) is None:
             return f"{module} does not exist yet"
-        needs = {"ipset": ("pyroute2", "ipset"), "nftables": ("nftables", "nft")}[self.backend]
-        if importlib.util.find_spec(needs[0]) is None:
+        needs = {"ipset": (None, "ipset"), "nftables": ("nftables", "nft")}[self.backend]
+        if needs[0] is not None and importlib.util.find_spec(needs[0]) is None:
             return f"the Python module {needs[0]} is not importable (see bench/README.md)"
         if shutil.which(needs[1]) is None:
             return f"the {needs[1]} command is missing"
@@ -620,7 +627,7 @@ TARGETS: dict[str, Target] = {
                                            "per request, as the Go web-ipt-d, rfw and fail2ban do"),
     "iptables": WebiptdTarget("iptables", "web-ipt-d, python-iptables backend (one rule per network)",
                               backend="iptables"),
-    "ipset": WebiptdTarget("ipset", "web-ipt-d, ipset backend (hash:net set through pyroute2)", backend="ipset"),
+    "ipset": WebiptdTarget("ipset", "web-ipt-d, ipset backend (hash:net set through netlink)", backend="ipset"),
     "nftables": WebiptdTarget("nftables", "web-ipt-d, nftables backend (sets through libnftables)",
                               backend="nftables"),
 }
@@ -774,6 +781,7 @@ class PhaseResult:
     cut_by_budget: bool
     first_errors: list[str]
     latencies_ms: list[float] = field(repr=False)
+    server_sys_cores: float = math.nan  # the kernel's share of server_cpu_cores
 
 
 @dataclass
@@ -791,7 +799,7 @@ class SizeResult:
 
 
 def summarise(target: str, existing: int, op: str, clients: int, replies: list[dict[str, Any]], asked: int,
-              server_cpu: float, host_cpu: float) -> PhaseResult:
+              server_cpu: float, host_cpu: float, server_sys: float = math.nan) -> PhaseResult:
     lat = sorted(x * 1000 for r in replies for x in r["latencies"])
     wall = max(r["t1"] for r in replies) - min(r["t0"] for r in replies)
     errors = [e for r in replies for e in r["errors"]]
@@ -800,20 +808,24 @@ def summarise(target: str, existing: int, op: str, clients: int, replies: list[d
         percentile(lat, 50), percentile(lat, 99), lat[-1] if lat else math.nan,
         sum(lat) / len(lat) if lat else math.nan,
         sum(r["cpu"] for r in replies) / wall, server_cpu / wall, host_cpu / wall, len(lat) < asked,
-        [e for e in errors if e][:5], lat,
+        [e for e in errors if e][:5], lat, server_sys / wall,
     )
 
 
 def measure(pool: ClientPool, server: Server, target: str, existing: int, phase: Phase, clients: int,
             todo: Sequence[str], budget: float) -> tuple[PhaseResult, list[str]]:
-    def sample() -> tuple[float, float]:
-        return proc_cpu_seconds(server.pid), host_busy_seconds()
+    def sample() -> tuple[float, float, float]:
+        return proc_cpu_seconds(server.pid), host_busy_seconds(), proc_sys_seconds(server.pid)
 
-    replies, sent, (cpu0, host0), (cpu1, host1) = pool.run(clients, phase.method, todo, phase.expect,
-                                                           phase.must_contain, budget, sample)
-    result = summarise(target, existing, phase.name, clients, replies, len(todo), cpu1 - cpu0, host1 - host0)
+    replies, sent, (cpu0, host0, sys0), (cpu1, host1, sys1) = pool.run(
+        clients, phase.method, todo, phase.expect, phase.must_contain, budget, sample)
+    result = summarise(target, existing, phase.name, clients, replies, len(todo), cpu1 - cpu0, host1 - host0,
+                       sys1 - sys0)
+    per_op = result.server_cpu_cores / result.ops_per_s * 1000 if result.ops_per_s > 0 else math.nan
+    sys_op = result.server_sys_cores / result.ops_per_s * 1000 if result.ops_per_s > 0 else math.nan
     print(f"  {phase.name:8} N={existing:<6} clients={clients:<2} {result.ops:6} ops {result.ops_per_s:8.0f} ops/s  "
-          f"p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms  errors {result.errors}"
+          f"p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms  server CPU {per_op:.3f} ms/op "
+          f"({sys_op:.3f} of it in the kernel)  errors {result.errors}"
           f"{'  (cut by the time budget)' if result.cut_by_budget else ''}", file=sys.stderr, flush=True)
     return result, sent
 
@@ -976,7 +988,7 @@ def machine_info() -> dict[str, Any]:
                 break
     versions = {}
     import importlib.metadata as md
-    for dist in ("python-iptables", "pyroute2"):
+    for dist in ("python-iptables",):
         try:
             versions[dist] = md.version(dist)
         except Exception:
@@ -1078,7 +1090,7 @@ def markdown(phases: list[PhaseResult], sizes: list[SizeResult], packets: list[P
         "",
         f"Machine: nproc {machine['nproc']} ({machine['cpu'] or 'unknown CPU'}), kernel {machine['kernel']}, "
         f"Python {machine['python']}, {machine['openssl']}, python-iptables {machine['python-iptables']}, "
-        f"pyroute2 {machine['pyroute2']}, {machine['tools']['iptables']}, {machine['tools']['nft']}, "
+        f"{machine['tools']['iptables']}, {machine['tools']['nft']}, "
         f"{machine['tools']['ipset']}; baseline command `{baseline.iptables}` ({baseline.variant()}); "
         f"load average at start {machine['loadavg_start']}, at end {machine.get('loadavg_end', '?')}.",
         "",

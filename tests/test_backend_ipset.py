@@ -1,5 +1,7 @@
 """The ipset backend against the real daemon: its sets and match rules, kernel timeouts, maxelem (507),
 reconcile after a flush, restart or reboot, the move from the iptables backend, and real packets.
+Then the backend on its own in a namespace: the netlink batches (IPv6, adds and deletes mixed, a full set,
+a failure in the middle, a lost set) and the `ipset restore` path for big batches.
 """
 
 from __future__ import annotations
@@ -9,13 +11,21 @@ import json
 import re
 import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
 
 import pytest
 
 from tests.conftest import Daemon, Reply, needs_netns
 from tests.netns import NetNS, veth_pair
 from tests.test_api import assert_json_error, parse_time
+from webiptd.config import Chain
+from webiptd.firewall import ipset as ipset_backend
+from webiptd.firewall.backend import Add, CapacityExceeded, Op, Remove
+from webiptd.firewall.ipset import IpsetBackend
+from webiptd.firewall.ipset_netlink import SEND_MAX, IpsetError
+
+T = TypeVar("T")
 
 pytestmark = [needs_netns, pytest.mark.backends("ipset")]
 
@@ -27,7 +37,11 @@ CAP = 2_147_483  # ipset's longest timeout
 def members(d: Daemon, chain: str, family: int = 4) -> dict[str, int]:
     """{network: kernel timeout in seconds} for a chain's set, from `ipset list`; 0 is none,
     -1 a set without timeout support."""
-    out = d.ns.run(["ipset", "list", f"{chain}-v{family}"]).stdout
+    return set_members(d.ns, f"{chain}-v{family}")
+
+
+def set_members(ns: NetNS, name: str) -> dict[str, int]:
+    out = ns.run(["ipset", "list", name]).stdout
     found: dict[str, int] = {}
     for line in out.partition("Members:\n")[2].splitlines():
         words = line.split()
@@ -386,3 +400,216 @@ def test_a_peer_is_dropped_while_in_the_set(daemon: Daemon) -> None:
         server.close()
     finally:
         peer.close()
+
+
+def test_an_entry_the_daemon_did_not_know_takes_the_new_timeout(running: Daemon) -> None:
+    d = running
+    # Someone else put it in the set: the worker sees a new block, the kernel an entry it has.
+    d.ns.run(["ipset", "add", "f2b-web-v4", "203.0.113.7", "timeout", "50"])
+    d.ns.run(["ipset", "add", "f2b-web-v6", "2001:db8:ffff:7::/64", "timeout", "50"])
+    assert d.request("PUT", "/chain/f2b-web/ipv4/203.0.113.7?timeout=900").status == 201
+    assert 895 <= members(d, "f2b-web")["203.0.113.7/32"] <= 900
+    assert d.request("PUT", "/chain/f2b-web/ipv6/2001:db8:ffff:7::/64").status == 201
+    assert members(d, "f2b-web", 6) == {"2001:db8:ffff:7::/64": 0}
+    assert_no_errors(d)
+
+
+def test_a_bulk_load_that_overflows_one_family_leaves_neither_behind(daemon: Daemon) -> None:
+    d = daemon
+    d.config["chains"]["f2b-web"]["maxelem"] = 4
+    d.start()
+    for i in range(2):
+        assert d.request("PUT", f"/chain/f2b-web/ipv4/203.0.113.{i}?timeout=600").status == 201
+    items = [f"2001:db8:ffff::{i}" for i in range(1, 4)] + [f"203.0.113.{i}" for i in range(10, 13)]
+    assert_json_error(post(d, "f2b-web", items), 507)
+    assert set(members(d, "f2b-web")) == {"203.0.113.0/32", "203.0.113.1/32"}
+    assert all(590 <= t <= 600 for t in members(d, "f2b-web").values())
+    assert members(d, "f2b-web", 6) == {}
+    assert set(listed(d, "f2b-web")) == {"203.0.113.0/32", "203.0.113.1/32"}
+    assert d.proc is not None and d.proc.poll() is None
+
+
+# -- the backend on its own, in a namespace ----------------------------------------------------------
+
+NET = ipaddress.ip_network
+
+
+class Direct:
+    """An IpsetBackend in `ns`; every call runs in a thread that joined the namespace."""
+
+    def __init__(self, ns: NetNS, lock_path: Path, chains: list[Chain]):
+        self.ns = ns
+        self.chains = {c.name: c for c in chains}
+        self.backend = ns.call(lambda: IpsetBackend(str(lock_path)))
+        self.call(lambda: self.backend.prepare(chains))
+
+    def call(self, fn: Callable[[], T]) -> T:
+        return self.ns.call(fn)
+
+    def apply(self, ops: list[Op]) -> None:
+        self.call(lambda: self.backend.apply(ops, self.chains))
+
+    def members(self, name: str) -> dict[str, int]:
+        return set_members(self.ns, name)
+
+    def add(self, name: str, entry: str, timeout: int = 0) -> None:
+        self.ns.run(["ipset", "add", name, entry, "timeout", str(timeout)])
+
+
+@pytest.fixture
+def direct(ns: NetNS, workdir: Path) -> Iterator[Direct]:
+    chains = [Chain("f2b-direct", ("INPUT",), "DROP", backend="ipset", maxelem=65536),
+              Chain("small", ("INPUT",), "REJECT", backend="ipset", maxelem=4)]
+    d = Direct(ns, workdir / "xtables.lock", chains)  # a private lock file: never the host's
+    try:
+        yield d
+    finally:
+        d.call(d.backend.close)
+
+
+def in_window(value: int, high: int, slack: int = 5) -> bool:
+    return high - slack <= value <= high
+
+
+def test_ipv6_entries_of_every_prefix_length(direct: Direct) -> None:
+    now = time.time()
+    direct.apply([Add("f2b-direct", NET("2001:db8:ffff::1/128"), "DROP", now + 600),
+                  Add("f2b-direct", NET("2001:db8:ffff:1::/64"), "DROP"),
+                  Add("f2b-direct", NET("2001:db8:ffff::/48"), "DROP", now + 60),
+                  Add("f2b-direct", NET("203.0.113.0/24"), "DROP")])
+    v6 = direct.members("f2b-direct-v6")
+    assert set(v6) == {"2001:db8:ffff::1/128", "2001:db8:ffff:1::/64", "2001:db8:ffff::/48"}, v6
+    assert in_window(v6["2001:db8:ffff::1/128"], 600) and v6["2001:db8:ffff:1::/64"] == 0
+    assert in_window(v6["2001:db8:ffff::/48"], 60)
+    assert direct.members("f2b-direct-v4") == {"203.0.113.0/24": 0}
+    # A Remove of an absent entry is no error; the others go.
+    direct.apply([Remove("f2b-direct", NET("2001:db8:ffff:1::/64"), "DROP"),
+                  Remove("f2b-direct", NET("2001:db8:ffff::1/128"), "DROP"),
+                  Remove("f2b-direct", NET("2001:db8:ffff:2::/64"), "DROP")])
+    assert set(direct.members("f2b-direct-v6")) == {"2001:db8:ffff::/48"}
+    found = direct.call(lambda: direct.backend.read(["f2b-direct"]))
+    assert found == {("f2b-direct", NET("2001:db8:ffff::/48")): "DROP",
+                     ("f2b-direct", NET("203.0.113.0/24")): "DROP"}
+
+
+def test_a_batch_mixing_adds_and_deletes(direct: Direct) -> None:
+    direct.add("f2b-direct-v4", "203.0.113.1", 100)
+    direct.add("f2b-direct-v4", "203.0.113.2", 100)
+    direct.add("f2b-direct-v6", "2001:db8:ffff::3")
+    now = time.time()
+    direct.apply([Add("f2b-direct", NET("203.0.113.10/32"), "DROP", now + 600),
+                  Remove("f2b-direct", NET("203.0.113.1/32"), "DROP"),
+                  Add("f2b-direct", NET("203.0.113.2/32"), "DROP", now + 900),  # present: a refresh
+                  Remove("f2b-direct", NET("203.0.113.99/32"), "DROP"),  # absent: nothing to do
+                  Add("f2b-direct", NET("2001:db8:ffff::10/128"), "DROP"),
+                  Remove("f2b-direct", NET("2001:db8:ffff::3/128"), "DROP"),
+                  Add("f2b-direct", NET("203.0.113.64/26"), "DROP", now + 300)])
+    v4 = direct.members("f2b-direct-v4")
+    assert set(v4) == {"203.0.113.10/32", "203.0.113.2/32", "203.0.113.64/26"}, v4
+    assert in_window(v4["203.0.113.10/32"], 600) and in_window(v4["203.0.113.2/32"], 900)
+    assert in_window(v4["203.0.113.64/26"], 300)
+    assert direct.members("f2b-direct-v6") == {"2001:db8:ffff::10/128": 0}
+    # The same entry twice in one batch: added, removed, added again, in that order.
+    network = NET("203.0.113.20/32")
+    direct.apply([Add("f2b-direct", network, "DROP"), Remove("f2b-direct", network, "DROP"),
+                  Add("f2b-direct", network, "DROP", now + 100), Remove("f2b-direct", NET("203.0.113.10/32"), "DROP")])
+    v4 = direct.members("f2b-direct-v4")
+    assert set(v4) == {"203.0.113.20/32", "203.0.113.2/32", "203.0.113.64/26"} and in_window(v4[str(network)], 100)
+
+
+def test_a_full_set_fails_the_batch_and_leaves_nothing_behind(direct: Direct) -> None:
+    direct.add("small-v4", "203.0.113.1", 500)
+    direct.add("small-v4", "203.0.113.2", 500)
+    direct.add("small-v6", "2001:db8:ffff::1")
+    before4, before6 = set(direct.members("small-v4")), direct.members("small-v6")
+    now = time.time()
+    ops: list[Op] = [Add("small", NET("2001:db8:ffff::2/128"), "REJECT", now + 600),
+                     Remove("small", NET("203.0.113.1/32"), "REJECT"),
+                     Remove("small", NET("2001:db8:ffff::1/128"), "REJECT")]
+    ops += [Add("small", NET(f"203.0.113.{i}/32"), "REJECT", now + 600) for i in range(10, 14)]  # one too many
+    ops += [Add("small", NET("203.0.113.2/32"), "REJECT", now + 900)]
+    with pytest.raises(CapacityExceeded, match="small-v4"):
+        direct.apply(ops)
+    # As it was: the removed entries are back (without their kernel timeout: the worker keeps the time),
+    # and the refresh never happened.
+    after4 = direct.members("small-v4")
+    assert set(after4) == set(before4) and after4["203.0.113.1/32"] == 0 and in_window(after4["203.0.113.2/32"], 500)
+    assert direct.members("small-v6") == before6 == {"2001:db8:ffff::1/128": 0}
+    # A batch that fits still goes through, up to the last place.
+    direct.apply(ops[:1] + ops[3:5])
+    assert len(direct.members("small-v4")) == 4 and len(direct.members("small-v6")) == 2
+
+
+def test_a_failure_in_the_middle_of_a_batch_is_undone_exactly(direct: Direct) -> None:
+    direct.add("f2b-direct-v4", "203.0.113.1", 500)
+    direct.add("f2b-direct-v4", "203.0.113.2", 500)
+    direct.add("f2b-direct-v6", "2001:db8:ffff::1", 500)
+    now = time.time()
+    first = [Add("f2b-direct", NET(ipaddress.ip_address("198.18.0.0") + i), "DROP", now + 600)
+             for i in range(SEND_MAX + 50)]  # more than one send
+    # A chain that left the config, and whose sets are gone: not ours to make again, so its add fails.
+    failing = Add("gone", NET("203.0.113.50/32"), "DROP", now + 600)
+    then = [Add("f2b-direct", NET(ipaddress.ip_address("198.18.16.0") + i), "DROP") for i in range(SEND_MAX)]
+    ops: list[Op] = [*first, Remove("f2b-direct", NET("203.0.113.1/32"), "DROP"),
+                     Add("f2b-direct", NET("203.0.113.2/32"), "DROP", now + 900),
+                     Remove("f2b-direct", NET("2001:db8:ffff::1/128"), "DROP"),
+                     failing, *then, Add("f2b-direct", NET("2001:db8:ffff::2/128"), "DROP")]
+    with pytest.raises(IpsetError) as raised:
+        direct.apply(ops)
+    assert "gone-v4" in str(raised.value) and "203.0.113.50/32" in str(raised.value), raised.value
+    assert "ENOENT" in str(raised.value)
+    # Every change before and after the failure is undone. The removed entries are back, without a kernel
+    # timeout (their old one is not known; the worker's expiry keeps their time); the refresh never happened.
+    v4 = direct.members("f2b-direct-v4")
+    assert set(v4) == {"203.0.113.1/32", "203.0.113.2/32"} and v4["203.0.113.1/32"] == 0, v4
+    assert in_window(v4["203.0.113.2/32"], 500)
+    assert direct.members("f2b-direct-v6") == {"2001:db8:ffff::1/128": 0}
+
+
+def test_a_lost_set_and_match_rule_are_made_again_once(direct: Direct) -> None:
+    direct.apply([Add("f2b-direct", NET("203.0.113.1/32"), "DROP")])
+    rule = "-A f2b-direct -m set --match-set f2b-direct-v4 src -j DROP"
+    assert rule in direct.ns.run(["iptables-legacy", "-w", "-S", "f2b-direct"]).stdout
+    # Behind the backend's back: the rule goes, then the set (a set in use by a rule cannot be destroyed).
+    direct.ns.run(["iptables-legacy", "-w", "-F", "f2b-direct"])
+    direct.ns.run(["ipset", "destroy", "f2b-direct-v4"])
+    now = time.time()
+    direct.apply([Add("f2b-direct", NET("203.0.113.2/32"), "DROP", now + 600),
+                  Add("f2b-direct", NET("2001:db8:ffff::2/128"), "DROP")])
+    v4 = direct.members("f2b-direct-v4")
+    assert set(v4) == {"203.0.113.2/32"} and in_window(v4["203.0.113.2/32"], 600)
+    assert direct.members("f2b-direct-v6") == {"2001:db8:ffff::2/128": 0}
+    assert rule in direct.ns.run(["iptables-legacy", "-w", "-S", "f2b-direct"]).stdout
+    # A chain not in the config has no set made for it: the batch fails and is undone.
+    with pytest.raises(IpsetError, match="gone-v6"):
+        direct.apply([Add("f2b-direct", NET("203.0.113.3/32"), "DROP"), Add("gone", NET("2001:db8:ffff::4/128"), "DROP")])
+    assert set(direct.members("f2b-direct-v4")) == {"203.0.113.2/32"}
+
+
+def test_big_batches_go_through_ipset_restore_with_the_same_result(direct: Direct) -> None:
+    now = time.time()
+    base = ipaddress.ip_address("198.18.0.0")
+    adds: list[Op] = [Add("f2b-direct", NET(base + i), "DROP", now + 600) for i in range(ipset_backend.BULK_MIN)]
+    direct.apply(adds)
+    v4 = direct.members("f2b-direct-v4")
+    assert len(v4) == ipset_backend.BULK_MIN and all(in_window(t, 600) for t in v4.values())
+    # Half removed, the other half refreshed, and some new ones: one restore again.
+    half = ipset_backend.BULK_MIN // 2
+    mixed: list[Op] = [Remove("f2b-direct", NET(base + i), "DROP") for i in range(half)]
+    mixed += [Add("f2b-direct", NET(base + i), "DROP") for i in range(half, 2 * half)]
+    mixed += [Add("f2b-direct", NET("2001:db8:ffff::1/128"), "DROP", now + 300)]
+    direct.apply(mixed)
+    v4 = direct.members("f2b-direct-v4")
+    assert set(v4) == {f"{base + i}/32" for i in range(half, 2 * half)} and set(v4.values()) == {0}
+    v6 = direct.members("f2b-direct-v6")
+    assert set(v6) == {"2001:db8:ffff::1/128"} and in_window(v6["2001:db8:ffff::1/128"], 300)
+
+
+def test_a_big_batch_that_does_not_fit_fails_whole(direct: Direct) -> None:
+    direct.add("small-v4", "203.0.113.1", 500)
+    base = ipaddress.ip_address("198.18.0.0")
+    ops: list[Op] = [Remove("small", NET("203.0.113.1/32"), "REJECT")]
+    ops += [Add("small", NET(base + i), "REJECT") for i in range(ipset_backend.BULK_MIN)]
+    with pytest.raises(CapacityExceeded):
+        direct.apply(ops)
+    assert direct.members("small-v4") == {"203.0.113.1/32": 0}

@@ -68,6 +68,22 @@ def open_listeners(config: Config) -> list[socket.socket]:
     return socks
 
 
+M_ARENA_MAX = -8  # mallopt(3), glibc's malloc.h
+
+
+def limit_malloc_arenas() -> None:
+    """At most two glibc malloc arenas, before any thread starts.
+
+    glibc gives threads that contend for malloc arenas of their own (up to 8 per core); with a thread per
+    connection each keeps its freed memory. Measured at 100k entries with 16 clients: RSS after the
+    phases 77.2 -> 75.9 MiB, and no change in CPU per request (bench/README.md).
+    """
+    try:
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 2)
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
 def release_memory() -> None:
     """Hand the first reconcile's transient memory back to the OS: the backend's big messages are native heap
     that glibc keeps otherwise (135 of 270 MiB at 100k entries with nftables). malloc_trim(3) is glibc's."""
@@ -91,6 +107,7 @@ class Daemon:
         from webiptd.firewall.worker import Worker
         from webiptd.state import Store
 
+        limit_malloc_arenas()
         config = self.config
         log.setup(config.log, verbose_stderr=self.verbose)
         logger.info("starting web-ipt-d %s with %s", __version__, config.path)

@@ -6,7 +6,7 @@ so a silent client stalls nobody. Every response is JSON; every bad input is a 4
 
 from __future__ import annotations
 
-import http.client
+import email.utils
 import http.server
 import ipaddress
 import json
@@ -17,9 +17,8 @@ import socketserver
 import ssl
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from webiptd import __version__
 from webiptd.auth import AuthFailure, Authenticator, FailureThrottle
@@ -37,9 +36,17 @@ MAX_IGNORED_BODY = 65536
 MAX_TIMEOUT = 10 * 365 * 86400  # ten years; anything longer is a typo, and permanent is -1 or 0
 REALM = 'Basic realm="web-ipt-d", charset="UTF-8"'
 PATH_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_.:-]+\Z")
+PLAIN_PATH_RE = re.compile(r"(?:/[A-Za-z0-9_.:-]+)+\Z")  # nothing to decode: the usual target
+PRINTABLE_RE = re.compile(r"[!-~]*\Z")
 PERCENT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
+QUERY_KEY_RE = re.compile(r"[a-z_]{1,32}\Z")
+QUERY_VALUE_RE = re.compile(r"-?[0-9]{1,12}\Z")
 METHOD_RE = re.compile(r"^[A-Z]{1,16}\Z")
 REQUEST_LINE_RE = re.compile(rb"[!-~]+ [!-~]+ HTTP/1\.[0-9]\r?\n\Z")  # RFC 9112 section 3
+# RFC 9112 section 5: field-name is a token and ':' follows it at once; the value is visible ASCII, obs-text,
+# space and tab. A line that ends at EOF without its newline is still a line, as http.client took it.
+HEADER_LINE_RE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\t\x20-\x7e\x80-\xff]*)(?:\r?\n)?\Z")
+MAX_HEADER_LINES = 100  # the blank line included, as http.client counts
 
 
 @dataclass(frozen=True)
@@ -89,9 +96,11 @@ class ConnectionSlots:
             self._open[new] = self._open.pop(old, False)
 
     def set_busy(self, sock: Any, busy: bool) -> None:
-        with self._cond:
-            if sock in self._open:
-                self._open[sock] = busy
+        # Twice a request, so without the lock: after acquire() only the connection's own thread writes its
+        # entry (rebind, set_busy, release), and one dict store is atomic. close_idle() reads the flag again
+        # right before each shutdown; one that turns busy just after is shut, as when it waited for the lock.
+        if sock in self._open:
+            self._open[sock] = busy
 
     def release(self, sock: Any) -> None:
         with self._cond:
@@ -100,8 +109,8 @@ class ConnectionSlots:
 
     def close_idle(self, everything: bool = False) -> None:
         with self._cond:
-            for sock, busy in list(self._open.items()):
-                if everything or not busy:
+            for sock in list(self._open):
+                if everything or self._open.get(sock) is False:
                     try:
                         sock.shutdown(socket.SHUT_RDWR)
                     except OSError:
@@ -139,28 +148,33 @@ def parse_target(target: str) -> tuple[list[str], list[tuple[str, str]]]:
     Percent-encoding is decoded once; what it decodes to must itself be a plain
     segment, so encoded slashes, double encoding and control characters are refused.
     """
-    if not target.isascii() or any(ord(c) < 0x21 or c == "\x7f" for c in target):
+    if not PRINTABLE_RE.match(target):
         raise ValueError("the request target must be printable ASCII")
     if not target.startswith("/") or "#" in target:
         raise ValueError("the request target must be an absolute path")
     path, _, query = target.partition("?")
-    raw_segments = path[1:].split("/")
-    segments = []
-    for raw in raw_segments:
-        if "%" in PERCENT_RE.sub("", raw):
-            raise ValueError("malformed percent-encoding in the path")
-        try:
-            seg = PERCENT_RE.sub(lambda m: chr(int(m.group(1), 16)), raw).encode("latin-1").decode("utf-8")
-        except UnicodeError:
-            raise ValueError("the path is not valid UTF-8") from None
-        if not seg or not PATH_SEGMENT_RE.match(seg) or seg in (".", ".."):
+    if PLAIN_PATH_RE.match(path):
+        # The usual target: no '%', so nothing to decode, and every segment is already plain and non-empty.
+        segments = path[1:].split("/")
+        if "." in segments or ".." in segments:
             raise ValueError("the path holds an empty or invalid segment")
-        segments.append(seg)
+    else:
+        segments = []
+        for raw in path[1:].split("/"):
+            if "%" in PERCENT_RE.sub("", raw):
+                raise ValueError("malformed percent-encoding in the path")
+            try:
+                seg = PERCENT_RE.sub(lambda m: chr(int(m.group(1), 16)), raw).encode("latin-1").decode("utf-8")
+            except UnicodeError:
+                raise ValueError("the path is not valid UTF-8") from None
+            if not seg or not PATH_SEGMENT_RE.match(seg) or seg in (".", ".."):
+                raise ValueError("the path holds an empty or invalid segment")
+            segments.append(seg)
     pairs = []
     if query:
         for item in query.split("&"):
             key, sep, value = item.partition("=")
-            if not sep or not re.fullmatch(r"[a-z_]{1,32}", key) or not re.fullmatch(r"-?[0-9]{1,12}", value):
+            if not sep or not QUERY_KEY_RE.match(key) or not QUERY_VALUE_RE.match(value):
                 raise ValueError(f"malformed query parameter {item[:40]!r}")
             pairs.append((key, value))
     return segments, pairs
@@ -388,7 +402,7 @@ class App:
 
     def _run(self, gen: Generation, command: Command, extra_time: float = 0.0) -> Any:
         """Submit to the worker and wait, bounded by limits.worker_timeout; a Response on failure."""
-        fut: Future[Any] = self.runtime.worker.submit(command)
+        fut = self.runtime.worker.submit(command)
         timeout = gen.config.limits.worker_timeout + extra_time
         try:
             try:
@@ -405,75 +419,139 @@ class App:
             return error(503, "firewall_unavailable", str(exc))
 
 
-class _HeaderLimit:
-    """Wraps rfile while headers are read so their total size is bounded (431 past it)."""
+class RequestHead(NamedTuple):
+    """What the handler keeps of a request line and its header section."""
 
-    def __init__(self, raw: Any, limit: int):
-        self._raw = raw
-        self._left = limit
-
-    def readline(self, size: int = -1) -> bytes:
-        line = self._raw.readline(min(size if size >= 0 else self._left + 1, self._left + 1))
-        self._left -= len(line)
-        if self._left < 0:
-            raise http.client.LineTooLong("header")
-        return line
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._raw, name)
+    method: str
+    target: str
+    content_lengths: list[str]
+    authorizations: list[str]
+    transfer_encoding: bool
 
 
 ERROR_CODES = {400: "bad_request", 408: "timeout", 413: "too_large", 414: "uri_too_long",
                431: "headers_too_large"}
+STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}" for s in http.HTTPStatus}
+JSON = json.JSONEncoder(separators=(",", ":"))
+_date: tuple[int, str] = (0, "")
+
+
+def http_date() -> str:
+    """The Date header's value (RFC 9110 section 6.6.1), formatted once a second rather than once a response."""
+    global _date
+    now = time.time()
+    cached = _date
+    if cached[0] != int(now):
+        cached = _date = (int(now), email.utils.formatdate(now, usegmt=True))
+    return cached[1]
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    # Buffered, flushed once per response by _write: status line, headers and body leave in one TLS record
-    # and one send(), not two (the stdlib writes the headers, then the body). See bench/README.md.
-    wbufsize = 1 << 16
+    # Unbuffered: _write hands each response, status line to body, to one sendall(), so it leaves in one TLS
+    # record and one send(); a buffer would only copy it once more. See bench/README.md.
+    wbufsize = 0
     server_version = "web-ipt-d"
     sys_version = ""
     server: "Server"
 
+    def setup(self) -> None:
+        super().setup()
+        # Per connection, not per request: neither the peer nor its verified certificate changes.
+        self._peer: Address | None = None
+        self._cert_cn: tuple[ssl.SSLContext | None, str | None] | None = None
+
     def handle_one_request(self) -> None:
+        slots = self.server.runtime.connections
         try:
             self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
             if not self.raw_requestline:
                 self.close_connection = True
                 return
-            self.server.runtime.connections.set_busy(self.connection, True)
+            slots.set_busy(self.connection, True)
             if len(self.raw_requestline) > MAX_REQUEST_LINE:
-                self.request_version, self.command, self.requestline = "HTTP/1.1", "", ""
+                self.command, self.requestline = "", ""
                 self.send_error(414, "the request line is too long")
                 return
-            raw_rfile, self.rfile = self.rfile, _HeaderLimit(self.rfile, MAX_HEADER_BYTES)  # type: ignore[assignment]
-            try:
-                parsed = self.parse_request()
-            finally:
-                self.rfile = raw_rfile
-            if parsed:
-                self._dispatch()
+            head = self._read_head()
+            if head is not None:
+                self._dispatch(head)
         except (TimeoutError, ConnectionError, ssl.SSLError):
             self.close_connection = True
         finally:
-            self.server.runtime.connections.set_busy(self.connection, False)
+            slots.set_busy(self.connection, False)
             if self.server.runtime.stopping:
                 self.close_connection = True
 
-    def _dispatch(self) -> None:
-        method = self.command
-        if not REQUEST_LINE_RE.match(self.raw_requestline):
-            # parse_request() splits on any whitespace, raw non-ASCII included, and accepts HTTP/0.9.
+    def _read_head(self) -> RequestHead | None:
+        """Parse the request line and the header section strictly (RFC 9112 sections 3 and 5); None once an
+        error was sent.
+
+        This replaces BaseHTTPRequestHandler.parse_request(), whose email-package parser built a Message for
+        every request (an eighth of the daemon's time under load) and took a folded line or one without a
+        colon as the end of the headers. Its connection rules stay: HTTP/1.0 closes unless it asks for
+        keep-alive, "Connection: close" closes, and "Expect: 100-continue" from HTTP/1.1 gets its interim answer.
+        """
+        raw = self.raw_requestline
+        if not REQUEST_LINE_RE.match(raw):
+            self.command, self.requestline = "", str(raw, "latin-1").rstrip("\r\n")
+            if not self.requestline.split():
+                self.close_connection = True  # a blank line, not a request: close quietly, as the stdlib did
+                return None
+            # Also refuses what parse_request() took: any whitespace as separator, raw non-ASCII, HTTP/0.9, 2.0.
             self.send_error(400, "malformed request line")
-            return
-        if not METHOD_RE.match(method):
+            return None
+        self.requestline = line = raw.decode("ascii").rstrip("\r\n")
+        self.command, target, version = line.split(" ")
+        if not METHOD_RE.match(self.command):
             self.send_error(400, "malformed method")
-            return
-        if self.headers.get("Transfer-Encoding") is not None:
+            return None
+        lengths: list[str] = []
+        authorizations: list[str] = []
+        transfer_encoding = False
+        connection: str | None = None
+        expect: str | None = None
+        readline = self.rfile.readline
+        left = MAX_HEADER_BYTES
+        for _ in range(MAX_HEADER_LINES):
+            field = readline(left + 1)
+            left -= len(field)
+            if left < 0:
+                break
+            if field in (b"\r\n", b"\n", b""):  # the end of the header section, or of the stream
+                self.close_connection = version == "HTTP/1.0"
+                if connection is not None and connection.lower() == "close":
+                    self.close_connection = True
+                elif connection is not None and connection.lower() == "keep-alive":
+                    self.close_connection = False
+                if expect is not None and expect.lower() == "100-continue" and version >= "HTTP/1.1":
+                    self.handle_expect_100()
+                return RequestHead(self.command, target, lengths, authorizations, transfer_encoding)
+            match = HEADER_LINE_RE.match(field)
+            if match is None:
+                self.send_error(400, "a folded header line is not accepted (RFC 9112 section 5.2)"
+                                if field[:1] in (b" ", b"\t") else "malformed header line")
+                return None
+            name = match.group(1).lower()
+            if name == b"content-length":
+                lengths.append(match.group(2).decode("latin-1"))
+            elif name == b"authorization":
+                authorizations.append(match.group(2).decode("latin-1"))
+            elif name == b"transfer-encoding":
+                transfer_encoding = True
+            elif name == b"connection" and connection is None:
+                connection = match.group(2).decode("latin-1")
+            elif name == b"expect" and expect is None:
+                expect = match.group(2).decode("latin-1")
+        self.send_error(431)
+        return None
+
+    def _dispatch(self, head: RequestHead) -> None:
+        method = head.method
+        if head.transfer_encoding:
             self.send_error(400, "Transfer-Encoding is not accepted; send a Content-Length")
             return
-        lengths = self.headers.get_all("Content-Length") or []
+        lengths = head.content_lengths
         if len(lengths) > 1 or (lengths and not (lengths[0].isascii() and lengths[0].isdigit())):
             self.send_error(400, "malformed Content-Length")
             return
@@ -491,12 +569,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         if method != "POST":
             body = b""  # no other route takes a body; it was read only to keep the connection in step
-        auths = self.headers.get_all("Authorization") or []
+        auths = head.authorizations
         authorization = auths[0] if len(auths) == 1 else ("" if auths else None)
-        # parse_request() folds a leading "//" into "/"; route the target exactly as it was sent.
-        target = self.requestline.split()[1]
-        response = self.server.app.handle(method, target, authorization, client_address(self.client_address[0]),
-                                          self._client_cert_cn(), body)
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = client_address(self.client_address[0])
+        response = self.server.app.handle(method, head.target, authorization, peer, self._client_cert_cn(), body)
         self._write(response, head=method == "HEAD")
 
     def _client_cert_cn(self) -> str | None:
@@ -504,9 +582,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
         Only while the current config trusts the same client CAs as the context that verified it:
         after a reload that replaces tls.client_ca, a connection opened before it no longer logs in by it.
+        Worked out once per connection and config context, since a reload is what changes the answer.
         """
-        conn = self.connection
         current = self.server.runtime.generation.config.ssl_context
+        cached = self._cert_cn
+        if cached is None or cached[0] is not current:
+            cached = self._cert_cn = (current, self._verified_cn(current))
+        return cached[1]
+
+    def _verified_cn(self, current: ssl.SSLContext | None) -> str | None:
+        conn = self.connection
         if not isinstance(conn, ssl.SSLSocket) or current is None:
             return None
         if conn.context is not current and (
@@ -519,39 +604,32 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return names[0] if len(names) == 1 else None  # several CNs: ambiguous, so none
 
     def _write(self, response: Response, head: bool = False, close: bool = False) -> None:
-        body = json.dumps(response.body, separators=(",", ":")).encode() + b"\n"
-        self.send_response(response.status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        for name, value in response.headers:
-            self.send_header(name, value)
+        """One response as one write: the headers send_response() and send_header() wrote, in their order."""
+        body = JSON.encode(response.body).encode() + b"\n"
+        status = response.status
+        self.log_request(status)
+        extra = "".join(f"{name}: {value}\r\n" for name, value in response.headers)
         if close or self.close_connection or self.server.runtime.stopping:
-            self.send_header("Connection", "close")
+            extra += "Connection: close\r\n"
             self.close_connection = True
-        self.end_headers()
-        if not head:
-            self.wfile.write(body)
+        status_line = STATUS_LINES.get(status) or f"HTTP/1.1 {status} "
+        data = (f"{status_line}\r\nServer: {self.server_version}\r\nDate: {http_date()}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nCache-Control: no-store\r\n"
+                f"{extra}\r\n").encode("latin-1")
+        self.wfile.write(data if head else data + body)
         self.wfile.flush()
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         # Errors found while parsing: answer in JSON like every other response, then close.
         self.close_connection = True
-        if code >= 500:
-            # The stdlib answers 505 for HTTP/2.0 and 501 for odd methods; a client's mistake is a 4xx here.
-            code, message = 400, f"unsupported request: {message or http.HTTPStatus(code).phrase}"
-        if self.request_version == "HTTP/0.9":
-            # parse_request() fails before it has read a version: still answer with a status line.
-            self.request_version = "HTTP/1.1"
         text = message if message and code != 431 else http.HTTPStatus(code).phrase
         self._write(error(code, ERROR_CODES.get(code, "bad_request"), text), close=True)
 
     def handle_expect_100(self) -> bool:
-        # The stdlib writes "100 Continue" but does not flush; with a buffered wfile the client
-        # (curl sends Expect: 100-continue for bodies over 1 KiB) would wait for it in vain.
-        ok = super().handle_expect_100()
+        # curl sends "Expect: 100-continue" for bodies over 1 KiB and waits for this before sending the body.
+        self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.wfile.flush()
-        return ok
+        return True
 
     def version_string(self) -> str:
         return self.server_version

@@ -1,19 +1,27 @@
 """Logging set-up, done once here: everything to log.file, warnings, errors and audit lines to stderr.
 
 log.file uses WatchedFileHandler, so logrotate needs neither a signal nor copytruncate.
+The worker writes a batch's audit lines inside `batch()`: one flush per batch, not one per line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import logging.handlers
 import sys
+import threading
+import time
+from typing import Iterator
 
 from webiptd.config import Log
 
 ROOT = "webiptd"
 AUDIT = "webiptd.audit"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+_deferring = threading.local()
 
 
 class _StderrFilter(logging.Filter):
@@ -27,23 +35,83 @@ class _StderrFilter(logging.Filter):
         return self.everything or record.levelno >= logging.WARNING or record.name == AUDIT
 
 
+class _Formatter(logging.Formatter):
+    """The stdlib's format; the date part is formatted once a second, not once a record (strftime is ~3 µs)."""
+
+    _second = -1
+    _text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._text = time.strftime(self.default_time_format, self.converter(record.created))
+            self._second = second
+        return "%s,%03d" % (self._text, record.msecs)  # the stdlib's default_msec_format
+
+
+class _FlushOncePerBatch:
+    """A handler mix-in: inside `batch()`, the thread's records are written to the stream's buffer and
+    flushed when the batch ends; everywhere else each record is flushed as it is written."""
+
+    def flush(self) -> None:
+        if not getattr(_deferring, "active", False):
+            super().flush()  # type: ignore[misc]
+
+
+class _StreamHandler(_FlushOncePerBatch, logging.StreamHandler):  # type: ignore[type-arg]
+    pass
+
+
+class _FileHandler(_FlushOncePerBatch, logging.handlers.WatchedFileHandler):
+    pass
+
+
+@contextlib.contextmanager
+def batch() -> Iterator[None]:
+    """Write this thread's records as usual, and flush every handler once at the end.
+
+    Measured with the worker and 16 changes a batch: two write(2)s an audit line (file and journal)
+    were about a quarter of the worker's time (bench/README.md).
+    """
+    _deferring.active = True
+    try:
+        yield
+    finally:
+        _deferring.active = False
+        for handler in logging.getLogger(ROOT).handlers:
+            handler.flush()
+
+
+def _stderr_stream() -> io.TextIOBase:
+    # Python line-buffers stderr (one write(2) a line); a block-buffered writer of our own on the same
+    # descriptor lets a batch leave in one write. Each record outside `batch()` is still flushed at once.
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        return sys.stderr  # type: ignore[return-value]  # no descriptor (say under a test harness): as is
+    sys.stderr.flush()
+    return open(fd, "w", encoding=sys.stderr.encoding or "utf-8", errors="backslashreplace",
+                closefd=False, buffering=1 << 16)
+
+
 def setup(log: Log, *, verbose_stderr: bool = False) -> None:
     """(Re)configure the `webiptd` loggers. Safe to call again on reload."""
     root = logging.getLogger(ROOT)
     for handler in list(root.handlers):
         root.removeHandler(handler)
+        handler.flush()
         handler.close()
     root.setLevel(getattr(logging, log.level))
     root.propagate = False
-    stderr = logging.StreamHandler(sys.stderr)
+    stderr = _StreamHandler(_stderr_stream())
     # Under systemd the journal adds its own timestamp.
     stderr.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     stderr.addFilter(_StderrFilter(verbose_stderr or log.file is None))
     root.addHandler(stderr)
     if log.file is not None:
         log.file.parent.mkdir(mode=0o750, exist_ok=True)
-        handler = logging.handlers.WatchedFileHandler(log.file, encoding="utf-8")
-        handler.setFormatter(logging.Formatter(FORMAT))
+        handler = _FileHandler(log.file, encoding="utf-8")
+        handler.setFormatter(_Formatter(FORMAT))
         root.addHandler(handler)
     # The audit trail is kept whatever the level, because it is the record of every change.
     logging.getLogger(AUDIT).setLevel(logging.INFO)

@@ -48,6 +48,9 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL fsyncs the WAL on every commit: an acknowledged block survives power loss, not only a crash.
         self._db.execute("PRAGMA synchronous=FULL")
+        # The page cache (2 MiB by default) fills up when the start-up loads every row, and stays. Writes touch a
+        # few pages of a shallow B-tree; 256 KiB holds its inner pages at 100k rows (bench/README.md: RSS -1.9 MiB).
+        self._db.execute("PRAGMA cache_size=-256")
         self._db.executescript(SCHEMA)
 
     def load(self) -> Loaded:

@@ -67,10 +67,8 @@ def host_errors(chains: Iterable[Chain]) -> list[str]:
     if nft and ctypes.util.find_library("nftables") is None:
         errors.append(f"chains {', '.join(nft)} use the nftables backend, but libnftables is not installed: "
                       "install libnftables1 (Debian, Ubuntu) or nftables (RHEL, Fedora)")
+    # The ipset backend talks netlink itself (the standard library's socket) and runs the ipset command.
     ipset = _names(chains, "ipset")
-    if ipset and importlib.util.find_spec("pyroute2") is None:
-        errors.append(f"chains {', '.join(ipset)} use the ipset backend, but Python cannot import pyroute2: "
-                      "install it (pip install pyroute2, or python3-pyroute2)")
     if ipset and shutil.which("ipset") is None:
         errors.append(f"chains {', '.join(ipset)} use the ipset backend, but the ipset command is missing: "
                       "install ipset")

@@ -35,6 +35,7 @@ import math
 import os
 import re
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -58,6 +59,14 @@ REJECT = {4: {"type": "icmp", "expr": "port-unreachable"}, 6: {"type": "icmpv6",
 DEFAULT_SIZE = Chain.maxelem
 ENOENT = os.strerror(errno.ENOENT)  # libnftables reports errors as text: "Could not process rule: <strerror>"
 ENFILE = os.strerror(errno.ENFILE)  # what the kernel answers when a set is at its size
+
+# NFT_MSG_GETGEN, from linux/netfilter/nfnetlink.h and linux/netfilter/nf_tables.h.
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_GETGEN = 16
+NFTA_GEN_ID = 1
+NLMSG_ERROR = 2
+NLM_F_REQUEST = 1
 
 SetKey = tuple[int, int]  # (IP version, prefix length)
 ElementKey = tuple[str, int, int]  # (chain, IP version, prefix length): one set
@@ -108,6 +117,49 @@ def _timeout(expires_at: float | None, now: float) -> int | None:
     return None if expires_at is None else max(1, math.ceil(expires_at - now))
 
 
+class RulesetGeneration:
+    """nf_tables' ruleset generation (NFT_MSG_GETGEN): the kernel adds one with every committed transaction.
+
+    A batch re-makes our chains' rules and hooks only when some other program committed since our
+    last transaction: that re-make was ~0.11 ms of a batch's ~0.4 ms of CPU (bench/README.md), and
+    reading the generation costs one netlink round trip of a few µs.
+    """
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+        self._seq = 0
+
+    def read(self) -> int:
+        if self._sock is None:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+            sock.bind((0, 0))
+            self._sock = sock
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        # nlmsghdr (len, type, flags, seq, pid), then nfgenmsg (family AF_UNSPEC, version 0, res_id 0).
+        self._sock.send(struct.pack("=IHHII", 20, NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETGEN, NLM_F_REQUEST,
+                                    self._seq, 0) + struct.pack("=BBH", socket.AF_UNSPEC, 0, 0))
+        while True:
+            data = self._sock.recv(65536)
+            length, kind, _, seq, _ = struct.unpack_from("=IHHII", data)
+            if seq != self._seq:
+                continue  # an answer to an earlier request that timed out: not ours any more
+            if kind == NLMSG_ERROR:
+                code = -struct.unpack_from("=i", data, 16)[0]
+                raise OSError(code, f"NFT_MSG_GETGEN: {os.strerror(code)}")
+            offset = 20  # past nlmsghdr and nfgenmsg: the attributes
+            while offset + 4 <= length:
+                size, attr = struct.unpack_from("=HH", data, offset)
+                if attr & 0x3FFF == NFTA_GEN_ID and size >= 8:
+                    return int(struct.unpack_from(">I", data, offset + 4)[0])
+                offset += (size + 3) & ~3
+            raise OSError(errno.EPROTO, "NFT_MSG_GETGEN answered without NFTA_GEN_ID")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
 @dataclass
 class _Layout:
     """Our table's sets and chains as the kernel has them, without elements or rules (both cost O(N))."""
@@ -146,6 +198,8 @@ class NftablesBackend:
         self._nft: Any = None  # the libnftables context, made by the worker thread on first use
         self._sets: dict[str, set[SetKey]] = {}  # chain -> the sets it has in the kernel, as far as we know
         self._targets: dict[str, str] = {}  # chain -> the target its rules have, since our last prepare
+        self._generation = RulesetGeneration()
+        self._seen: int | None = None  # the ruleset generation our last transaction made; None: unknown
 
     # -- libnftables --------------------------------------------------------------
 
@@ -249,9 +303,11 @@ class NftablesBackend:
                          {"add": {"rule": self._obj(chain=name, expr=[{"jump": {"target": chain.name}}])}}]
         return cmds
 
-    def _ensure_cmds(self, touched: Iterable[ElementKey], chains: Mapping[str, Chain]) -> list[dict[str, Any]]:
-        """Create the sets a batch needs, and re-make the touched chains' rules and hooks as the iptables
-        backend re-checks its jumps: a hook deleted behind our back is back with the next change."""
+    def _ensure_cmds(self, touched: Iterable[ElementKey], chains: Mapping[str, Chain],
+                     remake: bool) -> list[dict[str, Any]]:
+        """Create the sets a batch needs; with `remake` (another program changed the ruleset since our last
+        transaction), also re-make the touched chains' rules and hooks, as the iptables backend re-checks
+        its jumps: a hook deleted behind our back is back with the next change."""
         cmds: list[dict[str, Any]] = []
         for name in sorted({c for c, _, _ in touched}):
             chain = chains.get(name)
@@ -260,9 +316,16 @@ class NftablesBackend:
             new = sorted({(v, p) for c, v, p in touched if c == name} - known)
             cmds += [self._add_set(name, key, chain.maxelem if chain is not None and ours else DEFAULT_SIZE)
                      for key in new]
-            if chain is not None and ours:
+            if chain is not None and ours and (remake or new):
                 cmds += self._chain_cmds(chain, known | set(new), None)
         return cmds
+
+    def _read_generation(self) -> int | None:
+        try:
+            return self._generation.read()
+        except OSError as exc:
+            logger.warning("cannot read the nftables ruleset generation (%s); re-making the chains every batch", exc)
+            return None
 
     def _element_cmds(self, changes: Mapping[ElementKey, Mapping[str, _Change]], exact: bool) -> list[dict[str, Any]]:
         """The element commands of a batch, per set.
@@ -306,6 +369,7 @@ class NftablesBackend:
             cmds += self._chain_cmds(chain, sets, layout)
             known[chain.name] = sets
         self._run(cmds)
+        self._seen = None
         self._sets.update(known)
         self._targets.update((c.name, c.target) for c in chains)
         if not layout.exists:
@@ -363,9 +427,14 @@ class NftablesBackend:
                 elements[address] = _Change(delete_first, False)
         if not changes:
             return
-        ensure = self._ensure_cmds(changes, chains)
+        before = self._read_generation()
+        ensure = self._ensure_cmds(changes, chains, remake=before is None or before != self._seen)
+        self._seen = None  # until this transaction is known to be the only one since `before`
         try:
             self._run(ensure + self._element_cmds(changes, exact=True))
+            after = self._read_generation()
+            if before is not None and after == (before + 1) & 0xFFFFFFFF:
+                self._seen = after
         except NftablesError as exc:
             if ENFILE in str(exc):
                 raise CapacityExceeded(self._full_message(changes, chains)) from exc
@@ -416,3 +485,4 @@ class NftablesBackend:
 
     def close(self) -> None:
         self._nft = None  # the binding frees its context when the object goes
+        self._generation.close()

@@ -1,0 +1,289 @@
+"""A small ipset client over one NETLINK_NETFILTER socket: add and del of hash:net entries, many to a send.
+
+The messages are packed by hand with `struct` from the kernel's include/uapi/linux/netfilter/ipset/ip_set.h
+and linux/netfilter/nfnetlink.h (netlink(7)); each constant below was checked against a 6.x kernel.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from itertools import count
+from typing import NamedTuple, Sequence
+
+from webiptd.config import Network
+
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10  # an error ack echoes only the request's header, not the whole request
+NFNL_SUBSYS_IPSET = 6
+
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_DUMP = 0x1, 0x4, 0x200, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLA_F_NESTED, NLA_F_NET_BYTEORDER = 0x8000, 0x4000
+NLA_TYPE_MASK = 0x3FFF
+
+IPSET_PROTOCOL = 7  # what this client speaks; the kernel's is asked once (IPSET_CMD_PROTOCOL)
+IPSET_PROTOCOL_MIN = 6  # every kernel since 2.6.39 accepts this one, so it is what the question is asked in
+IPSET_CMD_PROTOCOL, IPSET_CMD_DESTROY, IPSET_CMD_SWAP, IPSET_CMD_LIST = 1, 3, 6, 7
+IPSET_CMD_ADD, IPSET_CMD_DEL = 9, 10
+# Command-level attributes
+IPSET_ATTR_PROTOCOL, IPSET_ATTR_SETNAME, IPSET_ATTR_TYPENAME, IPSET_ATTR_FAMILY = 1, 2, 3, 5
+IPSET_ATTR_SETNAME2 = IPSET_ATTR_TYPENAME  # at swap
+IPSET_ATTR_FLAGS, IPSET_ATTR_DATA = 6, 7
+# Attributes inside IPSET_ATTR_DATA
+IPSET_ATTR_IP, IPSET_ATTR_CIDR, IPSET_ATTR_TIMEOUT = 1, 3, 6
+IPSET_ATTR_MAXELEM, IPSET_ATTR_ELEMENTS = 19, 24
+IPSET_ATTR_IPADDR_IPV4, IPSET_ATTR_IPADDR_IPV6 = 1, 2
+IPSET_FLAG_LIST_HEADER = 1 << 2  # list a set's header without its members
+
+IPSET_ERR_EXIST = 4103  # an exclusive add of a present entry, or an exclusive del of an absent one
+IPSET_ERR_HASH_FULL = 4352  # IPSET_ERR_TYPE_SPECIFIC, the first hash-type error (ip_set_hash.h)
+ERROR_NAMES = {
+    4097: "IPSET_ERR_PROTOCOL", 4098: "IPSET_ERR_FIND_TYPE", 4099: "IPSET_ERR_MAX_SETS",
+    4100: "IPSET_ERR_BUSY", 4101: "IPSET_ERR_EXIST_SETNAME2", 4102: "IPSET_ERR_TYPE_MISMATCH",
+    IPSET_ERR_EXIST: "IPSET_ERR_EXIST", 4104: "IPSET_ERR_INVALID_CIDR", 4105: "IPSET_ERR_INVALID_NETMASK",
+    4106: "IPSET_ERR_INVALID_FAMILY", 4107: "IPSET_ERR_TIMEOUT", 4108: "IPSET_ERR_REFERENCED",
+    4109: "IPSET_ERR_IPADDR_IPV4", 4110: "IPSET_ERR_IPADDR_IPV6", IPSET_ERR_HASH_FULL: "IPSET_ERR_HASH_FULL",
+    4353: "IPSET_ERR_HASH_ELEM",
+}
+
+# The kernel handles all of one send before we read, so every ack of a send must fit in the receive
+# buffer at once, or it drops the rest (ENOBUFS) and we cannot tell what was done. Measured on 6.18: an
+# ack takes 833-1,024 bytes of the buffer (256 overran the default 208 KiB, 208 fitted). SO_RCVBUF asks
+# for more, up to twice net.core.rmem_max (416 KiB by default); ACK_BUDGET allows twice what was measured.
+RCVBUF = 1 << 20
+ACK_BUDGET = 2048
+SEND_MAX = 256
+TIMEOUT = 10.0  # the kernel acks at once; a missing ack means the socket's state is unknown
+
+_NLMSGHDR = struct.Struct("=IHHII")
+_NFGENMSG = struct.Struct("=BBH")
+_NLA = struct.Struct("=HH")
+_ERROR = struct.Struct("=i")
+_BE32 = struct.Struct(">I")
+_FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
+_ADDR_ATTR = {4: IPSET_ATTR_IPADDR_IPV4, 6: IPSET_ATTR_IPADDR_IPV6}
+
+
+def error_name(code: int) -> str:
+    """`IPSET_ERR_EXIST (4103)`, or `ENOENT (No such file or directory)` for a plain errno."""
+    if code in ERROR_NAMES:
+        return f"{ERROR_NAMES[code]} ({code})"
+    if code >= 4096:
+        return f"ipset error {code}"
+    return f"{errno.errorcode.get(code, f'errno {code}')} ({os.strerror(code)})"
+
+
+class IpsetError(Exception):
+    """The kernel refused an ipset request; `code` is its errno or IPSET_ERR_* number."""
+
+    def __init__(self, what: str, code: int):
+        super().__init__(f"{what}: {error_name(code)}")
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Header:
+    type: str
+    family: int  # AF_INET or AF_INET6
+    maxelem: int
+    elements: int
+    timeouts: bool  # created with timeout support
+
+
+class Element(NamedTuple):
+    """One add or del of a set element: `timeout` None sends none (a del); 0 is permanent in a timeout set."""
+
+    cmd: int  # IPSET_CMD_ADD or IPSET_CMD_DEL
+    set: str
+    network: Network
+    exclusive: bool  # NLM_F_EXCL: report IPSET_ERR_EXIST rather than replace (add) or ignore (del)
+    timeout: int | None = None
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    size = _NLA.size + len(payload)
+    return _NLA.pack(size, kind) + payload + b"\0" * (-size % 4)
+
+
+def _attrs(data: bytes) -> dict[int, bytes]:
+    found: dict[int, bytes] = {}
+    offset = 0
+    while offset + _NLA.size <= len(data):
+        size, kind = _NLA.unpack_from(data, offset)
+        if size < _NLA.size:
+            break
+        found[kind & NLA_TYPE_MASK] = data[offset + _NLA.size:offset + size]
+        offset += (size + 3) & ~3
+    return found
+
+
+class IpsetNetlink:
+    """One netlink socket to the kernel's ipset, opened on first use and kept.
+
+    Not thread-safe: the backend's worker thread is its only user.
+    """
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+        self._seq = count(1)
+        self._protocol = b""  # the IPSET_ATTR_PROTOCOL attribute, once agreed
+        self._set_attrs: dict[str, bytes] = {}  # set name -> its protocol and name attributes
+        self._per_send = SEND_MAX
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _open(self) -> socket.socket:
+        if self._sock is not None:
+            return self._sock
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        try:
+            sock.bind((0, 0))
+            sock.settimeout(TIMEOUT)
+            try:
+                sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+            except OSError:
+                pass  # a kernel without it echoes the whole request in an error ack: larger, still fits
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+            rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            self._per_send = max(1, min(SEND_MAX, rcvbuf // ACK_BUDGET))
+            self._sock = sock
+            self._protocol = _attr(IPSET_ATTR_PROTOCOL, bytes([IPSET_PROTOCOL_MIN]))
+            replies = self._request(IPSET_CMD_PROTOCOL, b"", "ask the kernel's ipset protocol")
+            attrs = _attrs(replies[0][_NFGENMSG.size:]) if replies else {}
+            kernel = attrs.get(IPSET_ATTR_PROTOCOL, bytes([IPSET_PROTOCOL_MIN]))[0]
+        except BaseException:
+            sock.close()
+            self._sock = None
+            raise
+        self._protocol = _attr(IPSET_ATTR_PROTOCOL, bytes([min(kernel, IPSET_PROTOCOL)]))
+        self._set_attrs.clear()
+        return sock
+
+    def _prefix(self, name: str) -> bytes:
+        prefix = self._set_attrs.get(name)
+        if prefix is None:
+            prefix = self._set_attrs[name] = self._protocol + _attr(IPSET_ATTR_SETNAME, name.encode() + b"\0")
+        return prefix
+
+    @staticmethod
+    def _message(cmd: int, flags: int, seq: int, body: bytes, family: int = socket.AF_UNSPEC) -> bytes:
+        size = _NLMSGHDR.size + _NFGENMSG.size + len(body)
+        return (_NLMSGHDR.pack(size, (NFNL_SUBSYS_IPSET << 8) | cmd, flags, seq, 0)
+                + _NFGENMSG.pack(family, 0, 0) + body)
+
+    def _element_message(self, element: Element, seq: int) -> bytes:
+        network = element.network
+        version = network.version
+        data = (_attr(IPSET_ATTR_IP | NLA_F_NESTED,
+                      _attr(_ADDR_ATTR[version] | NLA_F_NET_BYTEORDER, network.network_address.packed))
+                + _attr(IPSET_ATTR_CIDR, bytes([network.prefixlen])))
+        if element.timeout is not None:
+            data += _attr(IPSET_ATTR_TIMEOUT | NLA_F_NET_BYTEORDER, _BE32.pack(element.timeout))
+        flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_EXCL if element.exclusive else 0)
+        return self._message(element.cmd, flags, seq,
+                             self._prefix(element.set) + _attr(IPSET_ATTR_DATA | NLA_F_NESTED, data),
+                             _FAMILY[version])
+
+    def apply(self, elements: Sequence[Element]) -> list[int]:
+        """Send each element's message, up to SEND_MAX in one sendmsg; return each one's error code (0: done).
+
+        The kernel carries on after a message it refuses, so each code says what happened to its element.
+        """
+        sock = self._open()
+        codes: list[int] = []
+        for start in range(0, len(elements), self._per_send):
+            chunk = elements[start:start + self._per_send]
+            seqs = [next(self._seq) & 0xFFFFFFFF for _ in chunk]
+            try:
+                sock.sendmsg([self._element_message(e, s) for e, s in zip(chunk, seqs)])
+                acks = self._acks(sock, seqs)
+            except BaseException:
+                self.close()  # acks may be left unread or lost: start the next request on a clean socket
+                raise
+            codes += [acks[s] for s in seqs]
+        return codes
+
+    def _acks(self, sock: socket.socket, seqs: list[int]) -> dict[int, int]:
+        """Read one ack per sequence number; anything else (left from an earlier, failed request) is skipped."""
+        wanted = set(seqs)
+        acks: dict[int, int] = {}
+        while len(acks) < len(wanted):
+            data = sock.recv(65536)
+            offset = 0
+            while offset + _NLMSGHDR.size <= len(data):
+                size, kind, _, seq, _ = _NLMSGHDR.unpack_from(data, offset)
+                if kind == NLMSG_ERROR and seq in wanted:
+                    acks[seq] = -_ERROR.unpack_from(data, offset + _NLMSGHDR.size)[0]
+                offset += (size + 3) & ~3
+        return acks
+
+    def _request(self, cmd: int, body: bytes, what: str, dump: bool = False) -> list[bytes]:
+        """One request; the payloads of its replies, up to its ack (a dump: NLMSG_DONE). Raises on an error."""
+        sock = self._open()
+        seq = next(self._seq) & 0xFFFFFFFF
+        replies: list[bytes] = []
+        # A dump ends with NLMSG_DONE; whether an ack follows it depends on the kernel, so none is asked for.
+        flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else NLM_F_ACK)
+        try:
+            sock.send(self._message(cmd, flags, seq, self._protocol + body))
+            while True:
+                data = sock.recv(65536)
+                offset = 0
+                while offset + _NLMSGHDR.size <= len(data):
+                    size, kind, _, reply_seq, _ = _NLMSGHDR.unpack_from(data, offset)
+                    payload = data[offset + _NLMSGHDR.size:offset + size]
+                    offset += (size + 3) & ~3
+                    if reply_seq != seq:
+                        continue
+                    if kind == NLMSG_ERROR:
+                        code = -_ERROR.unpack_from(payload)[0]
+                        if code:
+                            raise IpsetError(what, code)
+                        return replies
+                    if kind == NLMSG_DONE:
+                        return replies
+                    replies.append(payload)
+        except IpsetError:
+            raise
+        except BaseException:
+            self.close()
+            raise
+
+    def header(self, name: str) -> Header | None:
+        """The set's type, family, maxelem, element count and timeout support; None when there is no such set."""
+        body = (_attr(IPSET_ATTR_SETNAME, name.encode() + b"\0")
+                + _attr(IPSET_ATTR_FLAGS | NLA_F_NET_BYTEORDER, _BE32.pack(IPSET_FLAG_LIST_HEADER)))
+        try:
+            replies = self._request(IPSET_CMD_LIST, body, f"ipset list -t {name}", dump=True)
+        except IpsetError as exc:
+            if exc.code == errno.ENOENT:
+                return None
+            raise
+        if not replies:
+            return None
+        attrs = _attrs(replies[0][_NFGENMSG.size:])
+        data = _attrs(attrs.get(IPSET_ATTR_DATA, b""))
+        return Header(attrs[IPSET_ATTR_TYPENAME].rstrip(b"\0").decode(), attrs[IPSET_ATTR_FAMILY][0],
+                      _BE32.unpack(data[IPSET_ATTR_MAXELEM])[0], _BE32.unpack(data[IPSET_ATTR_ELEMENTS])[0],
+                      IPSET_ATTR_TIMEOUT in data)
+
+    def swap(self, first: str, second: str) -> None:
+        self._request(IPSET_CMD_SWAP, _attr(IPSET_ATTR_SETNAME, first.encode() + b"\0")
+                      + _attr(IPSET_ATTR_SETNAME2, second.encode() + b"\0"), f"ipset swap {first} {second}")
+
+    def destroy(self, name: str) -> None:
+        """Destroy the set if there is one (newer kernels say nothing of a missing one, older ones ENOENT)."""
+        try:
+            self._request(IPSET_CMD_DESTROY, _attr(IPSET_ATTR_SETNAME, name.encode() + b"\0"),
+                          f"ipset destroy {name}")
+        except IpsetError as exc:
+            if exc.code != errno.ENOENT:
+                raise
