@@ -8,6 +8,7 @@ applies it to the backend in one commit per table, and only then answers.
 from __future__ import annotations
 
 import heapq
+import ipaddress
 import itertools
 import logging
 import queue
@@ -21,7 +22,7 @@ from webiptd.commands import (
     Block, Blocked, BulkBlock, Command, Entry, FirewallFull, FirewallUnavailable, ListChain, Lookup, Reconfigure,
     Unblock, Unblocked,
 )
-from webiptd.config import Chain, Network
+from webiptd.config import Chain, Network, compact
 from webiptd.firewall.backend import Add, Backend, CapacityExceeded, Op, Remove
 from webiptd.state import Store
 
@@ -103,25 +104,53 @@ def _audit(user: str, client: str, action: str, chain: str, network: Network, ti
                user, client, action, chain, network, timeout, result)
 
 
-class _Entries:
-    """The blocks the worker knows: a dict per chain, keyed by network.
+_V6 = 1 << 136  # above an IPv6 address shifted past its prefix length
 
-    One dict keyed by (chain, network) costs a key tuple per entry: 5.6 MB at 100k entries, which is
-    most of what stood between the daemon and the 80 MB target (bench/README.md).
+
+def _pack(network: Network) -> int:
+    """A network as one int: the address, then the prefix length in the low 8 bits, and a flag for IPv6."""
+    packed = int(network.network_address) << 8 | network.prefixlen
+    return packed | _V6 if network.version == 6 else packed
+
+
+def _unpack(packed: int) -> Network:
+    address, prefixlen = (packed & (_V6 - 1)) >> 8, packed & 0xFF
+    if packed & _V6:
+        return compact(ipaddress.IPv6Network((address, prefixlen)))
+    return compact(ipaddress.IPv4Network((address, prefixlen)))
+
+
+_Row = tuple[str, float, "float | None", str]  # target, created_at, expires_at, created_by
+
+
+class _Entries:
+    """The blocks the worker knows: per chain, a dict from a packed network to the rest of the entry.
+
+    Entries and their ipaddress networks are made when asked for, not kept: one kept costs about
+    410 bytes (the network alone 256, with its instance dict and address object), one packed about 190.
+    At 100k entries that is 39 against 19 MiB, the difference between missing and meeting the 80 MB target
+    (bench/README.md); making an Entry when asked costs about 3 µs.
     """
 
     __slots__ = ("_chains", "_count")
 
     def __init__(self) -> None:
-        self._chains: dict[str, dict[Network, Entry]] = {}
+        self._chains: dict[str, dict[int, _Row]] = {}
         self._count = 0
 
     def get(self, key: Key) -> Entry | None:
         chain = self._chains.get(key[0])
-        return None if chain is None else chain.get(key[1])
+        row = None if chain is None else chain.get(_pack(key[1]))
+        return None if row is None else Entry(key[0], key[1], *row)
+
+    def expires_at(self, chain: str, packed: int) -> float | None:
+        """The expiry of the entry stored under `packed`, without making it; None also when it is gone."""
+        row = self._chains.get(chain, {}).get(packed)
+        return None if row is None else row[2]
 
     def __contains__(self, key: Key) -> bool:
-        return self.get(key) is not None
+        chain = self._chains.get(key[0])
+        return chain is not None and _pack(key[1]) in chain
 
     def __getitem__(self, key: Key) -> Entry:
         entry = self.get(key)
@@ -131,13 +160,16 @@ class _Entries:
 
     def __setitem__(self, key: Key, entry: Entry) -> None:
         chain = self._chains.setdefault(key[0], {})
-        if key[1] not in chain:
+        packed = _pack(key[1])
+        if packed not in chain:
             self._count += 1
-        chain[key[1]] = entry
+        # New float objects: the loaded ones sit among the start-up's short-lived objects (see _reconcile).
+        chain[packed] = (entry.target, entry.created_at + 0.0,
+                         None if entry.expires_at is None else entry.expires_at + 0.0, entry.created_by)
 
     def __delitem__(self, key: Key) -> None:
         chain = self._chains[key[0]]
-        del chain[key[1]]
+        del chain[_pack(key[1])]
         self._count -= 1
         if not chain:
             del self._chains[key[0]]
@@ -145,12 +177,13 @@ class _Entries:
     def __len__(self) -> int:
         return self._count
 
-    def chain(self, name: str) -> Mapping[Network, Entry]:
-        return self._chains.get(name, {})
+    def chain(self, name: str) -> Iterator[Entry]:
+        for packed, row in self._chains.get(name, {}).items():
+            yield Entry(name, _unpack(packed), *row)
 
     def values(self) -> Iterator[Entry]:
-        for chain in self._chains.values():
-            yield from chain.values()
+        for name in list(self._chains):
+            yield from self.chain(name)
 
 
 @dataclass(frozen=True)
@@ -209,9 +242,9 @@ class Worker:
         # SimpleQueue (in C) rather than Queue (a Condition per put and get): see Pending. MAX_QUEUE is checked by submit.
         self._queue: queue.SimpleQueue[tuple[Any, Pending | None]] = queue.SimpleQueue()
         self._entries = _Entries()
-        # (expires_at, tie-breaker, chain, network): the counter keeps networks of two families, which do
-        # not compare, from being compared when a bulk load gives many entries the same expiry.
-        self._expiry: list[tuple[float, int, str, Network]] = []
+        # (expires_at, tie-breaker, chain, packed network): the counter keeps the comparison from reaching
+        # the chain when a bulk load gives many entries the same expiry.
+        self._expiry: list[tuple[float, int, str, int]] = []
         self._ties = itertools.count()
         self._purge: list[Entry] = []  # tombstones whose kernel removal is done
         self._retry_at = 0.0  # expiries are not tried before this (clock time) after a failed batch
@@ -305,17 +338,15 @@ class Worker:
         if now < self._retry_at:
             return due
         while self._expiry and self._expiry[0][0] <= now:
-            expires_at, _, chain, network = heapq.heappop(self._expiry)
-            key = (chain, network)
-            entry = self._entries.get(key)
+            expires_at, _, chain, packed = heapq.heappop(self._expiry)
             # The heap is lazy: an entry whose expiry changed or that is gone has a stale heap item.
-            if entry is not None and entry.expires_at == expires_at:
-                due.append(key)
+            if self._entries.expires_at(chain, packed) == expires_at:
+                due.append((chain, _unpack(packed)))
         return due
 
     def _schedule(self, entry: Entry) -> None:
         if entry.expires_at is not None:
-            heapq.heappush(self._expiry, (entry.expires_at, next(self._ties), entry.chain, entry.network))
+            heapq.heappush(self._expiry, (entry.expires_at, next(self._ties), entry.chain, _pack(entry.network)))
 
     def _take_purges(self) -> list[Entry]:
         purges, self._purge = self._purge, []
@@ -427,7 +458,7 @@ class Worker:
         if isinstance(cmd, Lookup):
             return batch.get((cmd.chain, cmd.network))
         if isinstance(cmd, ListChain):
-            view: dict[Network, Entry | None] = dict(self._entries.chain(cmd.chain))
+            view: dict[Network, Entry | None] = {e.network: e for e in self._entries.chain(cmd.chain)}
             view.update((k[1], e) for k, e in batch.after.items() if k[0] == cmd.chain)
             return sorted((e for e in view.values() if e is not None),
                           key=lambda e: (e.network.version, e.network))
@@ -476,16 +507,22 @@ class Worker:
         for e in loaded.tombstones:
             if e.key in kernel:
                 ops.append(Remove(e.chain, e.network, kernel.pop(e.key)))
+        kept: list[Entry] = []
         for e in loaded.entries:
-            key = e.key
-            present = kernel.pop(key, None)
             if e.expires_at is not None and e.expires_at <= now:
                 removes.append(e)
+                present = kernel.pop(e.key, None)
                 if present is not None:
                     ops.append(Remove(e.chain, e.network, present))
                 _audit("-", "-", "expire", e.chain, e.network, "-", "deleted")
-                continue
-            entries[key] = e
+            else:
+                kept.append(e)
+        # The rows that stay are made in one go, while what is thrown away after (the loaded entries, the
+        # kernel's listing, the ops) still lives: mixed in with it, they would keep its memory from going back.
+        for e in kept:
+            entries[e.key] = e
+        for e in kept:
+            present = kernel.pop(e.key, None)
             if present is None:
                 ops.append(Add(e.chain, e.network, e.target, e.expires_at))
             elif present != e.target:
@@ -504,7 +541,7 @@ class Worker:
         self._store.write([], [], removes + loaded.tombstones)
         self._entries = entries
         self._expiry = []
-        for e in entries.values():
+        for e in kept:
             self._schedule(e)
         logger.info("reconciled %d blocks: %d re-added, %d expired, %d adopted, %d removals finished",
                     len(entries), restored, len(removes), len(adopted), len(loaded.tombstones))
