@@ -632,3 +632,30 @@ def test_a_bulk_block_is_one_group_commit(h: Harness) -> None:
     assert [r.created for r in results] == [True, True, False]
     assert h.backend.applies[-1] == [Add("f2b-web", net("203.0.113.1/32"), "DROP"),
                                      Add("f2b-web", net("203.0.113.2/32"), "DROP")]
+
+
+def test_edge_networks_of_both_families_keep_every_field_through_the_worker(h: Harness) -> None:
+    """The worker keeps its entries packed, not as objects: every field must come back exactly."""
+    w = h.worker()
+    edges = ["0.0.0.0/1", "128.0.0.0/1", "255.255.255.255/32", "203.0.113.0/24", "203.0.113.7/32",
+             "::/1", "8000::/1", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128", "2001:db8:ffff::/48",
+             "2001:db8:ffff::7/128", "::ffff:0:0/96"]
+    for i, n in enumerate(edges):
+        h.clock.now = T0 + i + 0.25
+        expires = None if i % 2 else T0 + 1000 + i + 0.5
+        blocked = h.run(w, block(WEB, n, expires, actor=f"user{i}"))
+        assert blocked.created and blocked.entry == entry(WEB, n, expires, T0 + i + 0.25, f"user{i}")
+    listed = h.run(w, ListChain("f2b-web"))
+    assert [str(e.network) for e in listed] == sorted(
+        edges, key=lambda n: (net(n).version, net(n)))  # type: ignore[no-any-return]
+    for i, n in enumerate(edges):
+        found = h.run(w, Lookup("f2b-web", net(n)))
+        assert found == entry(WEB, n, None if i % 2 else T0 + 1000 + i + 0.5, T0 + i + 0.25, f"user{i}")
+    assert h.run(w, Lookup("f2b-web", net("203.0.113.6/32"))) is None
+    assert h.run(w, Lookup("f2b-ssh", net("203.0.113.7/32"))) is None
+    # The timed ones expire, and only they, each from the kernel too.
+    h.clock.now = T0 + 2000
+    assert h.run(w, unblock(WEB, "203.0.113.0/24")).deleted is True  # a batch, which also runs the expiries
+    left = {str(e.network) for e in h.run(w, ListChain("f2b-web"))}
+    assert left == {n for i, n in enumerate(edges) if i % 2} - {"203.0.113.0/24"}
+    assert {str(n) for (c, n) in h.backend.kernel if c == "f2b-web"} == left

@@ -128,6 +128,8 @@ class FailureThrottle:
 
     def retry_after(self, address: Address, now: float) -> float | None:
         """Seconds until `address` may try again, or None when it is not throttled."""
+        if not self._throttled_until:
+            return None  # nobody is: the usual case, asked on every request, so without the key or the lock
         key = client_key(address)
         with self._lock:
             until = self._throttled_until.get(key)
