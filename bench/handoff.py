@@ -1,0 +1,138 @@
+"""The floor under web-ipt-d's request path: TLS and a thread per connection, with and without a worker hand-off.
+
+A minimal HTTPS server (no HTTP parsing beyond finding the end of the headers, a canned answer) runs in a
+private network namespace; bench/run.py's keep-alive clients send PUTs to it. Modes:
+
+- `none`: the connection thread answers at once;
+- `future`: it hands each request to one worker thread through `queue.Queue` and waits on a
+  `concurrent.futures.Future`, as web-ipt-d did first;
+- `pending`: the same through `queue.SimpleQueue` and a lock the worker releases, as the daemon's
+  `firewall.worker.Pending` does now.
+
+Run as root: `/tmp/venv/bin/python bench/handoff.py [none,future,pending] [--clients 16] [--requests 6000]`.
+Prints requests/s and CPU per request of the server, the clients and the whole machine. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import queue
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import run as bench  # bench/run.py: the clients, the test CA, the CPU readings, the namespace harness
+
+MODES = ("none", "future", "pending")
+PORT = 8820
+
+
+def serve(certfile: str, keyfile: str, mode: str) -> None:
+    """The server, in a child process inside the namespace (see main)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(certfile, keyfile)
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", PORT))
+    listener.listen(128)
+    answers = {b"GET": b'HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}',
+               b"PUT": b'HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n{}'}
+    futures: queue.Queue[Future[int]] = queue.Queue()
+    pendings: queue.SimpleQueue[threading.Lock] = queue.SimpleQueue()
+
+    def future_worker() -> None:
+        while True:
+            batch = [futures.get()]
+            while not futures.empty():
+                batch.append(futures.get_nowait())
+            for fut in batch:
+                fut.set_running_or_notify_cancel()
+                fut.set_result(1)
+
+    def pending_worker() -> None:
+        while True:
+            batch = [pendings.get()]
+            while not pendings.empty():
+                batch.append(pendings.get_nowait())
+            for lock in batch:
+                lock.release()
+
+    def connection(raw: socket.socket) -> None:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = ctx.wrap_socket(raw, server_side=True)
+        rfile = conn.makefile("rb", 65536)
+        while line := rfile.readline(8193):
+            while rfile.readline(8193) not in (b"\r\n", b"\n", b""):
+                pass
+            if mode == "future":
+                fut: Future[int] = Future()
+                futures.put(fut)
+                fut.result(5)
+            elif mode == "pending":
+                lock = threading.Lock()
+                lock.acquire()
+                pendings.put(lock)
+                lock.acquire(timeout=5)
+            conn.sendall(answers[line.split(b" ", 1)[0]])
+
+    threading.Thread(target=future_worker, daemon=True).start()
+    threading.Thread(target=pending_worker, daemon=True).start()
+    print("ready", flush=True)
+    while True:
+        raw, _ = listener.accept()
+        threading.Thread(target=connection, args=(raw,), daemon=True).start()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("modes", nargs="?", default=",".join(MODES), help="comma list from " + ", ".join(MODES))
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--requests", type=int, default=6000)
+    p.add_argument("--rounds", type=int, default=2)
+    args = p.parse_args()
+    modes = args.modes.split(",")
+    if set(modes) - set(MODES):
+        p.error(f"modes are {', '.join(MODES)}")
+    pki = bench.make_pki(Path(tempfile.mkdtemp(prefix="wipt-handoff-")))
+    pool = bench.ClientPool(args.clients)
+    try:
+        for mode in modes:
+            with bench.NetNS.create(prefix="whand") as ns:
+                proc = ns.popen([sys.executable, __file__, "--serve", str(pki.server_cert), str(pki.server_key), mode],
+                                stdout=subprocess.PIPE)
+                try:
+                    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+                    server: Any = argparse.Namespace(ns=ns, host="127.0.0.1", port=PORT, cafile=pki.ca,
+                                                     authorization="Basic " + base64.b64encode(b"a:b").decode())
+                    pool.connect(server)
+                    todo = [f"/chain/bench/ipv4/{bench.address('ipv4', i)}" for i in range(args.requests)]
+                    for _ in range(args.rounds):
+                        cpu0, host0 = bench.proc_cpu_seconds(proc.pid), bench.host_busy_seconds()
+                        replies, sent, _, _ = pool.run(args.clients, "PUT", todo, 201)
+                        cpu1, host1 = bench.proc_cpu_seconds(proc.pid), bench.host_busy_seconds()
+                        wall = max(r["t1"] for r in replies) - min(r["t0"] for r in replies)
+                        n = len(sent)
+                        clients = sum(r["cpu"] for r in replies)
+                        print(f"{mode:8} {args.clients} clients: {n / wall:7,.0f} requests/s; CPU per request: "
+                              f"server {1e3 * (cpu1 - cpu0) / n:.3f} ms, clients {1e3 * clients / n:.3f} ms, "
+                              f"machine {1e3 * (host1 - host0) / n:.3f} ms")
+                    pool.disconnect()
+                finally:
+                    bench.stop_child(proc)
+    finally:
+        pool.close()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--serve":
+        serve(*sys.argv[2:])
+    else:
+        main()
