@@ -6,6 +6,7 @@ the daemon is started through tests/nsguard.py, which refuses the initial namesp
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -15,10 +16,12 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 import yaml
@@ -33,6 +36,12 @@ FAST_HASH = CRYPT_CONTEXT.using(bcrypt__rounds=4)
 PASSWORDS = {"admin": "admin-pw", "f2b": "f2b-pw", "reader": "reader-pw", "faraway": "faraway-pw"}
 
 BACKENDS = ("iptables", "ipset", "nftables")
+
+# The daemon's and the peer's ends of tests/netns.py's veth_pair (its default addresses),
+# and the port of a plain TCP service on the daemon's side that packet tests try to reach.
+SERVER4, PEER4 = "198.51.100.1", "198.51.100.2"
+SERVER6, PEER6 = "2001:db8::1", "2001:db8::2"
+APP_PORT = 9099
 
 needs_netns = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("iptables-legacy-save") is None,
@@ -112,7 +121,9 @@ def base_config(workdir: Path, pki: PKI, hashes: dict[str, str], backend: str = 
         },
         "never_block": ["127.0.0.0/8", "::1/128", "198.51.100.250/32"],
         "log": {"file": str(workdir / "web-ipt-d.log"), "level": "DEBUG"},
-        "limits": {"request_timeout": 3, "worker_timeout": 5, "auth_failures": 5, "auth_window": 30},
+        # kernel_check: tests that take blocks out of the kernel see them stay out, unless they ask otherwise.
+        "limits": {"request_timeout": 3, "worker_timeout": 5, "auth_failures": 5, "auth_window": 30,
+                   "kernel_check": 3600},
     }
     if backend != "iptables":
         for chain in config["chains"].values():
@@ -304,6 +315,79 @@ def _nft_elements(doc: dict[str, Any]) -> list[str]:
     return out
 
 
+def assert_json_error(r: Reply, status: int) -> None:
+    assert r.status == status, r
+    assert r.headers["Content-Type"] == "application/json", r.headers
+    assert set(r.json) == {"error", "message"}, r.json
+    assert isinstance(r.json["error"], str) and r.json["error"]
+    assert isinstance(r.json["message"], str) and r.json["message"]
+
+
+def raw_exchange(d: Daemon, data: bytes, host: str = "127.0.0.1", method: str = "GET") -> Reply:
+    """Send `data` as-is over a fresh TLS connection and parse the one response that comes back."""
+    sock = d.ns.connect(host, PORT, timeout=10)
+    tls = d.context().wrap_socket(sock, server_hostname=host)
+    try:
+        tls.sendall(data)
+        resp = http.client.HTTPResponse(tls, method=method)  # type: ignore[arg-type]
+        resp.begin()
+        return Reply(resp.status, resp.headers, resp.read())
+    finally:
+        tls.close()
+
+
+class Listener:
+    """A TCP listener in `ns` that accepts and closes connections from a thread of its own."""
+
+    def __init__(self, ns: NetNS, host: str, port: int):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = ns.socket(family)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(64)
+        self.sock.settimeout(0.2)
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+@contextmanager
+def module_daemon(pki: PKI, user_hashes: dict[str, str], backend: str = "iptables",
+                  configure: Callable[[dict[str, Any]], None] | None = None) -> Iterator[Daemon]:
+    """A started daemon in a namespace and workdir of its own, for fixtures wider than one test
+    (`ns`, `workdir` and `daemon` are per test); `configure` edits its config before the start."""
+    workdir = Path(tempfile.mkdtemp(prefix="wipt-", dir="/tmp"))
+    try:
+        with NetNS.create() as ns:
+            d = Daemon(ns, workdir, pki, user_hashes, backend)
+            if configure is not None:
+                configure(d.config)
+            try:
+                d.start()
+                yield d
+            finally:
+                d.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     # Short, so the notify socket path fits in sun_path.
@@ -318,6 +402,13 @@ def workdir() -> Iterator[Path]:
 def ns() -> Iterator[NetNS]:
     with NetNS.create() as n:
         yield n
+
+
+@pytest.fixture
+def peer() -> Iterator[NetNS]:
+    """A second namespace, to link to the daemon's with veth_pair(daemon.ns, peer)."""
+    with NetNS.create() as p:
+        yield p
 
 
 @pytest.fixture

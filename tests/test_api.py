@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import datetime
 import fcntl
-import http.client
 import re
-import shutil
-import tempfile
 import threading
 import time
-from contextlib import closing, contextmanager
-from pathlib import Path
+from contextlib import closing
 from typing import Any, Iterator
 
 import pytest
 
-from tests.conftest import BACKENDS, PORT, Daemon, Reply, needs_netns
-from tests.netns import NetNS
+from tests.conftest import BACKENDS, Daemon, Reply, assert_json_error, module_daemon, needs_netns
+# Unused here, but test_bad_input.py still imports it from this module.
+from tests.conftest import raw_exchange  # noqa: F401
 from webiptd import __version__
 
 pytestmark = needs_netns
@@ -27,22 +24,7 @@ pytestmark = needs_netns
 ENTRY_FIELDS = {"chain", "family", "network", "target", "created_at", "expires_at", "created_by"}
 
 
-# -- helpers shared with test_auth_http.py and test_bad_input.py -------------------------------------
-
-@contextmanager
-def module_daemon(pki: Any, user_hashes: dict[str, str], backend: str = "iptables") -> Iterator[Daemon]:
-    workdir = Path(tempfile.mkdtemp(prefix="wipt-", dir="/tmp"))
-    try:
-        with NetNS.create() as ns:
-            d = Daemon(ns, workdir, pki, user_hashes, backend)
-            try:
-                d.start()
-                yield d
-            finally:
-                d.close()
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
+# -- helpers, some shared with test_bad_input.py, test_http_wire.py and test_backend_ipset.py --------
 
 @pytest.fixture(scope="module")
 def shared(pki: Any, user_hashes: dict[str, str]) -> Iterator[Daemon]:
@@ -76,27 +58,6 @@ def in_kernel(d: Daemon, chain: str, network: str) -> int:
     if d.backend == "iptables":
         return sum(rule.split()[2:4] == ["-s", network] for rule in d.chain_rules(chain, version))
     return int(network in d.kernel_entries(chain, version))
-
-
-def raw_exchange(d: Daemon, data: bytes, host: str = "127.0.0.1", method: str = "GET") -> Reply:
-    """Send `data` as-is over a fresh TLS connection and parse the one response that comes back."""
-    sock = d.ns.connect(host, PORT, timeout=10)
-    tls = d.context().wrap_socket(sock, server_hostname=host)
-    try:
-        tls.sendall(data)
-        resp = http.client.HTTPResponse(tls, method=method)  # type: ignore[arg-type]
-        resp.begin()
-        return Reply(resp.status, resp.headers, resp.read())
-    finally:
-        tls.close()
-
-
-def assert_json_error(r: Reply, status: int) -> None:
-    assert r.status == status, r
-    assert r.headers["Content-Type"] == "application/json", r.headers
-    assert set(r.json) == {"error", "message"}, r.json
-    assert isinstance(r.json["error"], str) and r.json["error"]
-    assert isinstance(r.json["message"], str) and r.json["message"]
 
 
 def parse_time(text: str) -> float:

@@ -5,17 +5,13 @@ secrets kept out of the logs, and the verification cache dropped on reload.
 from __future__ import annotations
 
 import base64
-import shutil
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from tests.conftest import FAST_HASH, PASSWORDS, Daemon, Reply, needs_netns
-from tests.netns import NetNS
-from tests.test_api import assert_json_error, raw_exchange
+from tests.conftest import (FAST_HASH, PASSWORDS, Daemon, Reply, assert_json_error, module_daemon, needs_netns,
+                            raw_exchange)
 
 pytestmark = needs_netns
 
@@ -41,21 +37,15 @@ def assert_401(r: Reply) -> None:
 @pytest.fixture(scope="module")
 def matrix(pki: Any, user_hashes: dict[str, str]) -> Iterator[Daemon]:
     """A daemon that never throttles, with two extra users, so the matrix can fail logins at will."""
-    workdir = Path(tempfile.mkdtemp(prefix="wipt-", dir="/tmp"))
-    try:
-        with NetNS.create() as ns:
-            d = Daemon(ns, workdir, pki, user_hashes)
-            d.config["limits"]["auth_failures"] = 100_000
-            d.config["users"]["colon"] = {"password_hash": FAST_HASH.hash(COLON_PASSWORD), "chains": ["f2b-web"]}
-            d.config["users"]["local4"] = {"password_hash": user_hashes["admin"], "chains": ["*"],
-                                           "allow_from": ["127.0.0.1/32"]}
-            try:
-                d.start()
-                yield d
-            finally:
-                d.close()
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+
+    def configure(config: dict[str, Any]) -> None:
+        config["limits"]["auth_failures"] = 100_000
+        config["users"]["colon"] = {"password_hash": FAST_HASH.hash(COLON_PASSWORD), "chains": ["f2b-web"]}
+        config["users"]["local4"] = {"password_hash": user_hashes["admin"], "chains": ["*"],
+                                     "allow_from": ["127.0.0.1/32"]}
+
+    with module_daemon(pki, user_hashes, configure=configure) as d:
+        yield d
 
 
 # -- 401 ----------------------------------------------------------------------------------------------

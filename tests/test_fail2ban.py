@@ -8,7 +8,6 @@ import ast
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from contextlib import contextmanager
@@ -17,7 +16,7 @@ from typing import Callable, Iterator, TypeVar
 
 import pytest
 
-from tests.conftest import PASSWORDS, PORT, Daemon, needs_netns
+from tests.conftest import APP_PORT, PASSWORDS, PEER4, PEER6, PORT, SERVER4, SERVER6, Daemon, Listener, needs_netns
 from tests.netns import NetNS, veth_pair
 
 T = TypeVar("T")
@@ -32,9 +31,6 @@ FAIL2BAN_CLIENT = shutil.which("fail2ban-client")
 pytestmark = pytest.mark.skipif(FAIL2BAN_SERVER is None or FAIL2BAN_CLIENT is None or shutil.which("curl") is None,
                                 reason="needs fail2ban and curl")
 
-SERVER4, PEER4 = "198.51.100.1", "198.51.100.2"
-SERVER6, PEER6 = "2001:db8::1", "2001:db8::2"
-APP_PORT = 9099
 JAIL = "wipt"
 CHAIN = "f2b-web"
 WAIT = 15.0  # upper bound for anything fail2ban does; it usually takes well under a second
@@ -144,28 +140,16 @@ class Fail2ban:
 
 
 @pytest.fixture
-def peer() -> Iterator[NetNS]:
-    with NetNS.create() as p:
-        yield p
-
-
-@pytest.fixture
 def net(daemon: Daemon, peer: NetNS) -> Iterator[tuple[Daemon, NetNS]]:
-    """The daemon's namespace linked to a peer, with a TCP listener on APP_PORT (the kernel
-    completes the handshake from the backlog, so nobody has to accept)."""
+    """The daemon's namespace linked to a peer, with a TCP listener on APP_PORT."""
     veth_pair(daemon.ns, peer)
-    listeners = []
-    for family, host in ((socket.AF_INET, SERVER4), (socket.AF_INET6, SERVER6)):
-        sock = daemon.ns.socket(family)
-        sock.bind((host, APP_PORT))
-        sock.listen(64)
-        listeners.append(sock)
-    daemon.start()
+    listeners = [Listener(daemon.ns, SERVER4, APP_PORT), Listener(daemon.ns, SERVER6, APP_PORT)]
     try:
+        daemon.start()
         yield daemon, peer
     finally:
-        for sock in listeners:
-            sock.close()
+        for listener in listeners:
+            listener.close()
 
 
 @contextmanager

@@ -11,6 +11,7 @@ import json
 import re
 import subprocess
 import threading
+import time
 from typing import Any, Callable, Iterable
 
 import pytest
@@ -284,6 +285,44 @@ def test_reconcile_after_chain_flushed_restart_and_reload(running):
     restart(d)
     assert blocks_in(d, "f2b-web") == expected + collections.Counter(
         {(ipaddress.ip_network("203.0.113.200/32"), "DROP"): 1})
+
+
+def wipe_kernel(d: Daemon) -> None:
+    """What a sysadmin's reload of another firewall does to ours, per backend."""
+    if d.backend == "iptables":  # netfilter-persistent and the like: iptables-restore of a saved ruleset
+        for tool in ("iptables-legacy-restore", "ip6tables-legacy-restore"):
+            d.ns.run([tool], input="*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n"
+                                   ":OUTPUT ACCEPT [0:0]\nCOMMIT\n", text=True, check=True)
+    elif d.backend == "ipset":
+        flush_kernel(d, "f2b-web")
+    else:  # a reload of nftables.service: /etc/nftables.conf starts with `flush ruleset`
+        d.ns.run(["nft", "flush", "ruleset"], check=True)
+
+
+@pytest.mark.backends
+def test_blocks_taken_out_of_the_kernel_come_back_without_a_request(daemon):
+    d = daemon
+    d.config["limits"]["kernel_check"] = 0.5
+    d.start()
+    nets = ["203.0.113.1/32", "203.0.113.32/27", "2001:db8:ffff::9/128"]
+    for net in nets:
+        assert d.request("PUT", path("f2b-web", ipaddress.ip_network(net)) + "?timeout=3600").status == 201
+    expected = collections.Counter({(ipaddress.ip_network(n), "DROP"): 1 for n in nets})
+    assert blocks_in(d, "f2b-web") == expected
+
+    wipe_kernel(d)
+    deadline = time.monotonic() + 15
+    while blocks_in(d, "f2b-web") != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert blocks_in(d, "f2b-web") == expected
+    if d.backend != "nftables":
+        assert_hooked(d)
+    assert "lost blocks behind our back" in d.log()  # the operator is told
+    # Nothing else changed: the API still lists exactly what was blocked, and the next change works.
+    assert set(listed(d, "f2b-web")) == {ipaddress.ip_network(n) for n in nets}
+    assert d.request("DELETE", "/chain/f2b-web/ipv4/203.0.113.1").json["deleted"] is True
+    assert blocks_in(d, "f2b-web") == expected - collections.Counter(
+        {(ipaddress.ip_network("203.0.113.1/32"), "DROP"): 1})
 
 
 def test_deleted_jump_comes_back_on_restart_reload_and_next_change(running):

@@ -6,53 +6,16 @@ Every test runs on every backend.
 from __future__ import annotations
 
 import errno
-import socket
-import threading
 from typing import Iterator
 
 import pytest
 
-from tests.conftest import PORT, Daemon, needs_netns
+from tests.conftest import APP_PORT, PEER4, PEER6, PORT, SERVER4, SERVER6, Daemon, Listener, needs_netns
 from tests.netns import NetNS, veth_pair
 
 pytestmark = [needs_netns, pytest.mark.backends]
 
-SERVER4, PEER4 = "198.51.100.1", "198.51.100.2"
-SERVER6, PEER6 = "2001:db8::1", "2001:db8::2"
-APP_PORT = 9099
 DROP_WAIT = 1.0  # how long a connect to a dropping host is given before it counts as blocked
-
-
-class Listener:
-    """A TCP listener in `ns` that accepts and closes connections from a thread of its own."""
-
-    def __init__(self, ns: NetNS, host: str, port: int):
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = ns.socket(family)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.sock.listen(64)
-        self.sock.settimeout(0.2)
-        self.accepted = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            conn.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
 
 
 def attempt(peer: NetNS, host: str, port: int, timeout: float = DROP_WAIT) -> str:
@@ -69,12 +32,6 @@ def attempt(peer: NetNS, host: str, port: int, timeout: float = DROP_WAIT) -> st
         raise
     sock.close()
     return "ok"
-
-
-@pytest.fixture
-def peer() -> Iterator[NetNS]:
-    with NetNS.create() as p:
-        yield p
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ CAPS_NET_ADMIN_AND_NET_RAW = (1 << 12) | (1 << 13)
 # test_readme_gives_these_steps checks the README still gives them.
 README_STEPS = (
     f"PIP_NO_INDEX=1 PIP_FIND_LINKS={WHEELS_INSIDE} make install",
-    "pip wheel --wheel-dir wheelhouse . 'setuptools>=68'",
+    "pip wheel --wheel-dir wheelhouse . 'setuptools>=77'",
     "web-ipt-d -gen_certs /etc/web-ipt-d -host",
     "chgrp web-ipt-d /etc/web-ipt-d/server.key && chmod 0640 /etc/web-ipt-d/server.key",
     "web-ipt-d -hash_password",

@@ -12,16 +12,17 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import pytest
 
 from webiptd.commands import (
-    Block, Blocked, BulkBlock, Entry, FirewallUnavailable, ListChain, Lookup, Reconfigure, Unblock, Unblocked,
+    Block, Blocked, BulkBlock, Entry, FirewallFull, FirewallUnavailable, ListChain, Lookup, Reconfigure, Unblock, Unblocked,
 )
 from webiptd.config import Chain, Network
-from webiptd.firewall.backend import Add, Op, Remove
+from webiptd.firewall.backend import Add, CapacityExceeded, Op, Remove
 from webiptd.firewall.worker import Worker, kernel_ops
 from webiptd.state import Loaded, Store
 
@@ -44,6 +45,7 @@ class RecordingBackend:
         self.anomalies: list[str] = []  # an Add of a rule already there, a Remove of one that is not
         self.closed = False
         self.kernel_timeouts = False   # True acts like a set backend whose kernel expires entries
+        self.capacity: int | None = None  # like a set's maxelem: an apply that would go past it changes nothing
 
     def expires_in_kernel(self, chain: str) -> bool:
         return self.kernel_timeouts
@@ -59,6 +61,12 @@ class RecordingBackend:
     def apply(self, ops: Iterable[Op], chains: Mapping[str, Chain]) -> None:
         ops = list(ops)
         self.calls.append(("apply", ops))
+        if self.capacity is not None:
+            after = set(self.kernel)
+            for op in ops:
+                (after.add if isinstance(op, Add) else after.discard)((op.chain, op.network))
+            if len(after) > self.capacity:
+                raise CapacityExceeded("simulated: the set is full")
         if self.fail_applies:
             self.fail_applies -= 1
             raise OSError("simulated: iptc commit failed")
@@ -72,6 +80,14 @@ class RecordingBackend:
                 if self.kernel.get(key) != op.target:
                     self.anomalies.append(f"missing {op}")
                 self.kernel.pop(key, None)
+
+    def missing(self, chains: Iterable[Chain], counts: Mapping[str, int]) -> str | None:
+        self.calls.append(("missing",))
+        for chain in chains:
+            held = sum(1 for c, _ in self.kernel if c == chain.name)
+            if held < counts.get(chain.name, 0):
+                return f"{chain.name}: {held} of {counts[chain.name]}"
+        return None
 
     def close(self) -> None:
         self.closed = True
@@ -659,3 +675,59 @@ def test_edge_networks_of_both_families_keep_every_field_through_the_worker(h: H
     left = {str(e.network) for e in h.run(w, ListChain("f2b-web"))}
     assert left == {n for i, n in enumerate(edges) if i % 2} - {"203.0.113.0/24"}
     assert {str(n) for (c, n) in h.backend.kernel if c == "f2b-web"} == left
+
+
+def test_entries_taken_out_behind_the_workers_back_come_back_without_a_request(h: Harness) -> None:
+    w = Worker(h.backend, h.store, (WEB, SSH), clock=h.clock, check_interval=0.05)
+    h.workers.append(w)
+    w.start(timeout=WAIT)
+    for n in ("203.0.113.1/32", "203.0.113.2/32", "2001:db8:ffff::/48"):
+        assert h.run(w, block(WEB, n)).created
+    del h.backend.kernel[("f2b-web", net("203.0.113.2/32"))]  # say `iptables -F` or `ipset flush`
+    deadline = time.monotonic() + WAIT
+    while ("f2b-web", net("203.0.113.2/32")) not in h.backend.kernel and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert set(h.backend.kernel) == {("f2b-web", net(n))
+                                     for n in ("203.0.113.1/32", "203.0.113.2/32", "2001:db8:ffff::/48")}
+    assert h.stored().entries == [entry(WEB, n) for n in ("203.0.113.1/32", "203.0.113.2/32", "2001:db8:ffff::/48")]
+    # Put back by a reconcile (prepare, read, apply), not by a change anyone asked for.
+    kinds = [c[0] for c in h.backend.calls]
+    assert kinds.count("prepare") == 2 and kinds.count("read") == 2
+
+
+def test_a_healthy_kernel_is_checked_but_never_reconciled(h: Harness) -> None:
+    w = Worker(h.backend, h.store, (WEB, SSH), clock=h.clock, check_interval=0.02)
+    h.workers.append(w)
+    w.start(timeout=WAIT)
+    assert h.run(w, block(WEB, "203.0.113.1/32")).created
+    deadline = time.monotonic() + WAIT
+    while sum(c[0] == "missing" for c in h.backend.calls) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)  # an idle worker wakes once a second (HEARTBEAT), so it looks about that often
+    kinds = [c[0] for c in h.backend.calls]
+    assert kinds.count("missing") >= 2 and kinds.count("prepare") == 1
+
+
+def test_requests_that_fit_are_not_failed_by_one_in_their_batch_that_does_not(h: Harness) -> None:
+    h.backend.capacity = 3
+    w = h.worker(start=False)
+    first = w.submit(block(WEB, "203.0.113.1/32"))
+    w.start(timeout=WAIT)
+    assert first.result(WAIT).created
+    h.workers.remove(w)
+    w.stop(timeout=WAIT)
+    # Four requests in one batch for two free places: the first two in order get them, the others 507.
+    w = h.worker(start=False)
+    nets = [f"203.0.113.{i}/32" for i in range(10, 14)]
+    futures = [w.submit(block(WEB, n)) for n in nets]
+    w.start(timeout=WAIT)
+    assert [f.result(WAIT).created for f in futures[:2]] == [True, True]
+    for f in futures[2:]:
+        with pytest.raises(FirewallFull):
+            f.result(WAIT)
+    assert set(h.backend.kernel) == {("f2b-web", net(n)) for n in ["203.0.113.1/32"] + nets[:2]}
+    assert h.stored().entries == [entry(WEB, n) for n in ["203.0.113.1/32"] + nets[:2]]
+    # A bulk request is one request: it fits whole or fails whole.
+    bulk = w.submit(BulkBlock(WEB, (net("203.0.113.20/32"), net("203.0.113.21/32")), None, "admin", "198.51.100.9"))
+    with pytest.raises(FirewallFull):
+        bulk.result(WAIT)
+    assert len(h.backend.kernel) == 3

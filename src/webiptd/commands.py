@@ -95,6 +95,7 @@ class Reconfigure:
     """Sent on reload: make sure every configured chain and hook jump exists, then reconcile."""
 
     chains: tuple[Chain, ...]
+    kernel_check: float = 5.0  # limits.kernel_check
 
 
 Command = Union[Block, BulkBlock, Unblock, Lookup, ListChain, Reconfigure]

@@ -119,6 +119,7 @@ class Limits:
     auth_failures: int = 10
     auth_window: int = 60
     max_bulk_items: int = 10_000
+    kernel_check: float = 5.0  # seconds between looks at whether the kernel still has every block
 
 
 @dataclass(frozen=True)
@@ -318,7 +319,7 @@ USER_KEYS = dict.fromkeys(["password_hash", "chains", "allow_from", "read_only"]
 CHAIN_KEYS = dict.fromkeys(["hooks", "target", "backend", "maxelem", "priority"])
 LOG_KEYS = dict.fromkeys(["file", "level"])
 LIMIT_KEYS = dict.fromkeys(["max_connections", "request_timeout", "worker_timeout", "auth_failures", "auth_window",
-                            "max_bulk_items"])
+                            "max_bulk_items", "kernel_check"])
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -493,6 +494,7 @@ def from_mapping(raw: Any, path: Path) -> Config:
         auth_window=r.take("limits.auth_window", lim.get("auth_window"), _int_range(1, 86400), d.auth_window),
         max_bulk_items=r.take("limits.max_bulk_items", lim.get("max_bulk_items"), _int_range(1, 1_000_000),
                               d.max_bulk_items),
+        kernel_check=r.take("limits.kernel_check", lim.get("kernel_check"), _seconds(0, 86400), d.kernel_check),
     )
 
     if r.problems:

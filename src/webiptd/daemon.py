@@ -123,7 +123,7 @@ class Daemon:
         socks = self.sockets if self.sockets is not None else open_listeners(config)
         store = Store(config.state_dir)
         backend = ByChain(config.chains.values())
-        worker = Worker(backend, store, config.chains.values())
+        worker = Worker(backend, store, config.chains.values(), check_interval=config.limits.kernel_check)
         try:
             worker.start()
         except BaseException:
@@ -199,7 +199,7 @@ class Daemon:
         log.setup(new.log, verbose_stderr=self.verbose)
         runtime.generation = Generation(new, Authenticator(new.users))
         try:
-            runtime.worker.submit(Reconfigure(tuple(new.chains.values()))).result(timeout=300)
+            runtime.worker.submit(Reconfigure(tuple(new.chains.values()), new.limits.kernel_check)).result(timeout=300)
         except Exception:
             logger.exception("applying the reloaded chains failed")
         logger.info("reloaded %s: %d users, %d chains", new.path, len(new.users), len(new.chains))

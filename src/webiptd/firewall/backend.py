@@ -60,6 +60,10 @@ class Backend(Protocol):
     def apply(self, ops: Iterable[Op], chains: Mapping[str, Chain]) -> None:
         """Apply all `ops` atomically (or undo them and raise), after re-checking what they touch."""
 
+    def missing(self, chains: Iterable[Chain], counts: Mapping[str, int]) -> str | None:
+        """A cheap look, every few seconds: None while the kernel plausibly holds every entry (`counts`: how
+        many each chain has), else what is gone, in a few words; the worker then reconciles."""
+
     def close(self) -> None:
         """Release what the backend holds."""
 
@@ -146,6 +150,16 @@ class ByChain:
                 except Exception:
                     logger.exception("could not undo the %s part of a failed batch", backend.name)
             raise
+
+    def missing(self, chains: Iterable[Chain], counts: Mapping[str, int]) -> str | None:
+        chains = list(chains)
+        for name, backend in self._backends.items():
+            mine = [c for c in chains if c.backend == name]
+            if mine:
+                found = backend.missing(mine, {c.name: counts.get(c.name, 0) for c in mine})
+                if found is not None:
+                    return found
+        return None
 
     def close(self) -> None:
         for backend in self._backends.values():

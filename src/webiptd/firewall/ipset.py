@@ -305,6 +305,31 @@ class IpsetBackend:
 
     # -- the Backend interface -----------------------------------------------------------
 
+    def missing(self, chains: Iterable[Chain], counts: Mapping[str, int]) -> str | None:
+        # The kernel lets an entry go at its timeout rounded up, so never before the worker's own expiry:
+        # a set holding fewer entries than the worker has means some were taken out (`ipset flush`).
+        chains = list(chains)
+        for chain in chains:
+            held = 0
+            for version in FAMILIES:
+                header = self._header(set_name(chain.name, version))
+                if header is None:
+                    return f"ipset {set_name(chain.name, version)} is gone"
+                held += header.elements
+            if held < counts.get(chain.name, 0):
+                return f"the ipsets of chain {chain.name} hold {held} entries for {counts[chain.name]} blocks"
+        targets = self._rule_targets([c.name for c in chains])
+        with self._xt.xtables_lock():
+            for version in FAMILIES:
+                self._xt.table(version).refresh()
+                for chain in chains:
+                    gone = self._xt.structure_missing(version, chain)
+                    if gone is not None:
+                        return gone
+                    if (chain.name, version) not in targets:
+                        return f"the match rule of chain {chain.name} (ipv{version}) is gone"
+        return None
+
     def expires_in_kernel(self, chain: str) -> bool:
         return True
 

@@ -135,6 +135,45 @@ class IptablesBackend:
         except ValueError:
             return None
 
+    def structure_missing(self, version: int, chain: Chain) -> str | None:
+        """What is gone of `chain` and its hook jumps in a refreshed table, or None."""
+        table = self._tables[version]
+        if not table.is_chain(chain.name):
+            return f"chain {chain.name} (ipv{version}) is gone"
+        for hook in chain.hooks:
+            if table.is_chain(hook) and not any(r.target.name == chain.name for r in iptc.Chain(table, hook).rules):
+                return f"the jump from {hook} to {chain.name} (ipv{version}) is gone"
+        return None
+
+    def count_rules(self, version: int, chain: str) -> int:
+        """The rules in `chain` of the refreshed table, counted without python-iptables' Rule objects
+        (which take about 70 µs each to make: 0.7 s at 10k)."""
+        table = self._tables[version]
+        count = 0
+        entry = table.first_rule(chain)
+        while entry:
+            count += 1
+            entry = table.next_rule(entry)
+        return count
+
+    def missing(self, chains: Iterable[Chain], counts: Mapping[str, int]) -> str | None:
+        # Each entry is one rule, and the kernel never drops one by itself: fewer rules than entries means
+        # some went (rules of other shapes, left alone, can only make the count larger).
+        chains = list(chains)
+        with self.xtables_lock():
+            have = dict.fromkeys((c.name for c in chains), 0)
+            for version, table in self._tables.items():
+                table.refresh()
+                for chain in chains:
+                    gone = self.structure_missing(version, chain)
+                    if gone is not None:
+                        return gone
+                    have[chain.name] += self.count_rules(version, chain.name)
+        for chain in chains:
+            if have[chain.name] < counts.get(chain.name, 0):
+                return f"chain {chain.name} has {have[chain.name]} rules for {counts[chain.name]} blocks"
+        return None
+
     def apply(self, ops: Iterable[Op], chains: Mapping[str, Chain]) -> None:
         by_version: dict[int, list[Op]] = {}
         for op in ops:

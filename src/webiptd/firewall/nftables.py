@@ -200,6 +200,7 @@ class NftablesBackend:
         self._targets: dict[str, str] = {}  # chain -> the target its rules have, since our last prepare
         self._generation = RulesetGeneration()
         self._seen: int | None = None  # the ruleset generation our last transaction made; None: unknown
+        self._checked: int | None = None  # the generation missing() last found our table whole in
 
     # -- libnftables --------------------------------------------------------------
 
@@ -409,6 +410,32 @@ class NftablesBackend:
                         continue
                     found[(chain, network)] = target
         return found
+
+    def missing(self, chains: Iterable[Chain], counts: Mapping[str, int]) -> str | None:
+        """Nothing to look at while the ruleset generation is ours. When another program committed (say
+        `nft -f /etc/nftables.conf`, which starts with `flush ruleset`), a missing set or chain is reported;
+        otherwise the rules and hooks are made again at once, in case a chain of ours was flushed."""
+        chains = [c for c in chains if counts.get(c.name)]
+        before = self._read_generation()
+        if not chains or (before is not None and before in (self._seen, self._checked)):
+            return None
+        layout = self._layout()
+        for chain in chains:
+            wanted = [set_name(chain.name, v, p) for v, p in sorted(self._sets.get(chain.name, ()))]
+            wanted_chains = [chain.name] + [base_chain_name(chain.name, hook) for hook in chain.hooks]
+            gone = [n for n in wanted if n not in layout.sets] + [n for n in wanted_chains if n not in layout.chains]
+            if gone:
+                return f"{', '.join(gone)} gone from table {FAMILY} {TABLE}"
+        cmds: list[dict[str, Any]] = []
+        for chain in chains:
+            cmds += self._chain_cmds(chain, self._sets.get(chain.name, set()), layout)
+        self._seen = None
+        self._run(cmds)
+        after = self._read_generation()
+        if before is not None and after == (before + 1) & 0xFFFFFFFF:
+            self._seen = after
+        self._checked = after
+        return None
 
     def apply(self, ops: Iterable[Op], chains: Mapping[str, Chain]) -> None:
         now = time.time()

@@ -32,6 +32,7 @@ audit = logging.getLogger("webiptd.audit")
 MAX_BATCH = 4096
 MAX_QUEUE = 10_000
 HEARTBEAT = 1.0  # the longest the worker sleeps, so the watchdog can tell it is alive
+CHECK_INTERVAL = 5.0  # how often the worker asks the backends whether the kernel still has our blocks
 RETRY_DELAY = 1.0  # after a failed batch, due expiries wait this long before they are tried again
 
 Key = tuple[str, Network]
@@ -177,6 +178,10 @@ class _Entries:
     def __len__(self) -> int:
         return self._count
 
+    def counts(self) -> dict[str, int]:
+        """How many entries each chain has."""
+        return {name: len(rows) for name, rows in self._chains.items()}
+
     def chain(self, name: str) -> Iterator[Entry]:
         for packed, row in self._chains.get(name, {}).items():
             yield Entry(name, _unpack(packed), *row)
@@ -234,7 +239,7 @@ def kernel_ops(before: Entry | None, after: Entry | None, expires_in_kernel: boo
 
 class Worker:
     def __init__(self, backend: Backend, store: Store, chains: Iterable[Chain],
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, check_interval: float = CHECK_INTERVAL):
         self._backend = backend
         self._store = store
         self._chains: dict[str, Chain] = {c.name: c for c in chains}
@@ -252,6 +257,8 @@ class Worker:
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         self._resync = False
+        self._check_interval = check_interval
+        self._next_check = time.monotonic() + check_interval
         self.heartbeat = time.monotonic()
 
     # -- used by other threads --------------------------------------------------------
@@ -298,6 +305,9 @@ class Worker:
         self._started.set()
         while True:
             self.heartbeat = time.monotonic()
+            if self.heartbeat >= self._next_check:
+                self._next_check = self.heartbeat + self._check_interval
+                self._check_kernel()
             if self._resync:
                 try:
                     self._reconcile()
@@ -315,6 +325,28 @@ class Worker:
                     self._safe_write([], [], self._take_purges())
                 logger.info("firewall worker stopped")
                 return
+
+    def _check_kernel(self) -> None:
+        """Reconcile when another program took our blocks out of the kernel: `nft flush ruleset` (a reload
+        of nftables.service), an `iptables-restore` of another ruleset, `ipset flush`. Without this, the
+        blocks stayed out until the next change, restart or reload."""
+        if self._resync:
+            return
+        try:
+            missing = self._backend.missing(self._chains.values(), self._entries.counts())
+            if missing is not None:
+                # A set backend's kernel may have let an entry go a moment before the worker's own expiry
+                # of it ran: finish the due expiries, then look again.
+                due = self._due()
+                if due:
+                    self._process([(_Expire(key), None) for key in due])
+                missing = self._backend.missing(self._chains.values(), self._entries.counts())
+        except Exception:
+            logger.exception("checking the firewall for missing blocks failed")
+            return
+        if missing is not None:
+            logger.warning("the firewall lost blocks behind our back (%s); putting them back", missing)
+            self._resync = True
 
     def _next_batch(self) -> list[tuple[Any, Pending | None]]:
         wait = HEARTBEAT
@@ -385,6 +417,14 @@ class Worker:
             try:
                 self._commit(changed)
             except Exception as exc:
+                if isinstance(exc, CapacityExceeded) and sum(fut is not None for _, fut in results) > 1:
+                    # Group commit must not fail a request that fits because another one in its batch
+                    # does not: with the last free places of a set, try each request on its own.
+                    logger.warning("a batch of %d changes does not fit (%s); trying its requests one by one",
+                                   len(changed), exc)
+                    for item in items:
+                        self._process([item])
+                    return
                 failure: FirewallUnavailable
                 if isinstance(exc, CapacityExceeded):  # an operating condition, not a bug: no traceback
                     logger.error("a batch of %d changes does not fit: %s; nothing was changed", len(changed), exc)
@@ -410,6 +450,7 @@ class Worker:
         if reconfigure is not None:
             try:
                 self._chains = {c.name: c for c in reconfigure.chains}
+                self._check_interval = reconfigure.kernel_check
                 self._reconcile()
             except Exception as exc:
                 logger.exception("reconcile after reload failed")
