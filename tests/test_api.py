@@ -16,7 +16,6 @@ import pytest
 
 from tests.conftest import BACKENDS, Daemon, Reply, assert_json_error, module_daemon, needs_netns
 # Unused here, but test_bad_input.py still imports it from this module.
-from tests.conftest import raw_exchange  # noqa: F401
 from webiptd import __version__
 
 pytestmark = needs_netns

@@ -16,9 +16,9 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import pytest
 
-from tests.conftest import Daemon, Reply, needs_netns
+from tests.conftest import Daemon, Reply, assert_json_error, needs_netns
 from tests.netns import NetNS, veth_pair
-from tests.test_api import assert_json_error, parse_time
+from tests.test_api import parse_time
 from webiptd.config import Chain
 from webiptd.firewall import ipset as ipset_backend
 from webiptd.firewall.backend import Add, CapacityExceeded, Op, Remove

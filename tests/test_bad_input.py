@@ -9,8 +9,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.conftest import PASSWORDS, Daemon, Reply, needs_netns
-from tests.test_api import assert_json_error, raw_exchange, shared  # noqa: F401  (shared is a fixture)
+from tests.conftest import PASSWORDS, Daemon, Reply, assert_json_error, needs_netns, raw_exchange
+from tests.test_api import shared  # noqa: F401  (shared is a fixture)
 
 pytestmark = needs_netns
 

@@ -321,6 +321,15 @@ class NftablesBackend:
                 cmds += self._chain_cmds(chain, known | set(new), None)
         return cmds
 
+    def _run_tracked(self, cmds: list[dict[str, Any]], before: int | None) -> int | None:
+        """Run one transaction; remember the generation it made when it was the only one since `before`."""
+        self._seen = None  # until this transaction is known to be the only one since `before`
+        self._run(cmds)
+        after = self._read_generation()
+        if before is not None and after == (before + 1) & 0xFFFFFFFF:
+            self._seen = after
+        return after
+
     def _read_generation(self) -> int | None:
         try:
             return self._generation.read()
@@ -429,12 +438,7 @@ class NftablesBackend:
         cmds: list[dict[str, Any]] = []
         for chain in chains:
             cmds += self._chain_cmds(chain, self._sets.get(chain.name, set()), layout)
-        self._seen = None
-        self._run(cmds)
-        after = self._read_generation()
-        if before is not None and after == (before + 1) & 0xFFFFFFFF:
-            self._seen = after
-        self._checked = after
+        self._checked = self._run_tracked(cmds, before)
         return None
 
     def apply(self, ops: Iterable[Op], chains: Mapping[str, Chain]) -> None:
@@ -456,12 +460,8 @@ class NftablesBackend:
             return
         before = self._read_generation()
         ensure = self._ensure_cmds(changes, chains, remake=before is None or before != self._seen)
-        self._seen = None  # until this transaction is known to be the only one since `before`
         try:
-            self._run(ensure + self._element_cmds(changes, exact=True))
-            after = self._read_generation()
-            if before is not None and after == (before + 1) & 0xFFFFFFFF:
-                self._seen = after
+            self._run_tracked(ensure + self._element_cmds(changes, exact=True), before)
         except NftablesError as exc:
             if ENFILE in str(exc):
                 raise CapacityExceeded(self._full_message(changes, chains)) from exc

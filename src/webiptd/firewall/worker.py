@@ -186,10 +186,6 @@ class _Entries:
         for packed, row in self._chains.get(name, {}).items():
             yield Entry(name, _unpack(packed), *row)
 
-    def values(self) -> Iterator[Entry]:
-        for name in list(self._chains):
-            yield from self.chain(name)
-
 
 @dataclass(frozen=True)
 class _Expire:
