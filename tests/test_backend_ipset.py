@@ -271,10 +271,14 @@ def test_a_new_target_replaces_the_match_rule_and_keeps_the_entries(running: Dae
     assert members(d, "f2b-web", 6) == {"2001:db8:ffff::90/128": 0}
     r = d.request("PUT", "/chain/f2b-web/ipv4/203.0.113.91")
     assert r.status == 201 and r.json["target"] == "REJECT", r
+    # The entries from before the reload say what the kernel does with them now, in the API and the store.
+    assert {n: e["target"] for n, e in listed(d, "f2b-web").items()} == {
+        "203.0.113.90/32": "REJECT", "203.0.113.91/32": "REJECT", "2001:db8:ffff::90/128": "REJECT"}
     assert d.stop() == 0
     d.start()
     assert set(members(d, "f2b-web")) == {"203.0.113.90/32", "203.0.113.91/32"}
     assert d.chain_rules("f2b-web") == [match_rule("f2b-web", 4, "REJECT")]
+    assert {e["target"] for e in listed(d, "f2b-web").values()} == {"REJECT"}
     assert_no_errors(d)
 
 

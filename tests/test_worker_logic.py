@@ -50,6 +50,9 @@ class RecordingBackend:
     def expires_in_kernel(self, chain: str) -> bool:
         return self.kernel_timeouts
 
+    def shares_target(self, chain: str) -> bool:
+        return self.kernel_timeouts  # a set backend: one match rule per chain
+
     def prepare(self, chains: Iterable[Chain]) -> None:
         self.calls.append(("prepare", tuple(c.name for c in chains)))
 

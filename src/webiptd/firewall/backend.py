@@ -51,6 +51,9 @@ class Backend(Protocol):
     def expires_in_kernel(self, chain: str) -> bool:
         """True when the kernel removes `chain`'s entries at their expiry itself (set timeouts)."""
 
+    def shares_target(self, chain: str) -> bool:
+        """True when `chain`'s target applies to all its entries at once (one match rule per set)."""
+
     def prepare(self, chains: Iterable[Chain]) -> None:
         """Create missing chains, sets and hook jumps. Idempotent; never flushes an entry."""
 
@@ -116,6 +119,9 @@ class ByChain:
 
     def expires_in_kernel(self, chain: str) -> bool:
         return self._backend(self.backend_of(chain)).expires_in_kernel(chain)
+
+    def shares_target(self, chain: str) -> bool:
+        return self._backend(self.backend_of(chain)).shares_target(chain)
 
     def prepare(self, chains: Iterable[Chain]) -> None:
         chains = list(chains)

@@ -333,6 +333,9 @@ class IpsetBackend:
     def expires_in_kernel(self, chain: str) -> bool:
         return True
 
+    def shares_target(self, chain: str) -> bool:
+        return True
+
     def prepare(self, chains: Iterable[Chain]) -> None:
         chains = list(chains)
         if not chains:

@@ -91,6 +91,9 @@ class IptablesBackend:
     def expires_in_kernel(self, chain: str) -> bool:
         return False  # one rule per network has no timeout; the worker expires them
 
+    def shares_target(self, chain: str) -> bool:
+        return False  # each rule has its own
+
     def prepare(self, chains: Iterable[Chain]) -> None:
         chains = list(chains)
         with self.xtables_lock():

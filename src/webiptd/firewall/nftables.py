@@ -365,6 +365,9 @@ class NftablesBackend:
     def expires_in_kernel(self, chain: str) -> bool:
         return True
 
+    def shares_target(self, chain: str) -> bool:
+        return True
+
     def prepare(self, chains: Iterable[Chain]) -> None:
         chains = list(chains)
         if not chains:

@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from webiptd import log
@@ -545,6 +545,7 @@ class Worker:
             if e.key in kernel:
                 ops.append(Remove(e.chain, e.network, kernel.pop(e.key)))
         kept: list[Entry] = []
+        retargeted: list[Entry] = []
         for e in loaded.entries:
             if e.expires_at is not None and e.expires_at <= now:
                 removes.append(e)
@@ -552,8 +553,13 @@ class Worker:
                 if present is not None:
                     ops.append(Remove(e.chain, e.network, present))
                 _audit("-", "-", "expire", e.chain, e.network, "-", "deleted")
-            else:
-                kept.append(e)
+                continue
+            config = self._chains.get(e.chain)
+            if config is not None and e.target != config.target and self._backend.shares_target(e.chain):
+                # The chain's one match rule decides for every entry: say so in the store and the API.
+                e = replace(e, target=config.target)
+                retargeted.append(e)
+            kept.append(e)
         # The rows that stay are made in one go, while what is thrown away after (the loaded entries, the
         # kernel's listing, the ops) still lives: mixed in with it, they would keep its memory from going back.
         for e in kept:
@@ -571,7 +577,9 @@ class Worker:
         restored = sum(isinstance(op, Add) for op in ops)
         if adopted:
             logger.warning("adopted %d rules found in managed chains but not in the state store", len(adopted))
-        self._store.write(adopted, removes, [])
+        if retargeted:
+            logger.info("%d blocks now have their chain's new target", len(retargeted))
+        self._store.write(adopted + retargeted, removes, [])
         if ops:
             self._backend.apply(ops, self._chains)
         # Tombstones go only once the kernel no longer has their rules.
