@@ -292,15 +292,21 @@ class IpsetBackend:
         found: dict[tuple[str, int], str] = {}
         with self._xt.xtables_lock():
             for version in FAMILIES:
-                table = self._xt.table(version)
-                table.refresh()
-                for name in names:
-                    if not table.is_chain(name):
-                        continue
-                    for rule in iptc.Chain(table, name).rules:
-                        matched = _match_target(version, rule)
-                        if matched is not None and matched[0] == set_name(name, version):
-                            found.setdefault((name, version), matched[1])
+                self._xt.table(version).refresh()
+                found.update(self._targets_in(version, names))
+        return found
+
+    def _targets_in(self, version: int, names: list[str]) -> dict[tuple[str, int], str]:
+        """(chain, version) -> the target of its match rule, in the family's table as last refreshed."""
+        table = self._xt.table(version)
+        found: dict[tuple[str, int], str] = {}
+        for name in names:
+            if not table.is_chain(name):
+                continue
+            for rule in iptc.Chain(table, name).rules:
+                matched = _match_target(version, rule)
+                if matched is not None and matched[0] == set_name(name, version):
+                    found.setdefault((name, version), matched[1])
         return found
 
     # -- the Backend interface -----------------------------------------------------------
@@ -318,10 +324,10 @@ class IpsetBackend:
                 held += header.elements
             if held < counts.get(chain.name, 0):
                 return f"the ipsets of chain {chain.name} hold {held} entries for {counts[chain.name]} blocks"
-        targets = self._rule_targets([c.name for c in chains])
         with self._xt.xtables_lock():
             for version in FAMILIES:
                 self._xt.table(version).refresh()
+                targets = self._targets_in(version, [c.name for c in chains])
                 for chain in chains:
                     gone = self._xt.structure_missing(version, chain)
                     if gone is not None:
