@@ -1,3 +1,12 @@
+# Run the demo or the tests from a checkout, setting up whatever is missing first (README, first screen):
+#
+#   make demo                      as root: the Debian packages, .venv and the editable install, then `web-ipt-d -demo`
+#   make test                      as root: the same plus the test packages, then ruff, mypy and the whole suite
+#   make test PYTEST_ARGS='-x -k tls'   ... passing arguments to pytest
+#
+# The set-up is keyed on a stamp in .venv: it runs again only when pyproject.toml or debian-packages.txt
+# changes (or .venv is removed). It installs missing Debian packages only as root.
+#
 # Install web-ipt-d as a systemd service: see README, "Install as a service (systemd)".
 #
 #   make install                   as root, from a checkout: the venv, units, config, user
@@ -26,12 +35,75 @@ CONF := $(DESTDIR)$(SYSCONFDIR)/web-ipt-d
 # Units and config name the default paths; installing rewrites them for PREFIX and SYSCONFDIR.
 RENDER := sed -e 's|/opt/web-ipt-d|$(PREFIX)|g' -e 's|/etc/web-ipt-d|$(SYSCONFDIR)/web-ipt-d|g'
 
-.PHONY: all install install-venv install-files install-live uninstall
+.PHONY: all demo test lint install install-venv install-files install-live uninstall
 # install-live changes files install-files makes: the steps run in order even under make -j.
 .NOTPARALLEL:
 
 all:
-	@echo "make install [DESTDIR=...] [PREFIX=$(PREFIX)], or make uninstall; see README"
+	@echo "make demo, make test, make install [DESTDIR=...] [PREFIX=$(PREFIX)], or make uninstall; see README"
+
+# The checkout's own venv, for the demo and the tests (make install makes its own, in PREFIX).
+DEV_VENV    := $(SRC)/.venv
+PACKAGES    := $(SRC)/debian-packages.txt
+# debian-packages.txt: "package group why"; `make demo` needs the `run` group, `make test` both.
+DEBS_RUN     = $(shell awk '!/^#/ && $$2 == "run" {print $$1}' $(PACKAGES))
+DEBS_TEST    = $(shell awk '!/^#/ && ($$2 == "run" || $$2 == "test") {print $$1}' $(PACKAGES))
+PYTEST_ARGS ?=
+
+demo: $(DEV_VENV)/.stamp-demo
+	$(DEV_VENV)/bin/web-ipt-d -demo
+
+test: lint
+	cd $(SRC) && $(DEV_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# Both checks read their settings from pyproject.toml; ruff: src and tests, mypy: src.
+lint: $(DEV_VENV)/.stamp-test
+	cd $(SRC) && $(DEV_VENV)/bin/ruff check --quiet src tests
+	cd $(SRC) && $(DEV_VENV)/bin/mypy
+
+$(DEV_VENV)/.stamp-demo: $(SRC)/pyproject.toml $(PACKAGES)
+	$(call dev_setup,$(DEBS_RUN),$(SRC))
+	touch $@
+
+# The test set-up is a superset of the demo's: it stamps both.
+$(DEV_VENV)/.stamp-test: $(SRC)/pyproject.toml $(PACKAGES)
+	$(call dev_setup,$(DEBS_TEST),$(SRC)[test])
+	touch $@ $(DEV_VENV)/.stamp-demo
+
+# $(call dev_setup,DEBIAN PACKAGES,PIP TARGET): install the Debian packages that are missing, then
+# make the venv if there is none, install the checkout into it (editable), and link Debian's nftables binding.
+# Package scripts must not start services while installing: fail2ban would run, and ban, in this host's
+# own network namespace (the tests run their own fail2ban-server inside a namespace). So, unless a
+# policy-rc.d is in place already (as .ci/run puts one), one stands in for the install, and a fail2ban
+# installed by this step is left disabled as well as stopped.
+define dev_setup
+	@missing=""; for deb in $(1); do \
+		dpkg-query -W -f='$${db:Status-Status}' $$deb 2>/dev/null | grep -qx installed || missing="$$missing $$deb"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" != 0 ]; then \
+			echo "missing Debian packages:$$missing; run make as root to install them" >&2; exit 1; \
+		fi; \
+		echo "installing Debian packages:$$missing"; \
+		if [ ! -e /usr/sbin/policy-rc.d ]; then \
+			trap 'rm -f /usr/sbin/policy-rc.d' EXIT; \
+			printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d; \
+		fi; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null || exit 1; \
+		case " $$missing " in *" fail2ban "*) \
+			systemctl disable --quiet fail2ban.service 2>/dev/null || true;; \
+		esac; \
+	fi
+	@# A current pip: Debian 12's (23.0) builds sdists such as python-iptables through a deprecated setup.py path.
+	test -x $(DEV_VENV)/bin/python || { $(PYTHON) -m venv $(DEV_VENV) && \
+		$(DEV_VENV)/bin/python -m pip install --disable-pip-version-check --quiet --upgrade pip; }
+	$(DEV_VENV)/bin/python -m pip install --disable-pip-version-check --quiet --editable '$(2)'
+	@# The nftables backend uses libnftables' own binding, which only Debian's python3-nftables ships.
+	if [ -d $(NFTABLES_PY) ]; then \
+		ln -sfn $(NFTABLES_PY) "$$($(DEV_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nftables"; \
+	fi
+endef
 
 install: install-venv install-files install-live
 

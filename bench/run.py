@@ -661,7 +661,7 @@ class Pki:
 
 
 def make_pki(directory: Path) -> Pki:
-    from webiptd.auth import CRYPT_CONTEXT
+    from webiptd.passwords import context as crypt_context
 
     ca, ca_key = certs.make_ca("web-ipt-d bench CA")
     server, server_key = certs.issue(ca, ca_key, "localhost", ["localhost", HOST, "::1"])
@@ -673,7 +673,7 @@ def make_pki(directory: Path) -> Pki:
     certs.write_key(paths_[2], server_key)
     password = base64.urlsafe_b64encode(os.urandom(18)).decode()
     # A real bcrypt hash at the default cost: the daemon's auth cache makes it a one-off per client.
-    password_hash = CRYPT_CONTEXT.hash(password)
+    password_hash = crypt_context().hash(password)
     authorization = "Basic " + base64.b64encode(f"{USER}:{password}".encode()).decode()
     return Pki(*paths_, password, password_hash, authorization)
 

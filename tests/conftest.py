@@ -28,11 +28,11 @@ import yaml
 
 from tests.netns import NetNS
 from webiptd import certs
-from webiptd.auth import CRYPT_CONTEXT
+from webiptd.passwords import context as crypt_context
 
 PORT = 8820
 # Cheap bcrypt for the fixtures' users (the scheme is real, only the cost is low) so tests stay fast.
-FAST_HASH = CRYPT_CONTEXT.using(bcrypt__rounds=4)
+FAST_HASH = crypt_context().using(bcrypt__rounds=4)
 PASSWORDS = {"admin": "admin-pw", "f2b": "f2b-pw", "reader": "reader-pw", "faraway": "faraway-pw"}
 
 BACKENDS = ("iptables", "ipset", "nftables")
@@ -43,10 +43,29 @@ SERVER4, PEER4 = "198.51.100.1", "198.51.100.2"
 SERVER6, PEER6 = "2001:db8::1", "2001:db8::2"
 APP_PORT = 9099
 
-needs_netns = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("iptables-legacy-save") is None,
-    reason="needs root, iproute2 and iptables to run the daemon in a private network namespace",
-)
+
+# The fixtures below that make a network namespace; every test that uses one (directly or through another
+# fixture) must carry the `root` marker, or a run without root would fail it instead of leaving it out.
+NAMESPACE_FIXTURES = frozenset({"ns", "peer", "daemon", "running"})
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Tests marked `root` (namespaces, netfilter, the daemon, systemd, fail2ban) need root. Without it, stop
+    before running anything: skipping them would end in a pass that tested little. `-m "not root"` runs the rest."""
+    if session.testsfailed:
+        return  # collection errors, which pytest reports itself (and -m may not have deselected yet)
+    unmarked = [item.nodeid for item in session.items if item.get_closest_marker("root") is None
+                and NAMESPACE_FIXTURES & set(getattr(item, "fixturenames", ()))]
+    if unmarked:
+        pytest.exit(f"these tests use a network namespace but lack @pytest.mark.root: {', '.join(unmarked[:10])}",
+                    returncode=pytest.ExitCode.USAGE_ERROR)
+    if os.geteuid() == 0 or session.config.option.collectonly:
+        return
+    needing = sum(1 for item in session.items if item.get_closest_marker("root") is not None)
+    if needing:
+        pytest.exit(f'{needing} of the {len(session.items)} tests selected need root (marker `root`): run them as '
+                    'root (`make test`), or only the tests that do not with: pytest -m "not root"',
+                    returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 @dataclass(frozen=True)

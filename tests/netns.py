@@ -244,15 +244,18 @@ class NetNS:
         self._sockets.add(sock)
         return sock
 
-    def connect(self, host: str, port: int, timeout: float | None = DEFAULT_TIMEOUT) -> socket.socket:
-        """A TCP socket in this namespace connected to (host, port)."""
+    def connect(self, host: str, port: int, timeout: float | None = DEFAULT_TIMEOUT,
+                source: str | None = None) -> socket.socket:
+        """A TCP socket in this namespace connected to (host, port), from the address `source` if given."""
         # Resolution happens in the namespace too, so a name lookup can never
         # send DNS traffic from the initial namespace.
-        sock = self.call(lambda: socket.create_connection((host, port), timeout=timeout))
+        bind = None if source is None else (source, 0)
+        sock = self.call(lambda: socket.create_connection((host, port), timeout=timeout, source_address=bind))
         self._sockets.add(sock)
         return sock
 
-    def http_connection(self, host: str, port: int, timeout: float | None = DEFAULT_TIMEOUT) -> http.client.HTTPConnection:
+    def http_connection(self, host: str, port: int,
+                        timeout: float | None = DEFAULT_TIMEOUT) -> http.client.HTTPConnection:
         return _NetNSHTTPConnection(self, host, port, timeout=timeout)
 
     def https_connection(

@@ -14,11 +14,11 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.conftest import BACKENDS, Daemon, Reply, assert_json_error, module_daemon, needs_netns
+from tests.conftest import BACKENDS, Daemon, Reply, assert_json_error, module_daemon
 # Unused here, but test_bad_input.py still imports it from this module.
 from webiptd import __version__
 
-pytestmark = needs_netns
+pytestmark = pytest.mark.root
 
 ENTRY_FIELDS = {"chain", "family", "network", "target", "created_at", "expires_at", "created_by"}
 

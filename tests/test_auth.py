@@ -8,19 +8,22 @@ from __future__ import annotations
 import base64
 import ipaddress
 import random
+import threading
+import time
 from typing import Any, Iterator
 
 import pytest
 
 import webiptd.auth as auth
-from webiptd.auth import CRYPT_CONTEXT, AuthFailure, Authenticator, FailureThrottle, client_key, parse_basic
+from webiptd.auth import AuthFailure, Authenticator, FailureThrottle, client_key, parse_basic
+from webiptd.passwords import context as crypt_context
 from webiptd.config import User
 
-BCRYPT = CRYPT_CONTEXT.using(bcrypt__rounds=4)
+BCRYPT = crypt_context().using(bcrypt__rounds=4)
 HASHES = {
     "bcrypt": lambda pw: BCRYPT.hash(pw),
-    "argon2": lambda pw: CRYPT_CONTEXT.handler("argon2").using(rounds=1, memory_cost=1024, parallelism=1).hash(pw),
-    "sha512_crypt": lambda pw: CRYPT_CONTEXT.handler("sha512_crypt").using(rounds=1000).hash(pw),
+    "argon2": lambda pw: crypt_context().handler("argon2").using(rounds=1, memory_cost=1024, parallelism=1).hash(pw),
+    "sha512_crypt": lambda pw: crypt_context().handler("sha512_crypt").using(rounds=1000).hash(pw),
 }
 ip = ipaddress.ip_address
 
@@ -35,17 +38,17 @@ def make_user(name: str, password: str, scheme: str = "bcrypt") -> User:
 
 
 class VerifyCounter:
-    """Wraps CRYPT_CONTEXT.verify to count calls; the real verify still runs."""
+    """Wraps crypt_context().verify to count calls; the real verify still runs."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch):
         self.calls: list[str] = []  # the hash each call checked against
-        real = CRYPT_CONTEXT.verify
+        real = crypt_context().verify
 
         def counting(secret: Any, hash: Any, *args: Any, **kw: Any) -> bool:
             self.calls.append(hash)
             return real(secret, hash, *args, **kw)
 
-        monkeypatch.setattr(CRYPT_CONTEXT, "verify", counting)
+        monkeypatch.setattr(crypt_context(), "verify", counting)
 
     @property
     def count(self) -> int:
@@ -169,9 +172,10 @@ def test_unknown_user_fails_after_a_dummy_verify(verify: VerifyCounter) -> None:
     assert verify.count == 3
     dummy = verify.calls[0]
     assert verify.calls == [dummy, dummy, dummy]
-    assert CRYPT_CONTEXT.identify(dummy) == "bcrypt"
+    assert crypt_context().identify(dummy) == "bcrypt"
     # At the default cost, not a cheap one: an unknown user is never the fast path.
-    assert CRYPT_CONTEXT.handler("bcrypt").from_string(dummy).rounds == CRYPT_CONTEXT.handler("bcrypt").default_rounds
+    bcrypt = crypt_context().handler("bcrypt")
+    assert bcrypt.from_string(dummy).rounds == bcrypt.default_rounds
     with pytest.raises(AuthFailure) as wrong:
         authn.authenticate(basic("alice", "nope"))
     assert verify.count == 4
@@ -205,6 +209,65 @@ def test_cache_is_keyed_by_password_and_by_user(verify: VerifyCounter) -> None:
     with pytest.raises(AuthFailure):
         authn.authenticate(basic("alice", "pw2"))
     assert verify.count == 4
+
+
+class GatedVerify:
+    """crypt_context().verify that holds every caller until released, counting the calls; the real verify runs."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.calls = 0
+        self.gate = threading.Event()
+        real = crypt_context().verify
+
+        def gated(secret: Any, hash: Any, *args: Any, **kw: Any) -> bool:
+            self.calls += 1
+            assert self.gate.wait(10)
+            return real(secret, hash, *args, **kw)
+
+        monkeypatch.setattr(crypt_context(), "verify", gated)
+
+
+def concurrent_logins(authn: Authenticator, header: str, gated: GatedVerify, n: int = 8) -> list[Any]:
+    """`n` threads log in at once with one credential; the verify is held until all of them have asked."""
+    results: list[Any] = [None] * n
+
+    def login(i: int) -> None:
+        try:
+            results[i] = authn.authenticate(header)
+        except AuthFailure as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=login, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # every thread has asked by now: without single flight each would be in verify
+    calls_while_held = gated.calls
+    gated.gate.set()
+    for t in threads:
+        t.join(10)
+    assert calls_while_held == 1, f"{calls_while_held} verifies for one credential at once"
+    return results
+
+
+def test_concurrent_first_logins_with_one_credential_pay_one_verify(monkeypatch: pytest.MonkeyPatch) -> None:
+    alice = make_user("alice", "pw")
+    authn = Authenticator({"alice": alice})
+    gated = GatedVerify(monkeypatch)
+    assert concurrent_logins(authn, basic("alice", "pw"), gated) == [alice] * 8
+    assert authn.authenticate(basic("alice", "pw")) is alice
+    assert gated.calls == 1, "the success is cached"
+
+
+def test_concurrent_wrong_passwords_share_a_verify_and_each_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    authn = Authenticator({"alice": make_user("alice", "pw")})
+    gated = GatedVerify(monkeypatch)
+    results = concurrent_logins(authn, basic("alice", "wrong"), gated)
+    assert all(isinstance(r, AuthFailure) for r in results), results  # each caller counts its failure
+    with pytest.raises(AuthFailure):
+        authn.authenticate(basic("alice", "wrong"))
+    assert gated.calls == 2, "a failure is never cached"
+    unknown = concurrent_logins(authn, basic("mallory", "x"), GatedVerify(monkeypatch))
+    assert all(isinstance(r, AuthFailure) for r in unknown)
 
 
 def test_failed_verifications_do_not_poison_the_cache(verify: VerifyCounter) -> None:

@@ -10,10 +10,10 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.conftest import (FAST_HASH, PASSWORDS, Daemon, Reply, assert_json_error, module_daemon, needs_netns,
+from tests.conftest import (FAST_HASH, PASSWORDS, Daemon, Reply, assert_json_error, module_daemon,
                             raw_exchange)
 
-pytestmark = needs_netns
+pytestmark = pytest.mark.root
 
 REALM_PREFIX = 'Basic realm="web-ipt-d"'
 COLON_PASSWORD = "pa:ss:wörd"  # a colon and non-ASCII: RFC 7617 splits at the first colon, UTF-8

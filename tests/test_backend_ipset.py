@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import pytest
 
-from tests.conftest import Daemon, Reply, assert_json_error, needs_netns
+from tests.conftest import Daemon, Reply, assert_json_error
 from tests.netns import NetNS, veth_pair
 from tests.test_api import parse_time
 from webiptd.config import Chain
@@ -27,7 +27,7 @@ from webiptd.firewall.ipset_netlink import SEND_MAX, IpsetError
 
 T = TypeVar("T")
 
-pytestmark = [needs_netns, pytest.mark.backends("ipset")]
+pytestmark = [pytest.mark.root, pytest.mark.backends("ipset")]
 
 CHAINS = {"f2b-web": "DROP", "f2b-ssh": "REJECT", "admin-list": "DROP"}
 REJECT_WITH = {4: "icmp-port-unreachable", 6: "icmp6-port-unreachable"}
@@ -586,7 +586,8 @@ def test_a_lost_set_and_match_rule_are_made_again_once(direct: Direct) -> None:
     assert rule in direct.ns.run(["iptables-legacy", "-w", "-S", "f2b-direct"]).stdout
     # A chain not in the config has no set made for it: the batch fails and is undone.
     with pytest.raises(IpsetError, match="gone-v6"):
-        direct.apply([Add("f2b-direct", NET("203.0.113.3/32"), "DROP"), Add("gone", NET("2001:db8:ffff::4/128"), "DROP")])
+        direct.apply([Add("f2b-direct", NET("203.0.113.3/32"), "DROP"),
+                      Add("gone", NET("2001:db8:ffff::4/128"), "DROP")])
     assert set(direct.members("f2b-direct-v4")) == {"203.0.113.2/32"}
 
 

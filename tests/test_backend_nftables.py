@@ -4,11 +4,9 @@ kernel timeouts, overlapping networks, maxelem, adoption, reconcile, and nothing
 
 from __future__ import annotations
 
-import importlib.util
 import ipaddress
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -17,15 +15,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Daemon, needs_netns
+from tests.conftest import Daemon
 from tests.netns import NetNS
 
-pytestmark = [
-    needs_netns,
-    pytest.mark.skipif(shutil.which("nft") is None or importlib.util.find_spec("nftables") is None,
-                       reason="needs nft and python3-nftables importable from this Python"),
-    pytest.mark.backends("nftables"),
-]
+pytestmark = pytest.mark.backends("nftables")
 
 TABLE = ("inet", "web-ipt-d")
 
@@ -108,6 +101,7 @@ def listed(d: Daemon, chain: str) -> dict[str, dict[str, Any]]:
     return {e["network"]: e for e in r.json["entries"]}
 
 
+@pytest.mark.root
 def test_table_sets_rules_and_hook_chains(daemon):
     d = daemon
     d.config["chains"]["f2b-web"].update(priority=-20, maxelem=5000)
@@ -156,6 +150,7 @@ def test_table_sets_rules_and_hook_chains(daemon):
         "admin-list": ("DROP", ("INPUT", "FORWARD"))}
 
 
+@pytest.mark.root
 def test_kernel_timeouts_follow_every_put(running):
     d = running
     assert d.request("PUT", "/chain/f2b-web/ipv4/203.0.113.5?timeout=600").status == 201
@@ -186,6 +181,7 @@ def test_kernel_timeouts_follow_every_put(running):
     assert set(elements(d, "f2b-web-v4")) == {"203.0.113.5"}
 
 
+@pytest.mark.root
 def test_a_short_timeout_expires_in_the_kernel_and_the_api(running):
     d = running
     assert d.request("PUT", "/chain/f2b-ssh/ipv4/203.0.113.9?timeout=1").status == 201
@@ -199,6 +195,7 @@ def test_a_short_timeout_expires_in_the_kernel_and_the_api(running):
     assert re.search(r"action=expire chain=f2b-ssh network=203\.0\.113\.9/32 .*result=deleted", d.log())
 
 
+@pytest.mark.root
 def test_overlapping_network_and_host_are_independent_entries(running):
     d = running
     assert d.request("PUT", "/chain/admin-list/ipv4/203.0.113.0/24?timeout=600").status == 201
@@ -221,6 +218,7 @@ def test_overlapping_network_and_host_are_independent_entries(running):
     assert set(listed(d, "admin-list")) == {"2001:db8:ffff::/64"}
 
 
+@pytest.mark.root
 def test_a_full_set_is_507_and_nothing_changes(daemon):
     d = daemon
     d.config["chains"]["f2b-web"]["maxelem"] = 3
@@ -249,6 +247,7 @@ def test_a_full_set_is_507_and_nothing_changes(daemon):
                                            "203.0.113.64/26"}
 
 
+@pytest.mark.root
 def test_reconcile_after_flush_restart_reload_and_a_deleted_table(running):
     d = running
     for rest in ("ipv4/203.0.113.1?timeout=600", "ipv4/203.0.113.32/27", "ipv6/2001:db8:ffff::9"):
@@ -283,6 +282,7 @@ def test_reconcile_after_flush_restart_reload_and_a_deleted_table(running):
     assert "f2b-web.input" in layout(d)["chain"]
 
 
+@pytest.mark.root
 def test_reboot_into_a_fresh_namespace_restores_from_the_state_dir(running, pki, user_hashes):
     d = running
     for rest in ("ipv4/203.0.113.1?timeout=600", "ipv4/203.0.113.32/27", "ipv6/2001:db8:ffff::/56"):
@@ -308,6 +308,7 @@ def test_reboot_into_a_fresh_namespace_restores_from_the_state_dir(running, pki,
             again.close()
 
 
+@pytest.mark.root
 def test_nothing_outside_our_table_is_touched(daemon):
     d = daemon
     d.ns.run(["nft", "-f", "/dev/stdin"], input="""
@@ -337,6 +338,7 @@ table ip6 web-ipt-d { chain x { counter; }; }
     assert layout(d)["chain"]["f2b-web.input"]["prio"] == -5
 
 
+@pytest.mark.root
 def test_restart_and_changes_do_not_duplicate_chains_or_rules(running):
     d = running
     for rest in ("f2b-web/ipv4/203.0.113.1", "f2b-ssh/ipv6/2001:db8:ffff::2", "admin-list/ipv4/203.0.113.128/25",
@@ -353,6 +355,7 @@ def test_restart_and_changes_do_not_duplicate_chains_or_rules(running):
     assert len(rules_text(d, "admin-list.forward")) == 1
 
 
+@pytest.mark.root
 def test_hooks_and_priority_follow_a_reload_and_a_deleted_hook_comes_back(running):
     d = running
     assert d.request("PUT", "/chain/admin-list/ipv4/203.0.113.5").status == 201
@@ -377,6 +380,7 @@ def test_hooks_and_priority_follow_a_reload_and_a_deleted_hook_comes_back(runnin
                                          "ip6 saddr @f2b-mail-v6 reject with icmpv6 port-unreachable"]
 
 
+@pytest.mark.root
 def test_elements_found_in_our_sets_are_adopted(running):
     d = running
     assert d.request("PUT", "/chain/f2b-web/ipv4/203.0.113.1").status == 201
@@ -413,6 +417,7 @@ def run_cli(*args: str, hide_nftables: bool = False, **kw: Any) -> subprocess.Co
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, **kw)
 
 
+@pytest.mark.root
 def test_check_config_names_each_chains_backend_and_missing_nftables(daemon):
     d = daemon
     d.config["chains"]["f2b-web"]["backend"] = "iptables"

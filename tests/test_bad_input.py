@@ -9,10 +9,10 @@ from typing import Iterator
 
 import pytest
 
-from tests.conftest import PASSWORDS, Daemon, Reply, assert_json_error, needs_netns, raw_exchange
+from tests.conftest import PASSWORDS, Daemon, Reply, assert_json_error, raw_exchange
 from tests.test_api import shared  # noqa: F401  (shared is a fixture)
 
-pytestmark = needs_netns
+pytestmark = pytest.mark.root
 
 KEPT = "/chain/f2b-web/ipv4/203.0.113.77"  # blocked before anything bad is sent; must stay blocked
 KEPT6 = "/chain/f2b-web/ipv6/2001:db8:ffff::77"
@@ -254,7 +254,8 @@ def test_unsupported_methods(d: Daemon, method: str, status: int) -> None:
     (b"GET /chains HTTP/2.0", (400,)), (b"PRI * HTTP/2.0", (400,)),
     (b"GET /chains HTTP/1.1 extra", 400), (b"GET /chains", 400), (b"DELETE " + KEPT.encode(), 400),
     (b"GET  /chains  HTTP/1.1 x", 400), (b"GET\t/chains HTTP/1.1", 400), (b"GET /chains\tHTTP/1.1", 400),
-    (b"GET /chains HTTP/1.1 ", 400), (b" GET /chains HTTP/1.1", 400), (b"GET\xa0/chains HTTP/1.1", 400), (b"GET", 400), (b"PUT /chain/f2b-web/ipv4/203.0.113.82 HTTP/1.1\x00", 400),
+    (b"GET /chains HTTP/1.1 ", 400), (b" GET /chains HTTP/1.1", 400), (b"GET\xa0/chains HTTP/1.1", 400), (b"GET", 400),
+    (b"PUT /chain/f2b-web/ipv4/203.0.113.82 HTTP/1.1\x00", 400),
 ])
 def test_malformed_request_lines(d: Daemon, line: bytes, status: int | tuple[int, ...]) -> None:
     r = raw_exchange(d, line + b"\r\nHost: 127.0.0.1\r\n" + auth() + b"Connection: close\r\n\r\n")

@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from tests.conftest import Daemon, needs_netns
+from tests.conftest import Daemon
 
-pytestmark = needs_netns
+pytestmark = pytest.mark.root
 
 
 def post(d: Daemon, chain: str, items: object, query: str = "", user: str = "admin",
@@ -65,6 +65,8 @@ def test_a_thousand_items_in_one_request(running: Daemon) -> None:
     (b"[]", 400, "bad_body"),
     (b'"203.0.113.9"', 400, "bad_body"),
     (b'["203.0.113.9"\xff]', 400, "bad_body"),
+    (b"[" * 1100 + b"]" * 1100, 400, "bad_body"),  # deeper than the JSON decoder recurses
+    (b'[{"a":' * 1000 + b"1" + b"}]" * 1000, 400, "bad_body"),
 ])
 def test_bad_bodies_change_nothing(running: Daemon, raw: bytes, status: int, code: str) -> None:
     d = running

@@ -24,13 +24,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.conftest import PASSWORDS, PKI, PORT, Daemon, needs_netns
+from tests.conftest import PASSWORDS, PKI, PORT, Daemon
 from webiptd import certs, cli
-from webiptd.auth import CRYPT_CONTEXT, Authenticator
+from webiptd.auth import Authenticator
+from webiptd.passwords import context as crypt_context
 from webiptd.config import ConfigError, from_mapping
 from webiptd.http import App, Generation, Runtime
 
-FAST_HASH = CRYPT_CONTEXT.using(bcrypt__rounds=4)
+FAST_HASH = crypt_context().using(bcrypt__rounds=4)
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("ca.key", "server.key", "client.key")
 
@@ -449,7 +450,7 @@ def refused(d: Daemon, ctx: ssl.SSLContext) -> bool:
     return False
 
 
-@needs_netns
+@pytest.mark.root
 def test_generated_certs_serve_and_basic_stays_required_by_default(gendaemon: Daemon, genpki: Path,
                                                                    pki: PKI) -> None:
     d = gendaemon
@@ -472,7 +473,7 @@ def test_generated_certs_serve_and_basic_stays_required_by_default(gendaemon: Da
     assert refused(d, client_ctx(genpki / "ca.crt", pki.client_cert, pki.client_key))
 
 
-@needs_netns
+@pytest.mark.root
 def test_client_cert_auth_logs_in_by_certificate(gendaemon: Daemon, genpki: Path, pki: PKI) -> None:
     d = gendaemon
     d.config["tls"]["client_cert_auth"] = True
@@ -509,7 +510,7 @@ def test_client_cert_auth_logs_in_by_certificate(gendaemon: Daemon, genpki: Path
     assert refused(d, client_ctx(genpki / "ca.crt", pki.client_cert, pki.client_key))
 
 
-@needs_netns
+@pytest.mark.root
 def test_reload_switches_certificate_logins_even_on_open_connections(gendaemon: Daemon, genpki: Path,
                                                                      pki: PKI) -> None:
     d = gendaemon

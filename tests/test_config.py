@@ -18,12 +18,12 @@ import yaml
 
 from tests.conftest import PKI
 from webiptd import certs
-from webiptd.auth import CRYPT_CONTEXT
+from webiptd.passwords import context as crypt_context
 from webiptd.config import (
     Config, ConfigError, Limits, Listen, User, from_mapping, load,
 )
 
-FAST_HASH = CRYPT_CONTEXT.using(bcrypt__rounds=4)
+FAST_HASH = crypt_context().using(bcrypt__rounds=4)
 HASH = FAST_HASH.hash("secret")
 
 
@@ -142,8 +142,11 @@ def test_defaults(tmp_path: Path, pki: PKI) -> None:
     assert cfg.ssl_context.verify_mode == ssl.CERT_NONE
     assert cfg.plain_http is False
     assert cfg.never_block == (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
-    assert cfg.limits == Limits(max_connections=64, request_timeout=10.0, worker_timeout=5.0,
-                                auth_failures=10, auth_window=60)
+    assert cfg.limits == Limits(max_connections=128, request_timeout=10.0, worker_timeout=5.0,
+                                auth_failures=10, auth_window=60, max_connections_per_client=8,
+                                trusted_connections=32, handshake_timeout=5.0, header_timeout=10.0,
+                                idle_timeout=15.0)
+    assert cfg.limits.trusted_clients == (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
     assert cfg.chains["f2b-web"].hooks == ("INPUT",) and cfg.chains["f2b-web"].target == "DROP"
     assert cfg.log.file is None and cfg.log.level == "INFO"
     assert dict(cfg.users) == {}
@@ -357,10 +360,10 @@ def test_invalid_password_hash(tmp_path: Path, base: dict[str, Any], bad_hash: s
 
 
 @pytest.mark.parametrize("scheme, hasher", [
-    ("argon2", lambda: CRYPT_CONTEXT.handler("argon2").using(rounds=1, memory_cost=1024).hash("pw")),
-    ("sha512_crypt", lambda: CRYPT_CONTEXT.handler("sha512_crypt").using(rounds=1000).hash("pw")),
-    ("sha256_crypt", lambda: CRYPT_CONTEXT.handler("sha256_crypt").using(rounds=1000).hash("pw")),
-    ("pbkdf2_sha256", lambda: CRYPT_CONTEXT.handler("pbkdf2_sha256").using(rounds=1000).hash("pw")),
+    ("argon2", lambda: crypt_context().handler("argon2").using(rounds=1, memory_cost=1024).hash("pw")),
+    ("sha512_crypt", lambda: crypt_context().handler("sha512_crypt").using(rounds=1000).hash("pw")),
+    ("sha256_crypt", lambda: crypt_context().handler("sha256_crypt").using(rounds=1000).hash("pw")),
+    ("pbkdf2_sha256", lambda: crypt_context().handler("pbkdf2_sha256").using(rounds=1000).hash("pw")),
 ])
 def test_other_supported_hash_schemes_load(tmp_path: Path, base: dict[str, Any], scheme: str, hasher: Any) -> None:
     h = hasher()
@@ -527,6 +530,15 @@ def test_a_missing_log_directory_is_made_at_start(tmp_path: Path, base: dict[str
     ("auth_window", 0),
     ("auth_window", 86401),
     ("auth_window", 1.5),
+    ("max_connections_per_client", 0),
+    ("max_connections_per_client", True),
+    ("trusted_connections", -1),
+    ("trusted_connections", 10001),
+    ("handshake_timeout", 0),
+    ("handshake_timeout", "5"),
+    ("header_timeout", 3601),
+    ("idle_timeout", -1),
+    ("trusted_clients", "127.0.0.1/8"),
 ])
 def test_bad_limits(tmp_path: Path, base: dict[str, Any], key: str, value: Any) -> None:
     base["limits"][key] = value
@@ -538,6 +550,23 @@ def test_limits_edges_are_accepted(tmp_path: Path, base: dict[str, Any]) -> None
     base["limits"] = {"max_connections": 1, "request_timeout": 0.1, "worker_timeout": 600,
                       "auth_failures": 1, "auth_window": 86400}
     assert load(write(tmp_path, base)).limits == Limits(1, 0.1, 600.0, 1, 86400)
+
+
+def test_trusted_clients_name_the_bad_item(tmp_path: Path, base: dict[str, Any]) -> None:
+    base["limits"]["trusted_clients"] = ["10.0.0.0/8", "127.0.0.1/8", 5]
+    problems = problems_of(tmp_path, base)
+    assert has_problem(problems, "limits.trusted_clients[1]", "127.0.0.1/8"), problems
+    assert has_problem(problems, "limits.trusted_clients[2]", "5"), problems
+    assert not any("trusted_clients[0]" in p for p in problems), problems
+
+
+def test_new_limits_are_read(tmp_path: Path, base: dict[str, Any]) -> None:
+    base["limits"].update(max_connections_per_client=2, trusted_clients=["10.1.0.0/16", "fd00::/8"],
+                          trusted_connections=0, handshake_timeout=1.5, header_timeout=2, idle_timeout=30)
+    limits = load(write(tmp_path, base)).limits
+    assert (limits.max_connections_per_client, limits.trusted_connections) == (2, 0)
+    assert limits.trusted_clients == (ipaddress.ip_network("10.1.0.0/16"), ipaddress.ip_network("fd00::/8"))
+    assert (limits.handshake_timeout, limits.header_timeout, limits.idle_timeout) == (1.5, 2.0, 30.0)
 
 
 # -- the file as a whole -------------------------------------------------------------------

@@ -14,10 +14,10 @@ from typing import Any, Callable
 
 import pytest
 
-from tests.conftest import Daemon, needs_netns
+from tests.conftest import Daemon
 from tests.netns import NetNS
 
-pytestmark = needs_netns
+pytestmark = pytest.mark.root
 
 BLOCK_RULE_RE = re.compile(r"^-A (\S+) -s (\S+) -j (DROP|REJECT)(?: --reject-with \S+)?$")
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, TypeVar
 
 import pytest
 
-from tests.conftest import APP_PORT, PASSWORDS, PEER4, PEER6, PORT, SERVER4, SERVER6, Daemon, Listener, needs_netns
+from tests.conftest import APP_PORT, PASSWORDS, PEER4, PEER6, PORT, SERVER4, SERVER6, Daemon, Listener
 from tests.netns import NetNS, veth_pair
 
 T = TypeVar("T")
@@ -27,9 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 ACTION = ROOT / "fail2ban" / "action.d" / "web-ipt-d.conf"
 FAIL2BAN_SERVER = shutil.which("fail2ban-server")
 FAIL2BAN_CLIENT = shutil.which("fail2ban-client")
-
-pytestmark = pytest.mark.skipif(FAIL2BAN_SERVER is None or FAIL2BAN_CLIENT is None or shutil.which("curl") is None,
-                                reason="needs fail2ban and curl")
 
 JAIL = "wipt"
 CHAIN = "f2b-web"
@@ -191,7 +188,7 @@ def rule(network: str) -> str:
     return f"-A {CHAIN} -s {network} -j DROP"
 
 
-@needs_netns
+@pytest.mark.root
 def test_failures_ban_the_peer_and_unbanip_lifts_it(net, f2b):
     d, peer = net
     f2b.start()
@@ -212,7 +209,7 @@ def test_failures_ban_the_peer_and_unbanip_lifts_it(net, f2b):
     assert f2b.errors() == []
 
 
-@needs_netns
+@pytest.mark.root
 def test_an_ipv6_failure_bans_in_ip6tables(net, f2b):
     d, peer = net
     f2b.start()
@@ -233,7 +230,7 @@ def test_an_ipv6_failure_bans_in_ip6tables(net, f2b):
     assert f2b.errors() == []
 
 
-@needs_netns
+@pytest.mark.root
 @pytest.mark.parametrize("f2b", [3], indirect=True)
 def test_bantime_expiry_lifts_the_ban(net, f2b):
     d, peer = net
@@ -250,7 +247,7 @@ def test_bantime_expiry_lifts_the_ban(net, f2b):
     assert f2b.errors() == []
 
 
-@needs_netns
+@pytest.mark.root
 @pytest.mark.parametrize("f2b", [-1], indirect=True)
 def test_bantime_minus_one_is_a_permanent_block(net, f2b):
     d, _ = net
@@ -269,7 +266,7 @@ def test_bantime_minus_one_is_a_permanent_block(net, f2b):
     assert f2b.errors() == []
 
 
-@needs_netns
+@pytest.mark.root
 def test_restart_with_restored_bans_is_idempotent(net, f2b):
     d, peer = net
     f2b.start()
@@ -301,7 +298,7 @@ def test_restart_with_restored_bans_is_idempotent(net, f2b):
     assert f2b.errors() == []
 
 
-@needs_netns
+@pytest.mark.root
 def test_curlopts_adds_a_client_certificate(daemon):
     # With tls.client_ca the handshake needs a client certificate, which only curlopts can give.
     daemon.config["tls"]["client_ca"] = str(daemon.pki.ca)
@@ -316,13 +313,13 @@ def test_curlopts_adds_a_client_certificate(daemon):
         assert f2b.errors() == []
 
 
-@needs_netns
+@pytest.mark.root
 def test_an_unreachable_daemon_fails_the_action_start_clearly(ns, workdir, pki, user_hashes):
     # Nothing listens on the port, so actionstart's health check fails at jail start.
     d = Daemon(ns, workdir, pki, user_hashes)
     with make_fail2ban(d, 600) as f2b:
         f2b.start()
-        line = wait_for("the start error", lambda: [l for l in f2b.errors() if "is not reachable" in l])
+        line = wait_for("the start error", lambda: [e for e in f2b.errors() if "is not reachable" in e])
         assert f"https://127.0.0.1:{PORT}/health" in line[0]
         assert PASSWORDS["f2b"] not in f2b.log()
 
@@ -335,7 +332,8 @@ def readme_jail() -> str:
     return blocks[0]
 
 
-@pytest.mark.skipif(not Path("/etc/fail2ban/jail.conf").exists(), reason="needs Debian's stock fail2ban config")
+@pytest.mark.skipif(FAIL2BAN_CLIENT is None or not Path("/etc/fail2ban/jail.conf").exists(),
+                    reason="needs Debian's fail2ban: its client and stock config (debian-packages.txt)")
 def test_the_readme_jail_uses_only_our_action_with_debians_stock_config(tmp_path):
     # A copy of the stock config plus the README's jail, only parsed (-d): no server, no socket.
     conf = tmp_path / "fail2ban"

@@ -16,9 +16,9 @@ from typing import Any, Callable, Iterable
 
 import pytest
 
-from tests.conftest import Daemon, needs_netns
+from tests.conftest import Daemon
 
-pytestmark = needs_netns
+pytestmark = pytest.mark.root
 
 MANAGED = ("f2b-web", "f2b-ssh", "admin-list")
 HOOKS = {"f2b-web": ("INPUT",), "f2b-ssh": ("INPUT",), "admin-list": ("INPUT", "FORWARD")}

@@ -1,5 +1,5 @@
 """The HTTP/1.1 wire over real HTTPS, byte for byte: how the request head is parsed (RFC 9112 sections 3 and 5),
-how a response head is written, and when a connection stays open; plus the connection slots, without root.
+how a response head is written, and when a connection stays open (connection slots: tests/test_admission.py).
 """
 
 from __future__ import annotations
@@ -8,14 +8,15 @@ import base64
 import email.utils
 import json
 import socket
+import ssl
 import time
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 
-from tests.conftest import PASSWORDS, PORT, Daemon, needs_netns
+from tests.conftest import PASSWORDS, PORT, Daemon
 from tests.test_api import shared  # noqa: F401  (a fixture)
-from webiptd.http import MAX_HEADER_BYTES, ConnectionSlots
+from webiptd.http import MAX_HEADER_BYTES
 
 AUTH = b"Authorization: Basic " + base64.b64encode(b"admin:" + PASSWORDS["admin"].encode()) + b"\r\n"
 BASE_HEADERS = ["Server", "Date", "Content-Type", "Content-Length", "Cache-Control"]
@@ -80,7 +81,7 @@ def blocked(d: Daemon, address: str) -> bool:
 
 # -- the response head ---------------------------------------------------------------------------------
 
-@needs_netns
+@pytest.mark.root
 def test_response_heads_carry_the_same_headers_in_the_same_order(wire: Wire) -> None:
     wire.send(request("GET", "/health"))
     status, headers, body = wire.response()
@@ -103,7 +104,7 @@ def test_response_heads_carry_the_same_headers_in_the_same_order(wire: Wire) -> 
     assert wire.closed_by_server()
 
 
-@needs_netns
+@pytest.mark.root
 def test_head_sends_the_length_of_the_body_it_leaves_out(wire: Wire) -> None:
     wire.send(request("GET", "/version", AUTH))
     _, _, body = wire.response()
@@ -116,7 +117,7 @@ def test_head_sends_the_length_of_the_body_it_leaves_out(wire: Wire) -> None:
 
 # -- keep-alive ----------------------------------------------------------------------------------------
 
-@needs_netns
+@pytest.mark.root
 def test_http_1_0_closes_unless_it_asks_for_keep_alive(shared: Daemon) -> None:  # noqa: F811
     w = Wire(shared)
     try:
@@ -137,7 +138,7 @@ def test_http_1_0_closes_unless_it_asks_for_keep_alive(shared: Daemon) -> None: 
 
 
 @pytest.mark.parametrize("value", [b"close", b"Close", b"CLOSE"])
-@needs_netns
+@pytest.mark.root
 def test_connection_close_in_any_case_closes(wire: Wire, value: bytes) -> None:
     wire.send(request("GET", "/health", b"Connection:" + value + b"\r\n"))
     status, headers, _ = wire.response()
@@ -145,7 +146,7 @@ def test_connection_close_in_any_case_closes(wire: Wire, value: bytes) -> None:
     assert wire.closed_by_server()
 
 
-@needs_netns
+@pytest.mark.root
 def test_pipelined_requests_are_answered_in_order(shared: Daemon, wire: Wire) -> None:  # noqa: F811
     path = "/chain/f2b-web/ipv4/203.0.113.150"
     wire.send(request("PUT", path, AUTH) + request("GET", path, AUTH) + request("DELETE", path, AUTH)
@@ -156,7 +157,7 @@ def test_pipelined_requests_are_answered_in_order(shared: Daemon, wire: Wire) ->
     assert not blocked(shared, "203.0.113.150")
 
 
-@needs_netns
+@pytest.mark.root
 def test_bare_lf_line_endings_are_accepted(wire: Wire) -> None:
     wire.send(b"GET /version HTTP/1.1\nHost: 127.0.0.1\n" + AUTH.replace(b"\r\n", b"\n") + b"\n")
     status, _, body = wire.response()
@@ -165,7 +166,7 @@ def test_bare_lf_line_endings_are_accepted(wire: Wire) -> None:
     assert wire.response()[0] == 200
 
 
-@needs_netns
+@pytest.mark.root
 def test_field_names_are_case_insensitive_and_values_need_no_space(wire: Wire) -> None:
     wire.send(request("GET", "/version", b"authorization: " + AUTH.split(b": ", 1)[1], b"CONTENT-LENGTH:3\r\n",
                       body=b"abc"))
@@ -176,7 +177,7 @@ def test_field_names_are_case_insensitive_and_values_need_no_space(wire: Wire) -
 
 # -- Expect: 100-continue ----------------------------------------------------------------------------------
 
-@needs_netns
+@pytest.mark.root
 def test_expect_100_continue_from_a_client_that_does_not_wait(shared: Daemon, wire: Wire) -> None:  # noqa: F811
     body = json.dumps(["203.0.113.151", "203.0.113.152"]).encode()
     wire.send(request("POST", "/chain/f2b-web", AUTH, b"Expect: 100-Continue\r\n",
@@ -189,7 +190,7 @@ def test_expect_100_continue_from_a_client_that_does_not_wait(shared: Daemon, wi
     assert wire.response()[0] == 200
 
 
-@needs_netns
+@pytest.mark.root
 def test_http_1_0_gets_no_interim_100(shared: Daemon) -> None:  # noqa: F811
     assert shared.request("PUT", "/chain/f2b-web/ipv4/203.0.113.153").status == 201
     w = Wire(shared)
@@ -219,7 +220,7 @@ def test_http_1_0_gets_no_interim_100(shared: Daemon) -> None:  # noqa: F811
     b"X-Note: a\x00b\r\n",
     b"X-Note: a\x7fb\r\n",
 ])
-@needs_netns
+@pytest.mark.root
 def test_malformed_header_lines_are_400_and_change_nothing(shared: Daemon, wire: Wire,  # noqa: F811
                                                            lines: bytes) -> None:
     wire.send(request("PUT", "/chain/f2b-web/ipv4/203.0.113.160", AUTH, lines))
@@ -230,13 +231,13 @@ def test_malformed_header_lines_are_400_and_change_nothing(shared: Daemon, wire:
     assert not blocked(shared, "203.0.113.160")
 
 
-@needs_netns
+@pytest.mark.root
 def test_credentials_hidden_behind_a_bare_cr_never_log_in(wire: Wire) -> None:
     wire.send(request("GET", "/version", b"X-Note: a\r" + AUTH))
     assert wire.response()[0] == 400
 
 
-@needs_netns
+@pytest.mark.root
 def test_header_section_limit_is_exact(wire: Wire, shared: Daemon) -> None:  # noqa: F811
     def with_section_of(size: int) -> bytes:
         fixed = b"Host: 127.0.0.1\r\n" + AUTH + b"X-Fill: \r\n" + b"\r\n"
@@ -253,7 +254,7 @@ def test_header_section_limit_is_exact(wire: Wire, shared: Daemon) -> None:  # n
 
 
 @pytest.mark.parametrize("fields, status", [(99, 200), (100, 431)])
-@needs_netns
+@pytest.mark.root
 def test_at_most_99_header_fields(shared: Daemon, fields: int, status: int) -> None:  # noqa: F811
     # http.client's limit, kept: 100 lines with the blank one that ends the section.
     w = Wire(shared)
@@ -264,51 +265,30 @@ def test_at_most_99_header_fields(shared: Daemon, fields: int, status: int) -> N
         w.close()
 
 
-# -- connection slots (no root needed) -------------------------------------------------------------------------
-
-def test_close_idle_shuts_only_idle_connections() -> None:
-    slots = ConnectionSlots()
-    pairs = [socket.socketpair() for _ in range(3)]
+@pytest.mark.parametrize("cut", [
+    b"PUT /chain/f2b-web/ipv4/203.0.113.160 HTTP/1.1\r\nHost: x\r\n" + AUTH,  # before the blank line
+    b"PUT /chain/f2b-web/ipv4/203.0.113.160 HTTP/1.1\r\nHost: x\r\n" + AUTH + b"X-Last: 1",  # mid-line
+    b"PUT /chain/f2b-web/ipv4/203.0.113.160 HTTP/1.1",  # within the request line
+])
+@pytest.mark.root
+def test_a_request_head_cut_off_by_the_end_of_the_stream_is_not_acted_on(shared: Daemon, cut: bytes) -> None:  # noqa: F811
+    w = Wire(shared)
     try:
-        for ours, _ in pairs:
-            assert slots.acquire(ours, 10)
-        idle, busy, done = (ours for ours, _ in pairs)
-        slots.set_busy(busy, True)
-        slots.set_busy(done, True)
-        slots.set_busy(done, False)
-        slots.close_idle()
-        assert peer_sees_eof(pairs[0][1]) and peer_sees_eof(pairs[2][1])
-        assert not peer_sees_eof(pairs[1][1])
-        slots.close_idle(everything=True)
-        assert peer_sees_eof(pairs[1][1])
-        for ours, _ in pairs:
-            slots.release(ours)
-        assert len(slots) == 0 and slots.wait_empty(0.1)
+        w.send(cut)
+        socket.socket.shutdown(w.tls, socket.SHUT_WR)  # the TCP stream just ends, TLS state kept
+        w.tls.settimeout(5)
+        try:
+            answer = w.rfile.read()
+        except (ssl.SSLError, ConnectionError):
+            answer = b""  # closed with an alert or a reset: no answer either
+        assert answer == b"", answer
     finally:
-        for a, b in pairs:
-            a.close()
-            b.close()
+        w.close()
+    assert not blocked(shared, "203.0.113.160")
 
 
-def test_connection_cap_counts_rebound_sockets_once() -> None:
-    slots = ConnectionSlots()
-    a, b = socket.socketpair()
-    try:
-        assert slots.acquire(a, 1)
-        assert not slots.acquire(b, 1)
-        slots.rebind(a, b)  # what the TLS wrap does
-        slots.set_busy(a, True)  # the old socket is gone: no entry comes back for it
-        assert len(slots) == 1
-        slots.release(b)
-        assert len(slots) == 0 and slots.acquire(a, 1)
-    finally:
-        a.close()
-        b.close()
-
-
-def peer_sees_eof(sock: Any) -> bool:
-    sock.settimeout(0.5)
-    try:
-        return bool(sock.recv(1) == b"")
-    except TimeoutError:
-        return False
+@pytest.mark.parametrize("line", [b"\xa0", b"\x0b", b"\x1c\x1f", b"\x85"])
+@pytest.mark.root
+def test_a_request_line_of_what_str_split_calls_space_is_a_400_not_a_blank_line(wire: Wire, line: bytes) -> None:
+    wire.send(line + b"\r\n" + request("GET", "/health"))
+    assert wire.response()[0] == 400

@@ -5,7 +5,6 @@ and the watchdog, silent clients, the connection cap, timeouts and keep-alive; a
 from __future__ import annotations
 
 import http.client
-import shutil
 import signal
 import socket
 import ssl
@@ -20,7 +19,7 @@ import pytest
 import yaml
 from passlib.context import CryptContext
 
-from tests.conftest import FAST_HASH, PKI, PORT, Daemon, base_config, needs_netns
+from tests.conftest import FAST_HASH, PKI, PORT, Daemon, base_config
 from webiptd import __version__
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,7 +78,7 @@ def request_until_served(d: Daemon, deadline: float) -> Any:
 # --- SIGHUP -----------------------------------------------------------------------------------------------
 
 
-@needs_netns
+@pytest.mark.root
 def test_sighup_with_a_valid_config_applies_at_once(running: Daemon) -> None:
     d = running
     assert d.proc is not None
@@ -113,7 +112,7 @@ def test_sighup_with_a_valid_config_applies_at_once(running: Daemon) -> None:
     keepalive.close()
 
 
-@needs_netns
+@pytest.mark.root
 def test_sighup_with_an_unknown_key_keeps_the_old_config(running: Daemon) -> None:
     d = running
     assert d.proc is not None
@@ -136,7 +135,7 @@ def test_sighup_with_an_unknown_key_keeps_the_old_config(running: Daemon) -> Non
     assert d.request("GET", "/version", user="newbie", password="newbie-pw").status == 200
 
 
-@needs_netns
+@pytest.mark.root
 def test_sighup_with_a_broken_cert_path_keeps_serving_tls(running: Daemon) -> None:
     d = running
     assert d.proc is not None
@@ -150,7 +149,7 @@ def test_sighup_with_a_broken_cert_path_keeps_serving_tls(running: Daemon) -> No
     assert r.status == 200, r
 
 
-@needs_netns
+@pytest.mark.root
 def test_request_in_flight_survives_a_reload(running: Daemon) -> None:
     d = running
     sock = d.ns.connect("127.0.0.1", PORT, timeout=10)
@@ -172,7 +171,7 @@ def test_request_in_flight_survives_a_reload(running: Daemon) -> None:
 # --- stopping ---------------------------------------------------------------------------------------------
 
 
-@needs_netns
+@pytest.mark.root
 def test_sigterm_exits_0_and_leaves_the_bans_in_the_kernel(running: Daemon) -> None:
     d = running
     assert d.request("PUT", "/chain/f2b-web/ipv4/203.0.113.10").status == 201
@@ -191,7 +190,7 @@ def test_sigterm_exits_0_and_leaves_the_bans_in_the_kernel(running: Daemon) -> N
     assert "-A INPUT -j f2b-ssh" in d.rules(6)
 
 
-@needs_netns
+@pytest.mark.root
 def test_sigterm_lets_a_request_in_flight_finish(running: Daemon) -> None:
     d = running
     sock = d.ns.connect("127.0.0.1", PORT, timeout=10)
@@ -214,7 +213,7 @@ def test_sigterm_lets_a_request_in_flight_finish(running: Daemon) -> None:
     assert d.chain_rules("f2b-web") == ["-A f2b-web -s 203.0.113.45/32 -j DROP"]
 
 
-@needs_netns
+@pytest.mark.root
 def test_sigint_exits_0(running: Daemon) -> None:
     assert running.request("PUT", "/chain/f2b-web/ipv4/203.0.113.11").status == 201
     running.drain_notify()
@@ -226,7 +225,7 @@ def test_sigint_exits_0(running: Daemon) -> None:
 # --- systemd ----------------------------------------------------------------------------------------------
 
 
-@needs_netns
+@pytest.mark.root
 def test_ready_carries_a_status(daemon: Daemon) -> None:
     daemon.start(wait=False)
     seen = daemon.wait_notify("READY=1")
@@ -234,7 +233,7 @@ def test_ready_carries_a_status(daemon: Daemon) -> None:
     assert len(status) == 1 and "blocks" in status[0], seen
 
 
-@needs_netns
+@pytest.mark.root
 def test_watchdog_is_fed(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     daemon.start(wait=False, WATCHDOG_USEC="2000000")
@@ -243,7 +242,7 @@ def test_watchdog_is_fed(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> Non
     daemon.wait_notify("WATCHDOG=1", timeout=10)
 
 
-@needs_netns
+@pytest.mark.root
 def test_unread_notify_socket_never_stalls_the_daemon(daemon: Daemon) -> None:
     # A manager that stops reading fills the datagram queue (about 10 messages); notify must
     # drop messages then, never block: a blocking send would freeze every thread.
@@ -256,8 +255,7 @@ def test_unread_notify_socket_never_stalls_the_daemon(daemon: Daemon) -> None:
     assert daemon.stop() == 0
 
 
-@needs_netns
-@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate")
+@pytest.mark.root
 def test_socket_activation_through_systemd_socket_activate(daemon: Daemon) -> None:
     d = daemon
     d.config["listen"] = "127.0.0.1:9999"
@@ -296,7 +294,7 @@ def test_socket_activation_through_systemd_socket_activate(daemon: Daemon) -> No
 PARTIAL_CLIENT_HELLO = bytes.fromhex("16030100c4010000c00303") + b"\x00" * 16
 
 
-@needs_netns
+@pytest.mark.root
 def test_silent_and_partial_clients_do_not_stall_others(daemon: Daemon) -> None:
     d = daemon
     d.config["limits"]["request_timeout"] = 30  # far longer than the client timeout below
@@ -321,46 +319,94 @@ def test_silent_and_partial_clients_do_not_stall_others(daemon: Daemon) -> None:
             sock.close()
 
 
-@needs_netns
-def test_connection_cap(daemon: Daemon) -> None:
+@pytest.mark.root
+def test_a_full_pool_takes_back_the_oldest_waiting_connection(daemon: Daemon) -> None:
     d = daemon
-    d.config["limits"]["max_connections"] = 3
-    d.config["limits"]["request_timeout"] = 30
+    d.config["limits"].update(max_connections=3, trusted_clients=[], handshake_timeout=30)
     d.start()
-    idle = [d.ns.connect("127.0.0.1", PORT) for _ in range(3)]
-    # The accept loop takes connections in order, so these three hold every slot.
-    fourth = d.ns.connect("127.0.0.1", PORT)
+    silent = [d.ns.connect("127.0.0.1", PORT, source=f"127.0.0.{i}") for i in (2, 3, 4)]
     try:
-        assert closed_by_peer(fourth, 5), "the connection over the cap was not closed"
-        for sock in idle:
-            assert not closed_by_peer(sock, 0.1)
+        time.sleep(0.3)  # admitted in order
+        # A real client still gets in: it takes back the slot of the oldest silent connection.
+        r = request_until_served(d, time.monotonic() + 10)
+        assert r.status == 200, r
+        assert closed_by_peer(silent[0], 5), "the oldest silent connection kept its slot"
+        assert not closed_by_peer(silent[2], 0.1)
     finally:
-        fourth.close()
-        for sock in idle:
+        for sock in silent:
             sock.close()
-    r = request_until_served(d, time.monotonic() + 10)
-    assert r.status == 200, r
 
 
-@needs_netns
-def test_idle_connections_are_closed_after_request_timeout(running: Daemon) -> None:
-    d = running
-    assert d.config["limits"]["request_timeout"] == 3
+@pytest.mark.root
+def test_per_client_cap(daemon: Daemon) -> None:
+    d = daemon
+    d.config["limits"].update(max_connections_per_client=2, trusted_clients=[], handshake_timeout=30)
+    d.start()
+    held = [d.ns.connect("127.0.0.1", PORT) for _ in range(2)]
+    try:
+        time.sleep(0.3)
+        third = d.ns.connect("127.0.0.1", PORT)
+        assert closed_by_peer(third, 5), "the connection over the per-client cap was not closed"
+        third.close()
+        for sock in held:
+            assert not closed_by_peer(sock, 0.1)
+        # Another address is a client of its own.
+        other = d.context().wrap_socket(d.ns.connect("127.0.0.1", PORT, source="127.0.0.2"),
+                                        server_hostname="127.0.0.1")
+        try:
+            other.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert other.recv(100).startswith(b"HTTP/1.1 200 ")
+        finally:
+            other.close()
+    finally:
+        for sock in held:
+            sock.close()
+    assert "over the per-client limit" in d.log()
+
+
+@pytest.mark.root
+def test_idle_and_silent_connections_are_closed_at_their_phase_deadlines(daemon: Daemon) -> None:
+    d = daemon
+    d.config["limits"].update(idle_timeout=3, handshake_timeout=2)
+    d.start()
     silent = d.ns.connect("127.0.0.1", PORT)
     conn = d.connection()
     try:
         assert d.request("GET", "/version", conn=conn).status == 200
         start = time.monotonic()
+        assert closed_by_peer(silent, 15), "a silent connection was never closed"
         assert closed_by_peer(conn.sock, 15), "an idle keep-alive connection was never closed"
         # Kept alive for a while, not closed straight after the response.
         assert time.monotonic() - start > 1.5
-        assert closed_by_peer(silent, 15), "a silent connection was never closed"
     finally:
         conn.close()
         silent.close()
 
 
-@needs_netns
+@pytest.mark.root
+def test_a_trickled_request_head_is_closed_at_the_header_deadline(daemon: Daemon) -> None:
+    d = daemon
+    d.config["limits"].update(header_timeout=2, request_timeout=30)
+    d.start()
+    tls = d.context().wrap_socket(d.ns.connect("127.0.0.1", PORT, timeout=10), server_hostname="127.0.0.1")
+    try:
+        tls.sendall(b"GET /health HTTP/1.1\r\n")
+        start = time.monotonic()
+        closed = False
+        for i in range(40):  # a header line every 0.25 s: no single read ever waits long
+            try:
+                tls.sendall(b"X-Slow-%d: 1\r\n" % i)
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.25)
+        assert closed or closed_by_peer(tls, 1), "a head that trickles in kept its connection"
+        assert time.monotonic() - start < 6
+    finally:
+        tls.close()
+
+
+@pytest.mark.root
 def test_keep_alive_serves_many_requests_on_one_connection(running: Daemon) -> None:
     d = running
     conn = d.connection()

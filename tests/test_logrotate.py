@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, needs_netns
+from tests.conftest import Daemon
 
 SHIPPED = Path(__file__).resolve().parent.parent / "logrotate" / "web-ipt-d"
 LOGROTATE = shutil.which("logrotate")
@@ -112,8 +112,7 @@ class Load:
         return self.acked
 
 
-@needs_netns
-@pytest.mark.skipif(LOGROTATE is None, reason="needs logrotate")
+@pytest.mark.root
 def test_rotation_under_load_loses_nothing(running, workdir):
     d = running
     log = workdir / "web-ipt-d.log"

@@ -6,9 +6,7 @@ Nothing here writes to the initial namespace: it is only read (inodes, addresses
 from __future__ import annotations
 
 import errno
-import importlib.util
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -24,11 +22,7 @@ except ImportError:  # plain `pytest`, which puts tests/ itself on sys.path
 
 NetNS = harness.NetNS
 
-requires_netns = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("ip") is None,
-    reason="netns: needs root and iproute2's `ip` to create network namespaces",
-)
-pytestmark = requires_netns
+pytestmark = pytest.mark.root
 
 A4, A6 = "198.51.100.1", "2001:db8::1"
 B4, B6 = "198.51.100.2", "2001:db8::2"
@@ -76,7 +70,8 @@ def test_namespace_inode_differs_from_initial(ns):
     seen = ns.run(["stat", "-L", "-c", "%i", "/proc/self/ns/net"]).stdout.strip()
     assert int(seen) == ns.inode
     # refuse_initial_netns() passes inside the namespace ...
-    code = f"import sys; sys.path.insert(0, {str(harness.NSGUARD.parent)!r}); import netns; netns.refuse_initial_netns()"
+    code = (f"import sys; sys.path.insert(0, {str(harness.NSGUARD.parent)!r}); "
+            "import netns; netns.refuse_initial_netns()")
     ns.run([sys.executable, "-c", code])
     # ... and refuses out here when we are in the initial one.
     if harness.current_netns_inode() == initial:
@@ -183,7 +178,6 @@ srv.serve_forever()
 """
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
 def test_https_connection_inside_ns(ns, tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
@@ -225,7 +219,6 @@ def test_close_deletes_namespace_and_stops_processes():
     ns.close()  # idempotent
 
 
-@pytest.mark.skipif(shutil.which("iptables-legacy") is None, reason="iptables-legacy not installed")
 def test_iptables_inside_ns_leaves_initial_untouched(ns):
     def initial_rules() -> tuple[str, str]:
         # Read-only; strip the "# Generated/Completed on <date>" lines.
@@ -244,7 +237,6 @@ def test_iptables_inside_ns_leaves_initial_untouched(ns):
     assert "TESTCHAIN" not in "".join(before)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("iptc") is None, reason="python-iptables not installed")
 def test_python_iptables_inside_ns(ns):
     # The pattern daemon tests will use: python-iptables runs only in the namespace.
     code = "import iptc; iptc.Table(iptc.Table.FILTER).create_chain('PYCHAIN')"

@@ -10,10 +10,10 @@ from typing import Iterator
 
 import pytest
 
-from tests.conftest import APP_PORT, PEER4, PEER6, PORT, SERVER4, SERVER6, Daemon, Listener, needs_netns
+from tests.conftest import APP_PORT, PEER4, PEER6, PORT, SERVER4, SERVER6, Daemon, Listener
 from tests.netns import NetNS, veth_pair
 
-pytestmark = [needs_netns, pytest.mark.backends]
+pytestmark = [pytest.mark.root, pytest.mark.backends]
 
 DROP_WAIT = 1.0  # how long a connect to a dropping host is given before it counts as blocked
 

@@ -15,13 +15,15 @@ from typing import Any, Callable
 import pytest
 
 from webiptd import __version__
-from webiptd.auth import CRYPT_CONTEXT, Authenticator, FailureThrottle
+from webiptd.auth import Authenticator, FailureThrottle
+from webiptd.passwords import context as crypt_context
 from webiptd.commands import (
     Block, Blocked, Entry, FirewallUnavailable, ListChain, Lookup, Unblock, Unblocked, parse_network,
 )
 from webiptd.config import Config, from_mapping
+from webiptd.admission import peer_address
 from webiptd.http import (
-    MAX_TIMEOUT, ROUTES, App, Generation, Response, Runtime, client_address, parse_target, parse_timeout,
+    MAX_TIMEOUT, ROUTES, App, Generation, Response, Runtime, parse_target, parse_timeout,
 )
 
 net = ipaddress.ip_network
@@ -235,15 +237,15 @@ def test_host_bits_are_refused_with_the_right_suggestion(address: str, prefix: s
 
 
 def test_client_address_normalises_what_the_socket_reports() -> None:
-    assert client_address("198.51.100.7") == ip("198.51.100.7")
-    assert client_address("::ffff:198.51.100.7") == ip("198.51.100.7")
-    assert client_address("2001:db8::7") == ip("2001:db8::7")
-    assert client_address("fe80::1%eth0") == ip("fe80::1")
+    assert peer_address("198.51.100.7") == ip("198.51.100.7")
+    assert peer_address("::ffff:198.51.100.7") == ip("198.51.100.7")
+    assert peer_address("2001:db8::7") == ip("2001:db8::7")
+    assert peer_address("fe80::1%eth0") == ip("fe80::1")
 
 
 # -- App: routing and auth order, against a recording stand-in for the worker ----------------
 
-FAST = CRYPT_CONTEXT.using(bcrypt__rounds=4)
+FAST = crypt_context().using(bcrypt__rounds=4)
 PASSWORDS = {"admin": "admin-pw", "f2b": "f2b-pw", "reader": "reader-pw", "faraway": "faraway-pw"}
 HASHES = {name: FAST.hash(pw) for name, pw in PASSWORDS.items()}
 NOW = 1_700_000_000.0

@@ -1,8 +1,8 @@
 """Quick end-to-end check of the fixture: block, look up, list, unblock in a private namespace."""
 
-from tests.conftest import needs_netns
+import pytest
 
-pytestmark = needs_netns
+pytestmark = pytest.mark.root
 
 
 def test_block_lookup_unblock(running):

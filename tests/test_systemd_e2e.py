@@ -1,6 +1,6 @@
 """End to end under a real systemd 252 as PID 1 in a throwaway nspawn container (tests/nspawn.py): the README's
-install steps, socket activation, reload, the journal, stop, and a reboot that restores the bans. The steps run
-in file order on one container, whose firewall is its own (--private-network).
+install steps, socket activation, reload, the journal, stop, the socket's IP access list, and a reboot that
+restores the bans. The steps run in file order on one container, whose firewall is its own (--private-network).
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import pytest
 import yaml
 
 from tests import nspawn, wheelhouse
+from tests.netns import NetNS
 
-pytestmark = pytest.mark.skipif(nspawn.missing_reason() is not None, reason=str(nspawn.missing_reason()))
+# make test installs systemd-container and the rest: a missing tool fails these tests, it does not skip them.
+pytestmark = pytest.mark.root
 
 SRC_INSIDE, WHEELS_INSIDE = "/root/web-ipt-d", "/root/wheelhouse"
 CA = "/etc/web-ipt-d/ca.crt"
@@ -26,11 +28,24 @@ V4, V6 = "203.0.113.7", "2001:db8:ffff::7"
 RULE4, RULE6 = f"-A f2b-web -s {V4}/32 -j DROP", f"-A f2b-web -s {V6}/128 -j DROP"
 CAPS_NET_ADMIN_AND_NET_RAW = (1 << 12) | (1 << 13)
 
+# The socket's access list (docs/socket-access.md): the sample drop-in, installed with the site's line replaced,
+# tried from a namespace linked to the container by a veth, from one allowed and one other address per family.
+IP_ACCESS_SAMPLE = wheelhouse.REPO / "systemd/web-ipt-d.socket.d/ip-access.conf.example"
+IP_ACCESS_DROP_IN = "/etc/systemd/system/web-ipt-d.socket.d/ip-access.conf"
+IP_ACCESS_SITE_LINE = "IPAddressAllow=10.1.2.0/24 2001:db8:1::/64"
+BOX4, BOX6 = "198.51.100.1", "2001:db8::1"
+ALLOWED4, ALLOWED6 = "198.51.100.2", "2001:db8::2"
+DENIED4, DENIED6 = "198.51.100.3", "2001:db8::3"
+REMOTE_BAN = "203.0.113.8"
+CURL_TIMED_OUT = 28  # curl(1) EXIT CODES: "Operation timeout"
+DENIED_WAIT = 2.0  # seconds a denied client waits for an answer to its SYN; an allowed one gets it in milliseconds
+LOG_FILE = "/var/log/web-ipt-d/web-ipt-d.log"
+
 # The README section's commands, run below as written (the wheelhouse by tests/wheelhouse.py);
 # test_readme_gives_these_steps checks the README still gives them.
 README_STEPS = (
     f"PIP_NO_INDEX=1 PIP_FIND_LINKS={WHEELS_INSIDE} make install",
-    "pip wheel --wheel-dir wheelhouse . 'setuptools>=77'",
+    "pip wheel --use-pep517 --wheel-dir wheelhouse . 'setuptools>=77'",
     "web-ipt-d -gen_certs /etc/web-ipt-d -host",
     "chgrp web-ipt-d /etc/web-ipt-d/server.key && chmod 0640 /etc/web-ipt-d/server.key",
     "web-ipt-d -hash_password",
@@ -84,6 +99,20 @@ class Machine:
         body, _, tail = out.rpartition("\n")
         status, seconds = tail.split()
         return int(status), json.loads(body) if body else None, float(seconds)
+
+    def curl_from(self, peer: NetNS, source: str, method: str, path: str, user: str | None = "fail2ban",
+                  connect_timeout: float = 20) -> tuple[int, int]:
+        """(curl's exit code, HTTP status or 0) of one HTTPS request from `source`, an address of `peer`,
+        to the container's veth address of the same family; the certificate is checked for "localhost"."""
+        assert self.box is not None
+        server = f"[{BOX6}]" if ":" in source else BOX4
+        argv = ["curl", "-sS", "--cacert", str(self.box.path(CA)), "--interface", source,
+                "--connect-timeout", str(connect_timeout), "--max-time", "30",
+                "--connect-to", f"localhost:8820:{server}:8820", "-X", method, "-o", "/dev/null", "-w", "%{http_code}"]
+        if user is not None:
+            argv += ["-u", f"{user}:{PASSWORD}"]  # a test-only password, inside a throwaway container
+        proc = peer.run([*argv, f"https://localhost:8820{path}"], check=False)
+        return proc.returncode, int(proc.stdout or 0)
 
     def show(self, unit: str, prop: str) -> str:
         return self.run("systemctl", "show", "-p", prop, "--value", unit).strip()
@@ -216,13 +245,15 @@ def test_reload_applies_a_new_user_with_the_same_main_pid(machine: Machine) -> N
 
 
 def test_journal_and_log_file_have_the_audit_line(machine: Machine) -> None:
-    audit = re.compile(rf"user=fail2ban client=127\.0\.0\.1 action=block chain=f2b-web network={V4}/32 .*result=created")
+    audit = re.compile(rf"user=fail2ban client=127\.0\.0\.1 action=block chain=f2b-web network={V4}/32 "
+                       r".*result=created")
     journal = machine.run("journalctl", "-u", "web-ipt-d", "-o", "cat", "--no-pager")
     assert audit.search(journal), journal[-3000:]
     assert audit.search(machine.run("cat", "/var/log/web-ipt-d/web-ipt-d.log"))
 
 
-def test_stop_keeps_the_bans_and_the_next_request_finds_them(machine: Machine, capsys: pytest.CaptureFixture[str]) -> None:
+def test_stop_keeps_the_bans_and_the_next_request_finds_them(machine: Machine,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
     machine.run("systemctl", "stop", "web-ipt-d.service")
     assert machine.is_active("web-ipt-d.service") == "inactive"
     assert machine.is_active("web-ipt-d.socket") == "active"
@@ -245,6 +276,85 @@ def test_stop_keeps_the_bans_and_the_next_request_finds_them(machine: Machine, c
     assert status == 200 and entry["network"] == f"{V4}/32"
     rules = machine.rules()
     assert rules.count(RULE4) == 1 and rules.count(RULE6) == 1
+
+
+def test_socket_access_list_drops_other_addresses_before_the_daemon(machine: Machine, peer: NetNS) -> None:
+    assert machine.box is not None
+    machine.box.link(peer, [f"{BOX4}/24", f"{BOX6}/64"],
+                     [f"{ALLOWED4}/24", f"{DENIED4}/24", f"{ALLOWED6}/64", f"{DENIED6}/64"])
+    log = machine.box.path(LOG_FILE)
+    level: list[str] = []
+
+    def log_debug(config: dict[str, Any]) -> None:
+        # At DEBUG the daemon logs every request with its client address, so the log shows whom it saw.
+        level.append(config["log"]["level"])
+        config["log"]["level"] = "DEBUG"
+
+    machine.edit_config(log_debug)
+    machine.run("systemctl", "try-reload-or-restart", "web-ipt-d")  # not running: its next start reads it
+    try:
+        # Before the drop-in: every address gets in, and the log names it.
+        for source in (DENIED4, DENIED6):
+            assert machine.curl_from(peer, source, "GET", "/health", user=None) == (0, 200), source
+        assert DENIED4 in log.read_text() and DENIED6 in log.read_text()
+
+        # The sample drop-in, as docs/socket-access.md installs it: copied, the site's line edited, daemon-reload.
+        sample = IP_ACCESS_SAMPLE.read_text()
+        assert IP_ACCESS_SITE_LINE in sample
+        machine.run("mkdir", "-p", str(Path(IP_ACCESS_DROP_IN).parent))
+        machine.box.path(IP_ACCESS_DROP_IN).write_text(
+            sample.replace(IP_ACCESS_SITE_LINE, f"IPAddressAllow={ALLOWED4} {ALLOWED6}"))
+        machine.run("systemctl", "daemon-reload")
+        assert set(machine.show("web-ipt-d.socket", "IPAddressDeny").split()) == {"0.0.0.0/0", "::/0"}
+        assert set(machine.show("web-ipt-d.socket", "IPAddressAllow").split()) == {
+            "127.0.0.0/8", "::1/128", f"{ALLOWED4}/32", f"{ALLOWED6}/128"}
+        seen = log.stat().st_size
+
+        # Stopped, so the next connection would start it: a denied SYN is dropped in the kernel, unanswered
+        # (curl times out; no refusal, no TLS), and systemd never even starts the service for it.
+        machine.run("systemctl", "stop", "web-ipt-d.service")
+        for source in (DENIED4, DENIED6):
+            started = time.monotonic()
+            assert machine.curl_from(peer, source, "GET", "/health", user=None, connect_timeout=DENIED_WAIT) == (
+                CURL_TIMED_OUT, 0), f"{source} got in: no BPF program on the socket? {_bpf_firewall_lines(machine)!r}"
+            assert time.monotonic() - started >= DENIED_WAIT
+        assert machine.is_active("web-ipt-d.service") == "inactive"
+
+        # An allowed address gets in, starts the service and blocks; the audit line names it.
+        assert machine.curl_from(peer, ALLOWED4, "PUT", f"/chain/f2b-web/ipv4/{REMOTE_BAN}") == (0, 201)
+        assert machine.is_active("web-ipt-d.service") == "active"
+        assert machine.curl_from(peer, ALLOWED6, "GET", "/health", user=None) == (0, 200)
+        # localhost stays allowed: a fail2ban on the machine itself.
+        assert machine.curl("GET", "/health", user=None)[0] == 200
+        assert machine.curl("GET", "/health", user=None, host="[::1]")[0] == 200
+        # Running, the connections it accepts carry the socket's access list too.
+        assert machine.curl_from(peer, DENIED4, "GET", "/health", user=None, connect_timeout=DENIED_WAIT) == (
+            CURL_TIMED_OUT, 0)
+
+        with open(log, "rb") as f:
+            f.seek(seen)
+            since = f.read().decode(errors="replace")
+        assert ALLOWED4 in since and ALLOWED6 in since
+        assert DENIED4 not in since and DENIED6 not in since
+        journal = machine.run("journalctl", "-u", "web-ipt-d", "-o", "cat", "--no-pager")
+        assert re.search(rf"user=fail2ban client=(::ffff:)?{re.escape(ALLOWED4)} action=block chain=f2b-web "
+                         rf"network={REMOTE_BAN}/32 .*result=created", journal), journal[-3000:]
+
+        # Taking the drop-in away is live too.
+        machine.run("rm", IP_ACCESS_DROP_IN)
+        machine.run("systemctl", "daemon-reload")
+        assert machine.curl_from(peer, DENIED4, "GET", "/health", user=None) == (0, 200)
+    finally:
+        machine.run("rm", "-f", IP_ACCESS_DROP_IN)
+        machine.run("systemctl", "daemon-reload")
+        machine.edit_config(lambda c: c["log"].update(level=level[0]))
+        machine.run("systemctl", "try-reload-or-restart", "web-ipt-d")
+
+
+def _bpf_firewall_lines(machine: Machine) -> str:
+    """What systemd said about BPF firewalling this boot: once, for the first unit with an access list, and in a
+    container only at debug level when bpf(2) is refused (see tests/nspawn.py)."""
+    return machine.run("journalctl", "-b", "-o", "cat", "--no-pager", "-g", "IP firewall|BPF", check=False)
 
 
 def test_reboot_restores_the_bans_at_boot_before_the_network(machine: Machine) -> None:

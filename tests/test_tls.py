@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PKI, PORT, Daemon, make_pki, needs_netns
+from tests.conftest import PKI, PORT, Daemon, make_pki
 
-pytestmark = needs_netns
+pytestmark = pytest.mark.root
 
 
 def handshake(daemon: Daemon, ctx: ssl.SSLContext, host: str = "127.0.0.1") -> ssl.SSLSocket:
@@ -176,3 +176,4 @@ def test_client_certificate_required_when_client_ca_is_set(client_ca_daemon: Dae
         assert r.status == 200, r
     finally:
         conn.close()
+

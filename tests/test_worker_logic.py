@@ -19,7 +19,8 @@ from typing import Any, Iterable, Iterator, Mapping
 import pytest
 
 from webiptd.commands import (
-    Block, Blocked, BulkBlock, Entry, FirewallFull, FirewallUnavailable, ListChain, Lookup, Reconfigure, Unblock, Unblocked,
+    Block, Blocked, BulkBlock, Entry, FirewallFull, FirewallUnavailable, ListChain, Lookup, Reconfigure, Unblock,
+    Unblocked,
 )
 from webiptd.config import Chain, Network
 from webiptd.firewall.backend import Add, CapacityExceeded, Op, Remove

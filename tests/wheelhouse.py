@@ -28,7 +28,7 @@ def prepared(factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(checkout copy, wheelhouse), made on first use in this session.
 
     As the README says: a venv of the system Python, then
-    `pip wheel --wheel-dir wheelhouse . 'setuptools>=77'` (setuptools so that pip can build
+    `pip wheel --use-pep517 --wheel-dir wheelhouse . 'setuptools>=77'` (setuptools so that pip can build
     the project itself with no index).
     """
     base = factory.getbasetemp()
@@ -38,7 +38,7 @@ def prepared(factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         builder, wheels = root / "builder", root / "wheelhouse"
         subprocess.run([str(SYSTEM_PYTHON), "-m", "venv", str(builder)], check=True)
         proc = subprocess.run([str(builder / "bin" / "python"), "-m", "pip", "wheel", "--disable-pip-version-check",
-                               "-q", "--wheel-dir", str(wheels), str(src), "setuptools>=77"],
+                               "--use-pep517", "-q", "--wheel-dir", str(wheels), str(src), "setuptools>=77"],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"building the wheelhouse failed:\n{proc.stdout}\n{proc.stderr}")

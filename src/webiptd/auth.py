@@ -16,17 +16,13 @@ import threading
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Mapping
 
-from passlib.context import CryptContext
+from webiptd import passwords
 
 if TYPE_CHECKING:
     from webiptd.config import Address, User
 
 logger = logging.getLogger(__name__)
 
-CRYPT_CONTEXT = CryptContext(
-    schemes=["bcrypt", "argon2", "sha512_crypt", "sha256_crypt", "pbkdf2_sha256"],
-    default="bcrypt",
-)
 MAX_HEADER_LENGTH = 4096
 MAX_CACHED = 10_000
 
@@ -54,10 +50,6 @@ def parse_basic(header: str | None) -> tuple[str, str]:
     return user, password
 
 
-def hash_password(password: str) -> str:
-    return CRYPT_CONTEXT.hash(password)
-
-
 _dummy_hash: str | None = None
 _dummy_lock = threading.Lock()
 
@@ -67,39 +59,64 @@ def _dummy() -> str:
     global _dummy_hash
     with _dummy_lock:
         if _dummy_hash is None:
-            _dummy_hash = CRYPT_CONTEXT.hash(secrets.token_urlsafe(24))
+            _dummy_hash = passwords.hash_password(secrets.token_urlsafe(24))
         return _dummy_hash
 
 
+class _Verify:
+    """One verification in flight; callers with the same credential wait for it instead of paying their own."""
+
+    __slots__ = ("done", "ok")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.ok = False
+
+
 class Authenticator:
-    """Verifies credentials for one config's users, caching successes under a keyed MAC."""
+    """Verifies credentials for one config's users, caching successes under a keyed MAC.
+
+    A hash is verified once per credential however many requests bring it at the same time ("single
+    flight"): the others wait for that verify. Only a success is cached, so a wrong password costs a
+    verify each time it is tried after the one in flight, and the caller counts each failure.
+    """
 
     def __init__(self, users: Mapping[str, User]):
         self._users = users
         # The cache holds HMAC(random key, user, password): no plaintext, useless outside this process.
         self._key = secrets.token_bytes(32)
         self._verified: set[bytes] = set()
+        self._in_flight: dict[bytes, _Verify] = {}
         self._lock = threading.Lock()
 
     def authenticate(self, header: str | None) -> User:
         name, password = parse_basic(header)
         user = self._users.get(name)
         tag = hmac.new(self._key, f"{name}\0{password}".encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
-        if user is not None:
-            with self._lock:
-                if tag in self._verified:
-                    return user
-        try:
-            ok = CRYPT_CONTEXT.verify(password, user.password_hash if user is not None else _dummy())
-        except (ValueError, TypeError):
-            # passlib refuses some inputs (e.g. over-long passwords); that is a failed login, not a 500.
-            ok = False
-        if user is None or not ok:
-            raise AuthFailure("unknown user or wrong password")
         with self._lock:
-            if len(self._verified) >= MAX_CACHED:
-                self._verified.clear()
-            self._verified.add(tag)
+            if user is not None and tag in self._verified:
+                return user
+            flight = self._in_flight.get(tag)
+            leader = flight is None
+            if flight is None:
+                flight = self._in_flight[tag] = _Verify()
+        if leader:
+            try:
+                # An unknown user costs a verify of a dummy hash, like a known one, and always fails.
+                ok = passwords.verify(password, user.password_hash if user is not None else _dummy())
+                flight.ok = ok and user is not None
+            finally:
+                with self._lock:
+                    if flight.ok:
+                        if len(self._verified) >= MAX_CACHED:
+                            self._verified.clear()
+                        self._verified.add(tag)
+                    del self._in_flight[tag]
+                flight.done.set()
+        else:
+            flight.done.wait()
+        if not flight.ok or user is None:
+            raise AuthFailure("unknown user or wrong password")
         return user
 
 

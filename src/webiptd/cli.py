@@ -97,7 +97,7 @@ def check_config(path: Path) -> int:
 
 
 def hash_password() -> int:
-    from webiptd.auth import hash_password as make_hash
+    from webiptd.passwords import hash_password as make_hash
 
     if sys.stdin.isatty():
         password = getpass.getpass("Password: ")

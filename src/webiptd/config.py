@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from webiptd.auth import CRYPT_CONTEXT
+from webiptd import passwords
 
 logger = logging.getLogger(__name__)
 
@@ -113,13 +113,19 @@ class Log:
 
 @dataclass(frozen=True)
 class Limits:
-    max_connections: int = 64
-    request_timeout: float = 10.0
+    max_connections: int = 128  # connection slots for clients outside trusted_clients
+    request_timeout: float = 10.0  # for each read of a body and each write of a response
     worker_timeout: float = 5.0
     auth_failures: int = 10
     auth_window: int = 60
     max_bulk_items: int = 10_000
     kernel_check: float = 5.0  # seconds between looks at whether the kernel still has every block
+    max_connections_per_client: int = 8  # of max_connections, per IPv4 address or IPv6 /64
+    trusted_clients: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    trusted_connections: int = 32  # slots only trusted_clients may use, with no per-client cap among them
+    handshake_timeout: float = 5.0  # for the whole TLS handshake
+    header_timeout: float = 10.0  # for the whole request line and header section
+    idle_timeout: float = 15.0  # for a keep-alive connection waiting for its next request
 
 
 @dataclass(frozen=True)
@@ -252,21 +258,10 @@ class _Reader:
         return self.take(key, value, convert, None)
 
     def readable_file(self, key: str, value: Any) -> Path | None:
-        p = self.take(key, value, self.path, None)
+        p: Path | None = self.take(key, value, self.path, None)
         if p is not None and not os.access(p, os.R_OK):
             self.problem(key, "file is missing or unreadable", str(p))
         return p
-
-
-def _well_formed_hash(text: str) -> bool:
-    """A complete hash of a supported scheme; a truncated paste would otherwise fail every login."""
-    scheme = CRYPT_CONTEXT.identify(text)
-    if scheme is None:
-        return False
-    try:
-        return CRYPT_CONTEXT.handler(scheme).from_string(text).checksum is not None
-    except ValueError:
-        return False
 
 
 def _bool(value: Any) -> bool:
@@ -318,8 +313,9 @@ TLS_KEYS = dict.fromkeys(["cert", "key", "min_version", "client_ca", "client_cer
 USER_KEYS = dict.fromkeys(["password_hash", "chains", "allow_from", "read_only"])
 CHAIN_KEYS = dict.fromkeys(["hooks", "target", "backend", "maxelem", "priority"])
 LOG_KEYS = dict.fromkeys(["file", "level"])
-LIMIT_KEYS = dict.fromkeys(["max_connections", "request_timeout", "worker_timeout", "auth_failures", "auth_window",
-                            "max_bulk_items", "kernel_check"])
+LIMIT_KEYS = dict.fromkeys(["max_connections", "max_connections_per_client", "trusted_clients", "trusted_connections",
+                            "handshake_timeout", "header_timeout", "idle_timeout", "request_timeout",
+                            "worker_timeout", "auth_failures", "auth_window", "max_bulk_items", "kernel_check"])
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -383,7 +379,8 @@ def from_mapping(raw: Any, path: Path) -> Config:
                     r.problem(f"tls.{name}", "is required", show=False)
             cert = r.readable_file("tls.cert", tls_raw.get("cert"))
             key_file = r.readable_file("tls.key", tls_raw.get("key"))
-            min_version = r.take("tls.min_version", _yaml_version(tls_raw.get("min_version")), _choice(TLS_VERSIONS), "1.2")
+            min_version = r.take("tls.min_version", _yaml_version(tls_raw.get("min_version")),
+                                 _choice(TLS_VERSIONS), "1.2")
             client_ca = r.readable_file("tls.client_ca", tls_raw.get("client_ca"))
             if client_ca is not None and not any(p.startswith("tls.client_ca") for p in r.problems):
                 try:
@@ -456,7 +453,7 @@ def from_mapping(raw: Any, path: Path) -> Config:
         pw = b.get("password_hash")
         if not isinstance(pw, str) or not pw:
             r.problem(f"{key}.password_hash", "is required: make one with `web-ipt-d -hash_password`", show=False)
-        elif not _well_formed_hash(pw):
+        elif not passwords.well_formed(pw):
             r.problem(f"{key}.password_hash", "is not a supported hash (bcrypt, argon2, sha512_crypt, sha256_crypt, "
                       "pbkdf2_sha256); make one with `web-ipt-d -hash_password`", show=False)
         patterns = r.take(f"{key}.chains", b.get("chains", []), _str_list, [])
@@ -486,9 +483,24 @@ def from_mapping(raw: Any, path: Path) -> Config:
 
     lim = r.mapping("limits", top.get("limits"), LIMIT_KEYS)
     d = Limits()
+    tc_raw = r.take("limits.trusted_clients", lim.get("trusted_clients", [str(n) for n in d.trusted_clients]),
+                    _str_list, [])
+    trusted_clients = tuple(n for i, item in enumerate(tc_raw)
+                            if (n := r.item(f"limits.trusted_clients[{i}]", item, parse_network)) is not None)
     limits = Limits(
-        max_connections=r.take("limits.max_connections", lim.get("max_connections"), _int_range(1, 10000), d.max_connections),
-        request_timeout=r.take("limits.request_timeout", lim.get("request_timeout"), _seconds(0, 3600), d.request_timeout),
+        max_connections=r.take("limits.max_connections", lim.get("max_connections"), _int_range(1, 10000),
+                               d.max_connections),
+        max_connections_per_client=r.take("limits.max_connections_per_client", lim.get("max_connections_per_client"),
+                                          _int_range(1, 10000), d.max_connections_per_client),
+        trusted_clients=trusted_clients,
+        trusted_connections=r.take("limits.trusted_connections", lim.get("trusted_connections"), _int_range(0, 10000),
+                                   d.trusted_connections),
+        handshake_timeout=r.take("limits.handshake_timeout", lim.get("handshake_timeout"), _seconds(0, 3600),
+                                 d.handshake_timeout),
+        header_timeout=r.take("limits.header_timeout", lim.get("header_timeout"), _seconds(0, 3600), d.header_timeout),
+        idle_timeout=r.take("limits.idle_timeout", lim.get("idle_timeout"), _seconds(0, 3600), d.idle_timeout),
+        request_timeout=r.take("limits.request_timeout", lim.get("request_timeout"), _seconds(0, 3600),
+                               d.request_timeout),
         worker_timeout=r.take("limits.worker_timeout", lim.get("worker_timeout"), _seconds(0, 600), d.worker_timeout),
         auth_failures=r.take("limits.auth_failures", lim.get("auth_failures"), _int_range(1, 100000), d.auth_failures),
         auth_window=r.take("limits.auth_window", lim.get("auth_window"), _int_range(1, 86400), d.auth_window),

@@ -21,12 +21,13 @@ from webiptd import __version__, config as config_mod, log, systemd
 from webiptd.auth import Authenticator
 from webiptd.commands import Reconfigure
 from webiptd.config import Config, ConfigError
-from webiptd.http import App, Generation, Runtime, Server
+from webiptd.http import EXPIRE_EVERY, App, Generation, Runtime, Server
 
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 STATUS_EVERY = 10.0
+RECONFIGURE_TIMEOUT = 300.0  # seconds a reload waits for the worker to apply the new chains
 
 
 def bind(listen: config_mod.Listen) -> socket.socket:
@@ -135,7 +136,7 @@ class Daemon:
         app = App(runtime)
         servers = [Server(sock, runtime, app) for sock in socks]
         for srv in servers:
-            threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True,
+            threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": EXPIRE_EVERY}, daemon=True,
                              name=f"accept-{srv.server_address}").start()
 
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -177,7 +178,7 @@ class Daemon:
     def _status(runtime: Runtime, note: str = "") -> str:
         gen = runtime.generation
         text = (f"{runtime.worker.count} blocks in {len(gen.config.chains)} chains, "
-                f"{len(runtime.connections)} connections")
+                f"{len(runtime.admission)} connections")
         return f"{text}; {note}" if note else text
 
     def _reload(self, runtime: Runtime) -> None:
@@ -196,12 +197,23 @@ class Daemon:
         if new.plain_http != old.plain_http:
             logger.warning("plain_http changed; that takes a restart, the old value stays in force")
             new = dataclasses.replace(new, plain_http=old.plain_http, tls=old.tls, ssl_context=old.ssl_context)
+        # The worker takes the new chains first, and only then do requests see the new config: a request
+        # for a chain the reload adds is a 404 until the worker knows that chain, never sent to a default.
+        try:
+            runtime.worker.submit(Reconfigure(tuple(new.chains.values()), new.limits.kernel_check)).result(
+                timeout=RECONFIGURE_TIMEOUT)
+        except Exception as exc:
+            logger.error("reload FAILED: applying the chains of %s failed (%s); still serving the previous "
+                         "config", new.path, exc.__class__.__name__)
+            try:  # the worker may have taken some of the new chains: give it back the ones in force
+                runtime.worker.submit(Reconfigure(tuple(old.chains.values()), old.limits.kernel_check)).result(
+                    timeout=RECONFIGURE_TIMEOUT)
+            except Exception as again:
+                logger.error("restoring the previous chains failed too (%s)", again.__class__.__name__)
+            systemd.notify("READY=1", f"STATUS={self._status(runtime, 'reload FAILED, serving the previous config')}")
+            return
         log.setup(new.log, verbose_stderr=self.verbose)
         runtime.generation = Generation(new, Authenticator(new.users))
-        try:
-            runtime.worker.submit(Reconfigure(tuple(new.chains.values()), new.limits.kernel_check)).result(timeout=300)
-        except Exception:
-            logger.exception("applying the reloaded chains failed")
         logger.info("reloaded %s: %d users, %d chains", new.path, len(new.users), len(new.chains))
         systemd.notify("READY=1", f"STATUS={self._status(runtime, 'reloaded')}")
 
@@ -213,11 +225,10 @@ class Daemon:
         for srv in servers:
             srv.shutdown()
         try:
-            runtime.connections.close_idle()
-            if not runtime.connections.wait_empty(limits.request_timeout):
-                logger.warning("closing %d connections still busy at shutdown", len(runtime.connections))
-                runtime.connections.close_idle(everything=True)
-                runtime.connections.wait_empty(2.0)
+            runtime.admission.close_waiting()
+            if not runtime.admission.wait_empty(limits.request_timeout + limits.worker_timeout):
+                logger.warning("closing %d connections still busy at shutdown", len(runtime.admission))
+                runtime.admission.close_waiting(everything=True)
         finally:
             try:
                 runtime.worker.stop()

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from webiptd import certs, config as config_mod
-from webiptd.auth import hash_password
+from webiptd.passwords import hash_password
 from webiptd.daemon import Daemon, bind
 
 CLONE_NEWNET = 0x40000000

@@ -8,25 +8,29 @@ from __future__ import annotations
 
 import email.utils
 import http.server
-import ipaddress
+import io
 import json
 import logging
 import re
 import socket
 import socketserver
 import ssl
+import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, cast
 
 from webiptd import __version__
-from webiptd.auth import AuthFailure, Authenticator, FailureThrottle
+from webiptd.admission import BODY, BUSY, HEAD, IDLE, Admission, Slot, peer_address
+from webiptd.auth import AuthFailure, Authenticator, FailureThrottle, client_key
 from webiptd.commands import (
-    Block, Blocked, BulkBlock, Command, Entry, FirewallFull, FirewallUnavailable, ListChain, Lookup, Unblock, Unblocked, parse_item, parse_network,
+    Block, Blocked, BulkBlock, Command, Entry, FirewallFull, FirewallUnavailable, ListChain, Lookup, Unblock, Unblocked,
+    parse_item, parse_network,
 )
 from webiptd.config import CHAIN_NAME_RE, Address, Chain, Config, Network, User
 from webiptd.firewall.worker import Worker
+from webiptd.log import Reason
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,16 @@ REQUEST_LINE_RE = re.compile(rb"[!-~]+ [!-~]+ HTTP/1\.[0-9]\r?\n\Z")  # RFC 9112
 # space and tab. A line that ends at EOF without its newline is still a line, as http.client took it.
 HEADER_LINE_RE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\t\x20-\x7e\x80-\xff]*)(?:\r?\n)?\Z")
 MAX_HEADER_LINES = 100  # the blank line included, as http.client counts
+EXPIRE_EVERY = 0.25  # seconds between looks for connections past their phase's deadline
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close(2) sends a reset
+AUTH_FAILED = Reason("authentication failed: client={source} (unknown user, wrong password or bad credentials)",
+                     "authentication failed {n} more times: client={source}")
+THROTTLED = Reason("throttling client={source}: too many failed logins (limits.auth_failures in limits.auth_window)",
+                   "throttling client={source} {n} more times")
+NOT_ALLOWED = Reason("refused a user from client={source}: not in the user's allow_from",
+                     "refused {n} more requests from client={source}: not in the user's allow_from")
+NO_THREAD = Reason("closed a connection from {source}: the system would not start another thread",
+                   "closed {n} connections from {source}: the system would not start another thread")
 
 
 @dataclass(frozen=True)
@@ -72,58 +86,6 @@ class Generation:
     authenticator: Authenticator
 
 
-class ConnectionSlots:
-    """Caps open connections and lets shutdown close the idle ones."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._open: dict[Any, bool] = {}  # socket -> busy
-        self._last_warning = 0.0
-
-    def acquire(self, sock: Any, limit: int) -> bool:
-        with self._cond:
-            if len(self._open) >= limit:
-                now = time.monotonic()
-                if now - self._last_warning > 10:
-                    self._last_warning = now
-                    logger.warning("connection limit of %d reached; refusing new connections", limit)
-                return False
-            self._open[sock] = False
-            return True
-
-    def rebind(self, old: Any, new: Any) -> None:
-        with self._cond:
-            self._open[new] = self._open.pop(old, False)
-
-    def set_busy(self, sock: Any, busy: bool) -> None:
-        # Twice a request, so without the lock: after acquire() only the connection's own thread writes its
-        # entry (rebind, set_busy, release), and one dict store is atomic. close_idle() reads the flag again
-        # right before each shutdown; one that turns busy just after is shut, as when it waited for the lock.
-        if sock in self._open:
-            self._open[sock] = busy
-
-    def release(self, sock: Any) -> None:
-        with self._cond:
-            self._open.pop(sock, None)
-            self._cond.notify_all()
-
-    def close_idle(self, everything: bool = False) -> None:
-        with self._cond:
-            for sock in list(self._open):
-                if everything or self._open.get(sock) is False:
-                    try:
-                        sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-
-    def wait_empty(self, timeout: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._open, timeout)
-
-    def __len__(self) -> int:
-        return len(self._open)
-
-
 class Runtime:
     """The one mutable holder: the current generation (swapped whole), the throttle and the worker."""
 
@@ -131,15 +93,8 @@ class Runtime:
         self.generation = generation
         self.worker = worker
         self.throttle = throttle or FailureThrottle()
-        self.connections = ConnectionSlots()
+        self.admission = Admission()
         self.stopping = False
-
-
-def client_address(host: str) -> Address:
-    address = ipaddress.ip_address(host.split("%", 1)[0])
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
 def parse_target(target: str) -> tuple[list[str], list[tuple[str, str]]]:
@@ -247,7 +202,7 @@ class App:
         if isinstance(user, Response):
             return user
         if not user.may_connect_from(client):
-            logger.warning("user=%s refused from client=%s (not in allow_from)", user.name, client)
+            self.runtime.admission.events.event(NOT_ALLOWED, client_key(client))
             return error(403, "forbidden", "this user may not connect from this address")
 
         if segments[0] == "version":
@@ -324,7 +279,7 @@ class App:
         limit = gen.config.limits.max_bulk_items
         try:
             items = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested some 1,000 deep
             return error(400, "bad_body", "the body must be a JSON list of addresses or networks")
         if not isinstance(items, list) or not items:
             return error(400, "bad_body", "the body must be a non-empty JSON list of addresses or networks")
@@ -392,12 +347,13 @@ class App:
                 return cert_user
         try:
             return gen.authenticator.authenticate(authorization)
-        except AuthFailure as exc:
+        except AuthFailure:
             if authorization is not None:
-                logger.warning("authentication failed: client=%s reason=%s", client, exc)
+                events = self.runtime.admission.events
+                source = client_key(client)
+                events.event(AUTH_FAILED, source)
                 if throttle.record_failure(client, self.clock(), limits.auth_failures, limits.auth_window):
-                    logger.warning("throttling client=%s for %ds after %d failed logins",
-                                   client, limits.auth_window, limits.auth_failures)
+                    events.event(THROTTLED, source)
             return UNAUTHORIZED
 
     def _run(self, gen: Generation, command: Command, extra_time: float = 0.0) -> Any:
@@ -455,33 +411,54 @@ class Handler(http.server.BaseHTTPRequestHandler):
     sys_version = ""
     server: "Server"
 
-    def setup(self) -> None:
-        super().setup()
+    def __init__(self, request: Any, client_address: Any, server: Server, slot: Slot, peer: Address,
+                 peer_cert: Mapping[str, Any]):
         # Per connection, not per request: neither the peer nor its verified certificate changes.
-        self._peer: Address | None = None
+        self.slot = slot
+        self._peer = peer
+        self._peer_cert = peer_cert  # as getpeercert() gave it right after the handshake: {} without one
         self._cert_cn: tuple[ssl.SSLContext | None, str | None] | None = None
+        super().__init__(request, client_address, server)
+
+    def handle(self) -> None:
+        """Requests until the connection closes, each phase under its admission deadline (admission.py);
+        the socket timeout is only a backstop for the same bound."""
+        runtime = self.server.runtime
+        admission = runtime.admission
+        self.close_connection = True
+        first = True
+        try:
+            while True:
+                limits = runtime.generation.config.limits
+                if not first:
+                    if not admission.enter(self.slot, IDLE, limits.idle_timeout):
+                        return
+                    self.connection.settimeout(limits.idle_timeout)
+                    # The next request's first byte, or the end of the stream (rfile is a BufferedReader).
+                    if not cast(io.BufferedReader, self.rfile).peek(1):
+                        return
+                if not admission.enter(self.slot, HEAD, limits.header_timeout):
+                    return
+                self.connection.settimeout(limits.header_timeout)
+                self.handle_one_request()
+                if self.close_connection or runtime.stopping:
+                    return
+                first = False
+        except OSError:
+            pass  # the peer went, a backstop timeout fired, or admission shut the connection
 
     def handle_one_request(self) -> None:
-        slots = self.server.runtime.connections
-        try:
-            self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
-            if not self.raw_requestline:
-                self.close_connection = True
-                return
-            slots.set_busy(self.connection, True)
-            if len(self.raw_requestline) > MAX_REQUEST_LINE:
-                self.command, self.requestline = "", ""
-                self.send_error(414, "the request line is too long")
-                return
-            head = self._read_head()
-            if head is not None:
-                self._dispatch(head)
-        except (TimeoutError, ConnectionError, ssl.SSLError):
+        self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
+        if not self.raw_requestline:
             self.close_connection = True
-        finally:
-            slots.set_busy(self.connection, False)
-            if self.server.runtime.stopping:
-                self.close_connection = True
+            return
+        if len(self.raw_requestline) > MAX_REQUEST_LINE:
+            self.command, self.requestline = "", ""
+            self.send_error(414, "the request line is too long")
+            return
+        head = self._read_head()
+        if head is not None:
+            self._dispatch(head)
 
     def _read_head(self) -> RequestHead | None:
         """Parse the request line and the header section strictly (RFC 9112 sections 3 and 5); None once an
@@ -495,7 +472,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         raw = self.raw_requestline
         if not REQUEST_LINE_RE.match(raw):
             self.command, self.requestline = "", str(raw, "latin-1").rstrip("\r\n")
-            if not self.requestline.split():
+            if not raw.endswith(b"\n"):
+                self.close_connection = True  # the stream ended within the request line: nobody to answer
+                return None
+            if not raw.strip(b"\r\n"):
                 self.close_connection = True  # a blank line, not a request: close quietly, as the stdlib did
                 return None
             # Also refuses what parse_request() took: any whitespace as separator, raw non-ASCII, HTTP/0.9, 2.0.
@@ -518,7 +498,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             left -= len(field)
             if left < 0:
                 break
-            if field in (b"\r\n", b"\n", b""):  # the end of the header section, or of the stream
+            if not field.endswith(b"\n"):
+                # The stream ended (or admission shut it) before the blank line: an incomplete request is
+                # not acted on, whatever it already said. Close without an answer, as for a blank line.
+                self.close_connection = True
+                return None
+            if field in (b"\r\n", b"\n"):  # the end of the header section
                 self.close_connection = version == "HTTP/1.0"
                 if connection is not None and connection.lower() == "close":
                     self.close_connection = True
@@ -563,18 +548,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if length > limit:
             self.send_error(413, "the request body is too large")
             return
+        admission = self.server.runtime.admission
+        limits = self.server.runtime.generation.config.limits
+        if length:
+            if not admission.enter(self.slot, BODY, limits.request_timeout):
+                self.close_connection = True
+                return
+            self.connection.settimeout(limits.request_timeout)
         body = self.rfile.read(length) if length else b""
         if len(body) < length:
             self.close_connection = True
             return
+        # The request is whole: from here on its slot is not taken back, and it is answered or, if
+        # admission took the slot first, not acted on at all.
+        if not admission.enter(self.slot, BUSY, None):
+            self.close_connection = True
+            return
+        self.connection.settimeout(limits.request_timeout)  # for each write of the answer
         if method != "POST":
             body = b""  # no other route takes a body; it was read only to keep the connection in step
         auths = head.authorizations
         authorization = auths[0] if len(auths) == 1 else ("" if auths else None)
-        peer = self._peer
-        if peer is None:
-            peer = self._peer = client_address(self.client_address[0])
-        response = self.server.app.handle(method, head.target, authorization, peer, self._client_cert_cn(), body)
+        response = self.server.app.handle(method, head.target, authorization, self._peer, self._client_cert_cn(), body)
         self._write(response, head=method == "HEAD")
 
     def _client_cert_cn(self) -> str | None:
@@ -592,15 +587,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _verified_cn(self, current: ssl.SSLContext | None) -> str | None:
         conn = self.connection
-        if not isinstance(conn, ssl.SSLSocket) or current is None:
+        if not isinstance(conn, ssl.SSLSocket) or current is None or not self._peer_cert:
             return None
         if conn.context is not current and (
                 conn.context.get_ca_certs(binary_form=True) != current.get_ca_certs(binary_form=True)):
             return None
-        cert: Any = conn.getpeercert()  # {} unless the handshake asked for and verified a certificate
-        if not cert:
-            return None
-        names = [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
+        names = [value for rdn in self._peer_cert.get("subject", ()) for key, value in rdn if key == "commonName"]
         return names[0] if len(names) == 1 else None  # several CNs: ambiguous, so none
 
     def _write(self, response: Response, head: bool = False, close: bool = False) -> None:
@@ -642,42 +634,74 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 class Server(socketserver.TCPServer):
-    """Serves one listening socket; each connection gets its own thread for TLS and HTTP."""
+    """Serves one listening socket. Admission decides on each connection before any thread or TLS is spent
+    on it; an admitted one gets a thread of its own for the TLS handshake and its requests."""
 
     def __init__(self, sock: socket.socket, runtime: Runtime, app: App):
-        super().__init__(sock.getsockname()[:2], Handler, bind_and_activate=False)
+        # process_request() makes each Handler itself, with its slot: the class given here is never used.
+        super().__init__(sock.getsockname()[:2], socketserver.BaseRequestHandler, bind_and_activate=False)
         self.socket.close()
         self.socket = sock
         self.runtime = runtime
         self.app = app
+        self._last_expire = 0.0
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        limits = self.runtime.generation.config.limits
-        if self.runtime.stopping or not self.runtime.connections.acquire(request, limits.max_connections):
+        runtime = self.runtime
+        admission = runtime.admission
+        slot = None
+        if not runtime.stopping:
+            try:
+                peer = peer_address(client_address[0])
+            except ValueError:
+                peer = None  # not an IP peer; systemd passed us something odd
+            if peer is not None:
+                slot = admission.admit(request, peer, runtime.generation.config.limits)
+        if slot is None:
+            # Reset rather than close: no TIME_WAIT left behind for each connection a flood makes.
+            request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
             request.close()
             return
-        threading.Thread(target=self._serve, args=(request, client_address), daemon=True,
-                         name=f"conn-{client_address[0]}").start()
-
-    def _serve(self, request: socket.socket, addr: Any) -> None:
-        conn: Any = request
-        gen = self.runtime.generation
         try:
-            request.settimeout(gen.config.limits.request_timeout)
+            threading.Thread(target=self._serve, args=(request, client_address, slot, peer), daemon=True,
+                             name=f"conn-{client_address[0]}").start()
+        except RuntimeError:  # no more threads: the system's limit, not ours
+            admission.release(slot)
+            request.close()
+            admission.events.event(NO_THREAD, slot.source)
+
+    def service_actions(self) -> None:
+        # The accept loop wakes at least every poll_interval: a few times a second, end connections past
+        # their deadline. With several listeners, whichever loop comes first does it.
+        now = time.monotonic()
+        if now - self._last_expire >= EXPIRE_EVERY:
+            self._last_expire = now
+            self.runtime.admission.expire()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        logger.exception("accepting a connection from %s failed", client_address[0])
+
+    def _serve(self, request: socket.socket, addr: Any, slot: Slot, peer: Address) -> None:
+        conn: Any = request
+        config = self.runtime.generation.config
+        try:
+            request.settimeout(config.limits.handshake_timeout)  # a backstop: admission bounds the phase
             if request.family in (socket.AF_INET, socket.AF_INET6):
                 request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if gen.config.ssl_context is not None:
-                conn = gen.config.ssl_context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
-                self.runtime.connections.rebind(request, conn)
+            peer_cert: Mapping[str, Any] = {}
+            if config.ssl_context is not None:
+                conn = config.ssl_context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
                 conn.do_handshake()
-            Handler(conn, addr, self)
-        except (OSError, ssl.SSLError) as exc:
+                # Here, where the handshake is known to be finished; {} unless a certificate was verified.
+                peer_cert = conn.getpeercert() or {}
+            Handler(conn, addr, self, slot, peer, peer_cert)
+        except OSError as exc:  # ssl.SSLError and TimeoutError included
             logger.debug("connection from %s ended: %s", addr[0], exc)
         except Exception:
             logger.exception("connection from %s failed", addr[0])
         finally:
+            self.runtime.admission.release(slot)  # before close: the descriptor cannot be reused under it
             try:
                 conn.close()
             finally:
                 request.close()
-                self.runtime.connections.release(conn)

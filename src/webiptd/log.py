@@ -13,7 +13,7 @@ import logging.handlers
 import sys
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
 from webiptd.config import Log
 
@@ -58,7 +58,7 @@ class _FlushOncePerBatch:
             super().flush()  # type: ignore[misc]
 
 
-class _StreamHandler(_FlushOncePerBatch, logging.StreamHandler):  # type: ignore[type-arg]
+class _StreamHandler(_FlushOncePerBatch, logging.StreamHandler):
     pass
 
 
@@ -115,3 +115,69 @@ def setup(log: Log, *, verbose_stderr: bool = False) -> None:
         root.addHandler(handler)
     # The audit trail is kept whatever the level, because it is the record of every change.
     logging.getLogger(AUDIT).setLevel(logging.INFO)
+
+
+class Reason(NamedTuple):
+    """What a client caused, as a warning: `one` for the first event, `many` (with {n}) for a period's count."""
+
+    one: str
+    many: str
+
+
+class Summarized:
+    """Warnings that clients cause, written at most once a period per (reason, source), with a count.
+
+    The first event of a (reason, source) is written at once, so an attack shows when it starts; later
+    ones are counted and written as one line when the period is over ("closed 412 connections from
+    198.51.100.7 over the per-client limit in the last 60 s"). At most `max_sources` sources are named at
+    a time; events from any others are counted per reason under "other sources". So however long an
+    attack lasts and from however many addresses, the log grows by a bounded number of lines a period.
+    `flush()` writes what is due; the server calls it a few times a second.
+    """
+
+    def __init__(self, logger: logging.Logger, period: float = 60.0, max_sources: int = 32,
+                 clock: Callable[[], float] = time.monotonic):
+        self._logger = logger
+        self._period = period
+        self._max_sources = max_sources
+        self._clock = clock
+        self._lock = threading.Lock()
+        # (reason, source) -> [start of the current period, events counted since then]
+        self._named: dict[tuple[Reason, str], list[float]] = {}
+        self._others: dict[Reason, list[float]] = {}
+
+    def event(self, reason: Reason, source: str) -> None:
+        now = self._clock()
+        with self._lock:
+            entry = self._named.get((reason, source))
+            if entry is not None:
+                entry[1] += 1
+                return
+            if len(self._named) < self._max_sources:
+                self._named[(reason, source)] = [now, 0]
+                first = True
+            else:
+                other = self._others.setdefault(reason, [now, 0])
+                other[1] += 1
+                first = False
+        if first:
+            self._logger.warning("%s", reason.one.format(source=source))
+
+    def flush(self) -> None:
+        now = self._clock()
+        lines = []
+        with self._lock:
+            for key, entry in list(self._named.items()):
+                if now - entry[0] < self._period:
+                    continue
+                if entry[1]:
+                    lines.append(key[0].many.format(n=int(entry[1]), source=key[1]))
+                    entry[0], entry[1] = now, 0
+                else:
+                    del self._named[key]  # a quiet period: the next event is written at once again
+            for reason, entry in list(self._others.items()):
+                if now - entry[0] >= self._period:
+                    lines.append(reason.many.format(n=int(entry[1]), source="other sources"))
+                    del self._others[reason]
+        for line in lines:
+            self._logger.warning("%s in the last %d s", line, self._period)

@@ -1,4 +1,4 @@
-"""The small interface every firewall backend implements, the operations it applies, and the router.
+"""The small interface every firewall backend implements, and the router.
 
 The worker decides what to change; a backend only knows how. Each chain names its
 backend in the config (iptables, ipset or nftables); `ByChain` sends each chain's
@@ -8,41 +8,17 @@ operations to that backend, so the worker sees one backend.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Protocol
 
 from webiptd.config import Chain, Network
 
+# The operations are in ops.py, below the backends (which import them from there, not from here:
+# this module imports the backends); they are named here too for the worker.
+from webiptd.firewall.ops import Add, CapacityExceeded, Op, Remove, inverse
+
+__all__ = ["Add", "Backend", "ByChain", "CapacityExceeded", "Op", "Remove", "inverse", "make_backend"]
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Add:
-    """Add an entry; on a backend with kernel timeouts, an existing entry takes the new expiry."""
-
-    chain: str
-    network: Network
-    target: str
-    expires_at: float | None = None
-    # Set by the worker when the kernel holds the entry already and only its expiry changes, so a set
-    # backend can replace the element rather than probe for it. Not part of equality: the same entry.
-    replaces: bool = field(default=False, compare=False)
-
-
-@dataclass(frozen=True)
-class Remove:
-    """Remove an entry; one that is already gone (expired in the kernel, say) is not an error."""
-
-    chain: str
-    network: Network
-    target: str
-
-
-Op = Add | Remove
-
-
-class CapacityExceeded(Exception):
-    """A set is full (its maxelem): the batch fails as a whole and its requests get 507."""
 
 
 class Backend(Protocol):
@@ -83,10 +59,6 @@ def make_backend(name: str) -> Backend:
         from webiptd.firewall.nftables import NftablesBackend
         return NftablesBackend()
     raise ValueError(f"unknown backend {name!r}")
-
-
-def inverse(op: Op) -> Op:
-    return Remove(op.chain, op.network, op.target) if isinstance(op, Add) else Add(op.chain, op.network, op.target)
 
 
 class ByChain:

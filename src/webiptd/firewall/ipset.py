@@ -58,7 +58,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import iptc
 
 from webiptd.config import TARGETS, Chain, Network
-from webiptd.firewall.backend import Add, CapacityExceeded, Op, Remove
+from webiptd.firewall.ops import Add, CapacityExceeded, Op, Remove
 from webiptd.firewall.ipset_netlink import (
     IPSET_CMD_ADD, IPSET_CMD_DEL, IPSET_ERR_EXIST, IPSET_ERR_HASH_FULL, Element, Header, IpsetError, IpsetNetlink,
 )

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Mapping
 import iptc
 
 from webiptd.config import Chain, Network
-from webiptd.firewall.backend import Add, Op, inverse
+from webiptd.firewall.ops import Add, Op, inverse
 
 logger = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from webiptd.config import Chain, Network
-from webiptd.firewall.backend import Add, CapacityExceeded, Op
+from webiptd.firewall.ops import Add, CapacityExceeded, Op
 from webiptd.firewall.host import NFTABLES_MISSING
 
 logger = logging.getLogger(__name__)

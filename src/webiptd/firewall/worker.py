@@ -240,7 +240,8 @@ class Worker:
         self._store = store
         self._chains: dict[str, Chain] = {c.name: c for c in chains}
         self._clock = clock
-        # SimpleQueue (in C) rather than Queue (a Condition per put and get): see Pending. MAX_QUEUE is checked by submit.
+        # SimpleQueue (in C) rather than Queue (a Condition per put and get): see Pending.
+        # MAX_QUEUE is checked by submit.
         self._queue: queue.SimpleQueue[tuple[Any, Pending | None]] = queue.SimpleQueue()
         self._entries = _Entries()
         # (expires_at, tie-breaker, chain, packed network): the counter keeps the comparison from reaching
