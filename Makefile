@@ -7,7 +7,7 @@
 # The set-up is keyed on a stamp in .venv: it runs again only when pyproject.toml or debian-packages.txt
 # changes (or .venv is removed). It installs missing Debian packages only as root.
 #
-# Install web-ipt-d as a systemd service: see README, "Install as a service (systemd)".
+# Install web-ipt-d as a systemd service: see docs/service.md, "Install".
 #
 #   make install                   as root, from a checkout: the venv, units, config, user
 #   make install DESTDIR=/tmp/pkg  stage everything for a package; touches nothing live
@@ -56,9 +56,9 @@ demo: $(DEV_VENV)/.stamp-demo
 test: lint
 	cd $(SRC) && $(DEV_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-# Both checks read their settings from pyproject.toml; ruff: src and tests, mypy: src.
+# Both checks read their settings from pyproject.toml; ruff: src, tests and bench, mypy: src.
 lint: $(DEV_VENV)/.stamp-test
-	cd $(SRC) && $(DEV_VENV)/bin/ruff check --quiet src tests
+	cd $(SRC) && $(DEV_VENV)/bin/ruff check --quiet src tests bench
 	cd $(SRC) && $(DEV_VENV)/bin/mypy
 
 $(DEV_VENV)/.stamp-demo: $(SRC)/pyproject.toml $(PACKAGES)

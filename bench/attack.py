@@ -1,9 +1,6 @@
-"""web-ipt-d under connection floods: what a legitimate client (fail2ban's curl: a new TLS connection per request,
-PUT then DELETE with Basic auth) gets while each attack runs, from another remote address and from localhost.
-
-One command, run as root: `.venv/bin/python bench/attack.py` (see bench/README.md, "Attack"). Every daemon and
-attacker runs in private network namespaces that this script creates and removes. Prints one Markdown table
-and the issue's target checks; not a test (tests/test_attack.py asserts availability).
+"""What a legitimate client (fail2ban's curl: a new TLS connection per PUT and DELETE) gets from web-ipt-d while
+connection floods run against it, from another remote address and from localhost. Not a test: see
+tests/test_attack.py for the assertions.
 """
 
 from __future__ import annotations
@@ -12,7 +9,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import signal
 import sys
@@ -23,15 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-REPO = Path(__file__).resolve().parent.parent
-# tests/ holds the namespace harness, the daemon fixture and the floods; src/ lets a plain checkout run too.
-for _p in (str(REPO / "src"), str(REPO)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+from common import machine_info  # first: it puts src/ and tests/ on sys.path
 
-from tests import flood  # noqa: E402
-from tests.conftest import FAST_HASH, PASSWORDS, PEER4, PORT, SERVER4, Daemon, make_pki  # noqa: E402
-from tests.netns import NetNS, veth_pair  # noqa: E402
+from tests import flood
+from tests.harness import FAST_HASH, PASSWORDS, PEER4, PORT, SERVER4, Daemon, RssSampler, make_pki, proc_status_kib
+from tests.netns import NetNS, veth_pair
 
 ATTACKS = {
     "none": "no attack",
@@ -92,13 +84,13 @@ def run_attack(attack: str, args: argparse.Namespace, pki: Any, hashes: dict[str
             log_before, text_before = flood.count_lines(log_path), len(d.log())
             attack_cm, ramped, report = make_attack(attack, args, peer, peer_if, sources)
             print(f"  {attack}: attacking ...", file=sys.stderr, flush=True)
-            with flood.RssSampler(d.proc.pid) as rss:
+            with RssSampler(d.proc.pid) as rss:
                 with attack_cm:
                     ramped()
                     during = flood.legit_run(clients, args.pairs, addresses, pause=args.pause,
                                              deadline=time.monotonic() + args.budget)
                     attacker = report()
-                hwm = flood.proc_status_kib(d.proc.pid, "VmHWM")
+                hwm = proc_status_kib(d.proc.pid, "VmHWM")
             time.sleep(1.0)  # the attacker's last sockets are reset, and logged; then "afterwards"
             log_lines = flood.count_lines(log_path) - log_before
             alive = d.proc.poll() is None
@@ -196,16 +188,6 @@ def checks(results: Sequence[AttackResult]) -> list[tuple[str, str, bool]]:
                      f"{r.tracebacks} tracebacks",
                      r.alive and r.after["answered"] == r.after["total"] > 0 and r.tracebacks == 0))
     return rows
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return {"nproc": os.cpu_count(), "cpu": cpu, "kernel": platform.release(), "python": platform.python_version(),
-            "loadavg_start": " ".join(Path("/proc/loadavg").read_text().split()[:3])}
 
 
 # -- the command ---------------------------------------------------------------------------

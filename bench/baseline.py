@@ -1,8 +1,6 @@
-"""The baseline for bench/run.py: a stdlib HTTPS server that runs `iptables -w -I/-D` as a subprocess per request.
-
-That is how the peers change the firewall (the Go web-ipt-d, rfw, fail2ban's default iptables actions).
-Same paths as web-ipt-d: PUT/DELETE /chain/<chain>/ipv4|ipv6/<address>, GET /version. Run it only inside a
-private network namespace: bench/run.py starts it there.
+"""The baseline for bench/run.py: a stdlib HTTPS server on web-ipt-d's paths that runs one `iptables -w -I/-D`
+process per request, as the Go web-ipt-d, rfw and fail2ban's default actions change the firewall.
+Run it only inside a private network namespace: bench/targets.py starts it there.
 """
 
 from __future__ import annotations
@@ -71,7 +69,8 @@ class Handler(BaseHTTPRequestHandler):
             return None
         return addr
 
-    def _iptables(self, op: str, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> subprocess.CompletedProcess[str]:
+    def _iptables(self, op: str, addr: ipaddress.IPv4Address | ipaddress.IPv6Address
+                  ) -> subprocess.CompletedProcess[str]:
         """One process per change: `iptables -w -I|-D <chain> -s <addr> -j <target>`."""
         srv = self.server
         return subprocess.run([srv.tools[addr.version], "-w", op, srv.chain, "-s", str(addr), "-j", srv.target],

@@ -1,37 +1,35 @@
-"""The floor under web-ipt-d's request path: TLS and a thread per connection, with and without a worker hand-off.
-
-A minimal HTTPS server (no HTTP parsing beyond finding the end of the headers, a canned answer) runs in a
-private network namespace; bench/run.py's keep-alive clients send PUTs to it. Modes:
-
-- `none`: the connection thread answers at once;
-- `future`: it hands each request to one worker thread through `queue.Queue` and waits on a
-  `concurrent.futures.Future`, as web-ipt-d did first;
-- `pending`: the same through `queue.SimpleQueue` and a lock the worker releases, as the daemon's
-  `firewall.worker.Pending` does now.
-
-Run as root: `/tmp/venv/bin/python bench/handoff.py [none,future,pending] [--clients 16] [--requests 6000]`.
-Prints requests/s and CPU per request of the server, the clients and the whole machine. Not a test.
+"""The floor under web-ipt-d's request path: a canned HTTPS answer behind TLS and a thread per connection, with
+and without a hand-off to a worker thread, measured with bench/clients.py's keep-alive clients. Not a test.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import queue
+import shutil
 import socket
 import ssl
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-import run as bench  # bench/run.py: the clients, the test CA, the CPU readings, the namespace harness
+from common import address, host_busy_seconds, proc_cpu_seconds  # first: it puts src/ and tests/ on sys.path
 
-MODES = ("none", "future", "pending")
+from clients import ClientPool
+from tests.harness import basic, make_pki, stop_process
+from tests.netns import NetNS
+
+MODES = {
+    "none": "the connection thread answers at once",
+    "future": "it hands each request to one worker thread through queue.Queue and waits on a "
+              "concurrent.futures.Future, as web-ipt-d did first",
+    "pending": "the same through queue.SimpleQueue and a lock the worker releases, as the daemon's "
+               "firewall.pending.Pending does now",
+}
 PORT = 8820
 
 
@@ -93,7 +91,8 @@ def serve(certfile: str, keyfile: str, mode: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("modes", nargs="?", default=",".join(MODES), help="comma list from " + ", ".join(MODES))
+    p.add_argument("modes", nargs="?", default=",".join(MODES),
+                   help="comma list from " + "; ".join(f"{k}: {v}" for k, v in MODES.items()) + " (default all)")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests", type=int, default=6000)
     p.add_argument("--rounds", type=int, default=2)
@@ -101,23 +100,24 @@ def main() -> None:
     modes = args.modes.split(",")
     if set(modes) - set(MODES):
         p.error(f"modes are {', '.join(MODES)}")
-    pki = bench.make_pki(Path(tempfile.mkdtemp(prefix="wipt-handoff-")))
-    pool = bench.ClientPool(args.clients)
+    root = Path(tempfile.mkdtemp(prefix="wipt-handoff-"))
+    pki = make_pki(root, "bench")
+    pool = ClientPool(args.clients)
     try:
         for mode in modes:
-            with bench.NetNS.create(prefix="whand") as ns:
+            with NetNS.create(prefix="whand") as ns:
                 proc = ns.popen([sys.executable, __file__, "--serve", str(pki.server_cert), str(pki.server_key), mode],
                                 stdout=subprocess.PIPE)
                 try:
                     assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
                     server: Any = argparse.Namespace(ns=ns, host="127.0.0.1", port=PORT, cafile=pki.ca,
-                                                     authorization="Basic " + base64.b64encode(b"a:b").decode())
+                                                     authorization=basic("a", "b"))
                     pool.connect(server)
-                    todo = [f"/chain/bench/ipv4/{bench.address('ipv4', i)}" for i in range(args.requests)]
+                    todo = [f"/chain/bench/ipv4/{address('ipv4', i)}" for i in range(args.requests)]
                     for _ in range(args.rounds):
-                        cpu0, host0 = bench.proc_cpu_seconds(proc.pid), bench.host_busy_seconds()
+                        cpu0, host0 = proc_cpu_seconds(proc.pid), host_busy_seconds()
                         replies, sent, _, _ = pool.run(args.clients, "PUT", todo, 201)
-                        cpu1, host1 = bench.proc_cpu_seconds(proc.pid), bench.host_busy_seconds()
+                        cpu1, host1 = proc_cpu_seconds(proc.pid), host_busy_seconds()
                         wall = max(r["t1"] for r in replies) - min(r["t0"] for r in replies)
                         n = len(sent)
                         clients = sum(r["cpu"] for r in replies)
@@ -126,9 +126,10 @@ def main() -> None:
                               f"machine {1e3 * (host1 - host0) / n:.3f} ms")
                     pool.disconnect()
                 finally:
-                    bench.stop_child(proc)
+                    stop_process(proc)
     finally:
         pool.close()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

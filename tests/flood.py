@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parent.parent
 # Floods only ever come from, and go to, TEST-NET-2 and the IPv6 documentation prefix: never the
-# machine's uplink (TEST-NET-1 on this sandbox) or anything real.
+# machine's uplink (TEST-NET-1 on the test machines) or anything real.
 FLOOD_NETWORKS = (ipaddress.ip_network("198.51.100.0/24"), ipaddress.ip_network("2001:db8::/32"))
 KINDS = ("silent", "heads")
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # ip(7); not in every Python
@@ -650,42 +650,7 @@ def describe_failures(outcomes: Sequence[Outcome], limit: int = 8) -> str:
     return text + (f"; and {len(bad) - limit} more" if len(bad) > limit else "")
 
 
-# -- watching the daemon -----------------------------------------------------------------
-
-
-def proc_status_kib(pid: int, key: str) -> int:
-    """A kB field of /proc/<pid>/status (VmRSS now, VmHWM the peak so far); -1 once the process is gone."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
-
-
-class RssSampler:
-    """The largest VmRSS of `pid` seen, sampled every `every` s from a thread, until stop()."""
-
-    def __init__(self, pid: int, every: float = 0.2):
-        self.pid, self.every = pid, every
-        self.max_kib = proc_status_kib(pid, "VmRSS")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="rss")
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            self.max_kib = max(self.max_kib, proc_status_kib(self.pid, "VmRSS"))
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.max_kib = max(self.max_kib, proc_status_kib(self.pid, "VmRSS"))
+# -- watching the daemon (its memory: tests/harness.py) ---------------------------------------
 
 
 def count_lines(path: Path) -> int:

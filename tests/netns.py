@@ -38,7 +38,7 @@ IP = shutil.which("ip") or "/usr/sbin/ip"
 CLONE_NEWNET = 0x40000000
 NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3) from linux/nsfs.h
 
-# TEST-NET-2, not TEST-NET-1: on some machines (this sandbox included) the initial
+# TEST-NET-2, not TEST-NET-1: on some machines (the test machines included) the initial
 # namespace's own uplink is 192.0.2.0/24, so veths there could be confused with, or
 # a stray connect could reach, a real host.  veth_pair() refuses overlapping ranges.
 DEFAULT_A_ADDRS: tuple[str, ...] = ("198.51.100.1/24", "2001:db8::1/64")

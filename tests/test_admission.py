@@ -11,9 +11,10 @@ from typing import Any, Iterator
 
 import pytest
 
-from webiptd.admission import BODY, BUSY, HANDSHAKE, HEAD, IDLE, OVER_LIMIT, Admission, Slot, peer_address
+from webiptd.admission import BODY, BUSY, HANDSHAKE, HEAD, IDLE, OVER_LIMIT, Admission, Slot
 from webiptd.config import Limits
 from webiptd.log import Reason, Summarized
+from webiptd.net import peer_address
 
 LIMITS = Limits(max_connections=4, max_connections_per_client=2, trusted_connections=2,
                 handshake_timeout=5, header_timeout=10, idle_timeout=15, request_timeout=20)

@@ -22,6 +22,7 @@ import pytest
 
 from tests import flood
 from tests.conftest import PEER4, PKI, PORT, SERVER4, Daemon
+from tests.harness import RssSampler, proc_status_kib
 from tests.netns import NetNS, veth_pair
 
 pytestmark = pytest.mark.root
@@ -91,7 +92,7 @@ def under_attack(site: Site, attack: AbstractContextManager[Any], ramped: Callab
     assert all(o.ok for o in warm), f"before any attack: {flood.describe_failures(warm)}"
     log_before = flood.count_lines(site.log_path)
     text_before = len(d.log())
-    with flood.RssSampler(d.proc.pid) as rss:
+    with RssSampler(d.proc.pid) as rss:
         with attack:
             ramped()
             during = flood.legit_run(site.clients, LEGIT_PAIRS, site.addresses, pause=LEGIT_WINDOW / LEGIT_PAIRS,
@@ -104,7 +105,7 @@ def under_attack(site: Site, attack: AbstractContextManager[Any], ramped: Callab
     lines = flood.count_lines(site.log_path) - log_before
     requests = 2 * len(site.clients) * (LEGIT_PAIRS + AFTER_PAIRS)
     max_lines = LOG_LINES_PER_SOURCE * sources + LOG_LINES_PER_REQUEST * requests + LOG_LINES_SLACK
-    peak_kib = max(rss.max_kib, flood.proc_status_kib(d.proc.pid, "VmHWM"))
+    peak_kib = max(rss.max_kib, proc_status_kib(d.proc.pid, "VmHWM"))
 
     problems = []
     expected = 2 * len(site.clients) * LEGIT_PAIRS

@@ -15,7 +15,8 @@ from typing import Any, Iterator
 import pytest
 
 import webiptd.auth as auth
-from webiptd.auth import AuthFailure, Authenticator, FailureThrottle, client_key, parse_basic
+from webiptd.auth import AuthFailure, Authenticator, FailureThrottle, parse_basic
+from webiptd.net import client_key
 from webiptd.passwords import context as crypt_context
 from webiptd.config import User
 

@@ -21,7 +21,7 @@ from tests.netns import NetNS, veth_pair
 from tests.test_api import parse_time
 from webiptd.config import Chain
 from webiptd.firewall import ipset as ipset_backend
-from webiptd.firewall.backend import Add, CapacityExceeded, Op, Remove
+from webiptd.firewall.ops import Add, CapacityExceeded, Op, Remove
 from webiptd.firewall.ipset import IpsetBackend
 from webiptd.firewall.ipset_netlink import SEND_MAX, IpsetError
 

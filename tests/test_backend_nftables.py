@@ -52,7 +52,7 @@ def rules_text(d: Daemon, chain: str) -> list[str]:
     return [line.strip() for line in body.splitlines() if line.strip() and not line.strip().startswith("type ")]
 
 
-def elements(d: Daemon, set_name: str) -> dict[str, dict[str, Any]]:
+def elements(d: Daemon | NetNS, set_name: str) -> dict[str, dict[str, Any]]:
     """value -> {'timeout': s, 'expires': s} (empty for a permanent element)."""
     found = {}
     for item in nft_json(d, "list", "set", *TABLE, set_name):
@@ -443,7 +443,7 @@ def test_check_config_names_each_chains_backend_and_missing_nftables(daemon):
 
 
 def test_venv_link_makes_the_binding_importable(tmp_path: Path):
-    """The README's command, in a fresh venv of this Python: the distribution's binding imports and loads."""
+    """The command of docs/setup.md, in a fresh venv of this Python: the distribution's binding imports and loads."""
     if subprocess.run(["/usr/bin/python3", "-c", "import nftables"], capture_output=True).returncode != 0:
         pytest.skip("the system's python3 has no nftables binding (python3-nftables)")
     from webiptd.firewall.host import VENV_LINK
@@ -466,3 +466,22 @@ def test_the_worker_marks_a_new_expiry_as_a_replacement():
     ops = kernel_ops(old, Entry("f2b-web", net, "DROP", 0.0, 600.0, "admin"), expires_in_kernel=True)
     assert [(type(op).__name__, getattr(op, "replaces", None)) for op in ops] == [("Add", True)]
     assert [getattr(op, "replaces", None) for op in kernel_ops(None, old, expires_in_kernel=True)] == [False]
+
+
+@pytest.mark.root
+def test_kernel_timeouts_count_from_the_clock_the_backend_was_given(ns: NetNS):
+    """As the ipset backend does, the nftables backend takes its clock from whoever makes it."""
+    from webiptd.config import Chain
+    from webiptd.firewall.nftables import NftablesBackend
+    from webiptd.firewall.ops import Add
+
+    now = time.time()
+    chain = Chain("clocked", ("INPUT",), "DROP", backend="nftables")
+    backend = ns.call(lambda: NftablesBackend(clock=lambda: now - 3000))
+    try:
+        ns.call(lambda: backend.prepare([chain]))
+        add = Add("clocked", ipaddress.ip_network("203.0.113.1/32"), "DROP", now)  # due now by the real clock
+        ns.call(lambda: backend.apply([add], {chain.name: chain}))
+        assert elements(ns, "clocked-v4")["203.0.113.1"]["timeout"] == 3000
+    finally:
+        ns.call(backend.close)

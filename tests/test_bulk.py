@@ -82,7 +82,7 @@ def test_limits_and_permissions(daemon: Daemon) -> None:
     d.start()
     before = d.rules(4) + d.rules(6)
     r = post(d, "f2b-web", ["203.0.113.1", "203.0.113.2", "203.0.113.3", "203.0.113.4"])
-    assert (r.status, r.json["error"]) == (413, "too_many_items")
+    assert (r.status, r.json["error"]) == (413, "too_large")
     # The body limit follows the item limit: far more bytes than 3 items need is refused before parsing.
     r = post(d, "f2b-web", None, raw=b"[" + b'"203.0.113.1",' * 1000 + b'"203.0.113.2"]')
     assert r.status == 413

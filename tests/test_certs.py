@@ -29,7 +29,7 @@ from webiptd import certs, cli
 from webiptd.auth import Authenticator
 from webiptd.passwords import context as crypt_context
 from webiptd.config import ConfigError, from_mapping
-from webiptd.http import App, Generation, Runtime
+from webiptd.http.app import App, Generation, Runtime
 
 FAST_HASH = crypt_context().using(bcrypt__rounds=4)
 REPO = Path(__file__).resolve().parents[1]

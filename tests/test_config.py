@@ -9,6 +9,8 @@ import copy
 import dataclasses
 import ipaddress
 import ssl
+import subprocess
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,10 @@ from tests.conftest import PKI
 from webiptd import certs
 from webiptd.passwords import context as crypt_context
 from webiptd.config import (
-    Config, ConfigError, Limits, Listen, User, from_mapping, load,
+    SCHEMA, TLS, Chain, Config, ConfigError, Limits, Listen, Option, Section, User, from_mapping, load, sample,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 FAST_HASH = crypt_context().using(bcrypt__rounds=4)
 HASH = FAST_HASH.hash("secret")
@@ -415,6 +419,23 @@ def test_bad_allow_from(tmp_path: Path, base: dict[str, Any], allow: Any, key: s
     assert has_problem(problems_of(tmp_path, base), key, value)
 
 
+@pytest.mark.parametrize("where, value, key", [
+    (("listen",), ["127.0.0.1:8820", None], "listen[1]"),
+    (("users", "admin", "chains"), ["f2b-*", None], "users.admin.chains[1]"),
+    (("users", "f2b", "allow_from"), [None], "users.f2b.allow_from[0]"),
+    (("chains", "f2b-web", "hooks"), [None], "chains.f2b-web.hooks[0]"),
+    (("never_block",), [None], "never_block[0]"),
+    (("limits", "trusted_clients"), ["10.0.0.0/8", None], "limits.trusted_clients[1]"),
+])
+def test_a_null_list_item_is_a_problem_in_every_list(
+        tmp_path: Path, base: dict[str, Any], where: tuple[str, ...], value: list[Any], key: str) -> None:
+    node = base
+    for step in where[:-1]:
+        node = node[step]
+    node[where[-1]] = value
+    assert has_problem(problems_of(tmp_path, base), key, "an empty list item"), key
+
+
 def test_read_only_must_be_a_bool(tmp_path: Path, base: dict[str, Any]) -> None:
     base["users"]["reader"]["read_only"] = "true"
     assert has_problem(problems_of(tmp_path, base), "users.reader.read_only", "'true'")
@@ -735,3 +756,62 @@ def test_sample_config_holds_only_real_keys(tmp_path: Path, pki: PKI) -> None:
                     from_mapping(trimmed, tmp_path / "config.yaml")
                 assert any(p.startswith(f"{section}.{key}") for p in info.value.problems), (section, key)
 
+
+
+# -- one schema: the loader's defaults, the dataclasses' and the sample's -------------------------------------
+
+
+def test_the_committed_samples_are_what_the_schema_makes() -> None:
+    # Remake them as the sample's header says: python -m webiptd.config | tee etc/config.yaml > src/...
+    made = sample()
+    assert (REPO / "etc" / "config.yaml").read_text(encoding="utf-8") == made
+    assert resources.files("webiptd").joinpath("sample-config.yaml").read_text(encoding="utf-8") == made
+    assert "python -m webiptd.config" in made.split("\n\n")[0], "the header says how to remake it"
+
+
+def test_python_m_webiptd_config_prints_the_sample() -> None:
+    result = subprocess.run([sys.executable, "-m", "webiptd.config"], capture_output=True, text=True, check=False)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == sample()
+
+
+def test_the_sample_holds_every_key_of_the_schema_with_its_help() -> None:
+    text = sample()
+    raw = yaml.safe_load(text)
+    assert list(raw) == list(SCHEMA)
+    for name, node in SCHEMA.items():
+        if isinstance(node, Section):
+            body = raw[name][node.named] if node.named else raw[name]
+            shown = [key for key, opt in node.options.items() if not opt.commented]
+            assert list(body) == shown, name
+            options = node.options.items()
+        else:
+            options = [(name, node)]
+        for key, opt in options:
+            assert opt.help and opt.help.splitlines()[0] in text, (name, key)
+            if opt.commented:
+                assert f"# {key}: {opt.default}\n" in text, (name, key)
+    assert raw["users"]["fail2ban"]["password_hash"].startswith("REPLACE-ME")
+
+
+def _loaded(section: str, key: str) -> Any:
+    node = SCHEMA[section]
+    assert isinstance(node, Section)
+    opt = node.options[key]
+    assert isinstance(opt, Option)
+    return opt.loaded_default()
+
+
+def test_the_dataclass_defaults_are_the_schemas() -> None:
+    assert dataclasses.asdict(Limits()) == {f.name: _loaded("limits", f.name) for f in dataclasses.fields(Limits)}
+    chain = Chain("c", (), "DROP")
+    assert (chain.backend, chain.maxelem, chain.priority) == (
+        _loaded("chains", "backend"), _loaded("chains", "maxelem"), _loaded("chains", "priority"))
+    assert TLS(Path("c"), Path("k"), "1.2", None).client_cert_auth is _loaded("tls", "client_cert_auth") is False
+    # The numbers, as the README and the sample promise them.
+    assert Limits() == Limits(
+        max_connections=128, max_connections_per_client=8, trusted_connections=32, handshake_timeout=5.0,
+        header_timeout=10.0, idle_timeout=15.0, request_timeout=10.0, worker_timeout=5.0, auth_failures=10,
+        auth_window=60, max_bulk_items=10_000, kernel_check=5.0,
+        trusted_clients=(ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")))
+    assert (chain.backend, chain.maxelem, chain.priority) == ("iptables", 1_048_576, -10)

@@ -326,7 +326,7 @@ def test_an_unreachable_daemon_fails_the_action_start_clearly(ns, workdir, pki, 
 
 
 def readme_jail() -> str:
-    section = (ROOT / "README.md").read_text().split("\n## fail2ban\n", 1)[1].split("\n## ", 1)[0]
+    section = (ROOT / "docs/fail2ban.md").read_text().split("\n## Set up\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```ini\n(# /etc/fail2ban/jail.d/web-ipt-d.local\n.*?)```", section, re.S)
     assert len(blocks) == 1
     return blocks[0]
@@ -335,7 +335,7 @@ def readme_jail() -> str:
 @pytest.mark.skipif(FAIL2BAN_CLIENT is None or not Path("/etc/fail2ban/jail.conf").exists(),
                     reason="needs Debian's fail2ban: its client and stock config (debian-packages.txt)")
 def test_the_readme_jail_uses_only_our_action_with_debians_stock_config(tmp_path):
-    # A copy of the stock config plus the README's jail, only parsed (-d): no server, no socket.
+    # A copy of the stock config plus the jail of docs/fail2ban.md, only parsed (-d): no server, no socket.
     conf = tmp_path / "fail2ban"
     shutil.copytree("/etc/fail2ban", conf, symlinks=True)
     for stale in (conf / "jail.d").glob("web-ipt-d.*"):  # a real installation's own, if any
@@ -353,4 +353,4 @@ def test_the_readme_jail_uses_only_our_action_with_debians_stock_config(tmp_path
     assert options["actionban"].endswith('--request PUT "https://127.0.0.1:8820/chain/f2b-sshd/<addrfamily>/<ip>'
                                          '?timeout=<bantime>"')
     assert "--netrc-file '/etc/fail2ban/web-ipt-d.netrc'" in options["actionban"]
-    assert ["add", "sshd", "systemd"] in stream  # the journal backend, as README says Debian 12 needs
+    assert ["add", "sshd", "systemd"] in stream  # the journal backend, as docs/fail2ban.md says Debian 12 needs

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import PASSWORDS, PORT, Daemon
 from tests.test_api import shared  # noqa: F401  (a fixture)
-from webiptd.http import MAX_HEADER_BYTES
+from webiptd.http.wire import MAX_HEADER_BYTES
 
 AUTH = b"Authorization: Basic " + base64.b64encode(b"admin:" + PASSWORDS["admin"].encode()) + b"\r\n"
 BASE_HEADERS = ["Server", "Date", "Content-Type", "Content-Length", "Cache-Control"]

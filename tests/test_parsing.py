@@ -18,13 +18,13 @@ from webiptd import __version__
 from webiptd.auth import Authenticator, FailureThrottle
 from webiptd.passwords import context as crypt_context
 from webiptd.commands import (
-    Block, Blocked, Entry, FirewallUnavailable, ListChain, Lookup, Unblock, Unblocked, parse_network,
+    Block, Blocked, Entry, FirewallUnavailable, ListChain, Lookup, Unblock, Unblocked,
 )
 from webiptd.config import Config, from_mapping
-from webiptd.admission import peer_address
-from webiptd.http import (
-    MAX_TIMEOUT, ROUTES, App, Generation, Response, Runtime, parse_target, parse_timeout,
-)
+from webiptd.net import parse_segments, peer_address
+from webiptd.http.app import MAX_TIMEOUT, ROUTES, App, Generation, Runtime, parse_timeout
+from webiptd.http.responses import Response
+from webiptd.http.wire import parse_target
 
 net = ipaddress.ip_network
 ip = ipaddress.ip_address
@@ -169,7 +169,7 @@ def test_parse_timeout_rejects(pairs: list[tuple[str, str]]) -> None:
         parse_timeout(pairs)
 
 
-# -- parse_network ---------------------------------------------------------------------------
+# -- parse_segments ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family, address, prefix, expected", [
@@ -184,7 +184,7 @@ def test_parse_timeout_rejects(pairs: list[tuple[str, str]]) -> None:
     ("ipv6", "8000::", "1", "8000::/1"),
 ])
 def test_parse_network_valid(family: str, address: str, prefix: str | None, expected: str) -> None:
-    assert parse_network(family, address, prefix) == net(expected)
+    assert parse_segments(family, address, prefix) == net(expected)
 
 
 @pytest.mark.parametrize("family, address, prefix, fragment", [
@@ -218,7 +218,7 @@ def test_parse_network_valid(family: str, address: str, prefix: str | None, expe
 ])
 def test_parse_network_rejects(family: str, address: str, prefix: str | None, fragment: str) -> None:
     with pytest.raises(ValueError) as info:
-        parse_network(family, address, prefix)
+        parse_segments(family, address, prefix)
     assert fragment in str(info.value)
 
 
@@ -231,7 +231,7 @@ def test_parse_network_rejects(family: str, address: str, prefix: str | None, fr
 def test_host_bits_are_refused_with_the_right_suggestion(address: str, prefix: str, suggestion: str) -> None:
     family = "ipv6" if ":" in address else "ipv4"
     with pytest.raises(ValueError) as info:
-        parse_network(family, address, prefix)
+        parse_segments(family, address, prefix)
     assert "host bits" in str(info.value)
     assert f"did you mean {suggestion}?" in str(info.value)
 
@@ -338,7 +338,7 @@ def call(tmp_path: Path) -> Client:
 
 
 def test_route_table() -> None:
-    assert ROUTES == {
+    assert {key: tuple(methods) for key, methods in ROUTES.items()} == {
         ("health", 1): ("GET", "HEAD"),
         ("version", 1): ("GET", "HEAD"),
         ("chains", 1): ("GET", "HEAD"),
@@ -548,6 +548,14 @@ def test_unknown_chain_is_404_and_submits_nothing(call: Client) -> None:
         r = call("GET", target, user="f2b")
         assert r.status == 404 and r.body["error"] == "unknown_chain"
     assert call("PUT", "/chain/f2b-nope/ipv4/203.0.113.9").status == 404
+    assert call.worker.commands == []
+
+
+def test_a_user_cannot_tell_which_chains_outside_its_patterns_exist(call: Client) -> None:
+    for target in ("/chain/admin-list", "/chain/admin-nope", "/chain/admin-list/ipv4/203.0.113.9",
+                   "/chain/admin-nope/ipv4/203.0.113.9"):
+        r = call("GET", target, user="f2b")
+        assert r.status == 403 and r.body["error"] == "forbidden", (target, r)
     assert call.worker.commands == []
 
 

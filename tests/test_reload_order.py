@@ -20,7 +20,7 @@ from webiptd.auth import Authenticator
 from webiptd.config import Chain, load
 from webiptd.daemon import Daemon
 from webiptd.firewall.worker import Worker
-from webiptd.http import App, Generation, Runtime
+from webiptd.http.app import App, Generation, Runtime
 from webiptd.state import Store
 
 WAIT = 10

@@ -1,5 +1,5 @@
-"""End to end under a real systemd 252 as PID 1 in a throwaway nspawn container (tests/nspawn.py): the README's
-install steps, socket activation, reload, the journal, stop, the socket's IP access list, and a reboot that
+"""End to end under a real systemd 252 as PID 1 in a throwaway nspawn container (tests/nspawn.py): the install
+steps of docs/service.md, socket activation, reload, the journal, stop, the socket's IP access list, and a reboot that
 restores the bans. The steps run in file order on one container, whose firewall is its own (--private-network).
 """
 
@@ -41,8 +41,8 @@ CURL_TIMED_OUT = 28  # curl(1) EXIT CODES: "Operation timeout"
 DENIED_WAIT = 2.0  # seconds a denied client waits for an answer to its SYN; an allowed one gets it in milliseconds
 LOG_FILE = "/var/log/web-ipt-d/web-ipt-d.log"
 
-# The README section's commands, run below as written (the wheelhouse by tests/wheelhouse.py);
-# test_readme_gives_these_steps checks the README still gives them.
+# The commands of docs/service.md's "Install" section, run below as written (the wheelhouse by tests/wheelhouse.py);
+# test_readme_gives_these_steps checks that section still gives them.
 README_STEPS = (
     f"PIP_NO_INDEX=1 PIP_FIND_LINKS={WHEELS_INSIDE} make install",
     "pip wheel --use-pep517 --wheel-dir wheelhouse . 'setuptools>=77'",
@@ -58,7 +58,7 @@ README_STEPS = (
 
 
 class Machine:
-    """The Disk, the container booted on it now, and the README's steps run inside."""
+    """The Disk, the container booted on it now, and the install guide's steps run inside."""
 
     def __init__(self, base: Path, src: Path, wheels: Path) -> None:
         self.binds = {src: SRC_INSIDE, wheels: WHEELS_INSIDE}
@@ -180,8 +180,8 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
 
 
 def test_readme_gives_these_steps() -> None:
-    readme = (wheelhouse.REPO / "README.md").read_text()
-    section = readme.split("## Install as a service (systemd)", 1)[1].split("\n## ", 1)[0]
+    guide = (wheelhouse.REPO / "docs/service.md").read_text()
+    section = guide.split("\n## Install\n", 1)[1].split("\n## ", 1)[0]
     missing = [step for step in README_STEPS if step not in section]
     assert missing == []
 

@@ -88,7 +88,7 @@ def test_units_keep_the_service_contract() -> None:
     assert svc["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert svc["Restart"] == ["on-failure"]
     assert svc["WatchdogSec"] and int(svc["WatchdogSec"][0]) > 0
-    # Bans come back at boot, before any interface is configured (README: no free window).
+    # Bans come back at boot, before any interface is configured (docs/service.md: no free window).
     assert "multi-user.target" in install["WantedBy"]
     assert "network-pre.target" in words(unit["Before"]) and "network-pre.target" in words(unit["Wants"])
     assert "web-ipt-d.socket" in words(unit["Requires"]) and "web-ipt-d.socket" in words(unit["After"])

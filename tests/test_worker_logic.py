@@ -6,6 +6,7 @@ real iptables is covered by the namespace tests.
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import logging
 import os
@@ -22,8 +23,9 @@ from webiptd.commands import (
     Block, Blocked, BulkBlock, Entry, FirewallFull, FirewallUnavailable, ListChain, Lookup, Reconfigure, Unblock,
     Unblocked,
 )
-from webiptd.config import Chain, Network
-from webiptd.firewall.backend import Add, CapacityExceeded, Op, Remove
+from webiptd.config import Chain, Limits, Network
+from webiptd.firewall.ops import Add, CapacityExceeded, Op, Remove, apply_in_parts, undo
+from webiptd.firewall.router import ByChain
 from webiptd.firewall.worker import Worker, kernel_ops
 from webiptd.state import Loaded, Store
 
@@ -184,6 +186,68 @@ def test_kernel_ops() -> None:
     rejected = entry(WEB, "203.0.113.1/32", target="REJECT")
     assert kernel_ops(a, rejected) == [Remove("f2b-web", net("203.0.113.1/32"), "DROP"),
                                        Add("f2b-web", net("203.0.113.1/32"), "REJECT")]
+
+
+# -- undo and the router ---------------------------------------------------------------------
+
+
+def test_undo_is_the_inverse_newest_first_and_puts_entries_back_without_expiry() -> None:
+    ops: list[Op] = [Add("f2b-web", net("203.0.113.1/32"), "DROP", T0 + 60),
+                     Remove("f2b-web", net("203.0.113.2/32"), "REJECT")]
+    assert undo(ops) == [Add("f2b-web", net("203.0.113.2/32"), "REJECT"),
+                         Remove("f2b-web", net("203.0.113.1/32"), "DROP")]
+    assert undo(ops)[0].expires_at is None  # type: ignore[union-attr]
+    assert undo([]) == []
+
+
+def test_apply_in_parts_undoes_every_part_applied_before_the_one_that_failed() -> None:
+    a1, a2, b1, c1 = (Add("f2b-web", net(f"203.0.113.{i}/32"), "DROP") for i in range(1, 5))
+    r1 = Remove("f2b-web", net("203.0.113.9/32"), "DROP")
+    calls: list[tuple[str, list[Op]]] = []
+
+    def apply(key: str, ops: list[Op]) -> None:
+        calls.append((key, ops))
+        if key == "c" or (key == "a" and len(calls) > 3):  # part c fails, and so does undoing part a
+            raise OSError(f"simulated: part {key}")
+
+    with pytest.raises(OSError, match="part c"):
+        apply_in_parts({"a": [a1, r1, a2], "b": [b1], "c": [c1]}, apply)
+    # Undone in the order applied, each part newest first; one undo failing does not stop the next.
+    assert calls == [("a", [a1, r1, a2]), ("b", [b1]), ("c", [c1]),
+                     ("a", [Remove("f2b-web", a2.network, "DROP"), Add("f2b-web", r1.network, "DROP"),
+                            Remove("f2b-web", a1.network, "DROP")]),
+                     ("b", [Remove("f2b-web", b1.network, "DROP")])]
+
+
+def test_by_chain_routes_each_chain_and_undoes_the_backends_done_when_one_fails() -> None:
+    routed = {"iptables": RecordingBackend(), "ipset": RecordingBackend()}
+    chains = [Chain("f2b-web", ("INPUT",), "DROP"), Chain("f2b-set", ("INPUT",), "DROP", backend="ipset")]
+    router = ByChain(chains, factory=routed.__getitem__)
+    web1, web2, web3 = (net(f"203.0.113.{i}/32") for i in range(1, 4))
+    router.apply([Add("f2b-web", web1, "DROP"), Add("f2b-set", web1, "DROP"), Add("f2b-web", web2, "DROP")], {})
+    assert routed["iptables"].applies == [[Add("f2b-web", web1, "DROP"), Add("f2b-web", web2, "DROP")]]
+    assert routed["ipset"].applies == [[Add("f2b-set", web1, "DROP")]]
+    # A chain no config named goes to iptables.
+    router.apply([Add("gone", web1, "DROP")], {})
+    assert routed["iptables"].applies[-1] == [Add("gone", web1, "DROP")]
+
+    routed["ipset"].fail_applies = 1
+    with pytest.raises(OSError):
+        router.apply([Remove("f2b-web", web1, "DROP"), Add("f2b-set", web2, "DROP"), Add("f2b-web", web3, "DROP")], {})
+    assert routed["iptables"].applies[-2:] == [
+        [Remove("f2b-web", web1, "DROP"), Add("f2b-web", web3, "DROP")],
+        [Remove("f2b-web", web3, "DROP"), Add("f2b-web", web1, "DROP")],
+    ]
+    assert routed["ipset"].applies[-1] == [Add("f2b-set", web2, "DROP")]
+    assert routed["iptables"].kernel == {("f2b-web", web1): "DROP", ("f2b-web", web2): "DROP", ("gone", web1): "DROP"}
+    assert routed["ipset"].kernel == {("f2b-set", web1): "DROP"}
+    assert routed["iptables"].anomalies == routed["ipset"].anomalies == []
+
+
+def test_kernel_check_has_one_default_the_configs() -> None:
+    default = Limits().kernel_check
+    assert inspect.signature(Worker).parameters["kernel_check"].default == default
+    assert Reconfigure(()).kernel_check == default
 
 
 # -- start-up, group commit and no-op batches ---------------------------------------------------
@@ -377,6 +441,25 @@ def test_reconfigure_prepares_new_chains_and_reconciles(h: Harness) -> None:
     assert h.run(w, Reconfigure((WEB, SSH))) is None
     assert ("prepare", ("f2b-web", "f2b-ssh")) in h.backend.calls
     assert h.run(w, Lookup("f2b-ssh", net("203.0.113.99/32"))).created_by == "adopted"
+
+
+def test_a_failed_reconfigure_fails_only_the_reload(h: Harness) -> None:
+    class FailingSecondPrepare(RecordingBackend):
+        def prepare(self, chains: Iterable[Chain]) -> None:
+            super().prepare(chains)
+            if sum(call[0] == "prepare" for call in self.calls) == 2:  # the reload's, after the start's
+                raise OSError("simulated: the kernel refused the new chain")
+
+    h.backend = FailingSecondPrepare()
+    w = h.worker(chains=(WEB,), start=False)  # all three commands wait for one batch
+    reload = w.submit(Reconfigure((WEB, SSH)))
+    absent = w.submit(Lookup("f2b-web", net("203.0.113.9/32")))
+    blocked = w.submit(block(WEB, "203.0.113.2/32"))
+    w.start(timeout=WAIT)
+    with pytest.raises(OSError):
+        reload.result(WAIT)
+    assert absent.result(WAIT) is None  # not found: the reload's error is the reload's alone
+    assert blocked.result(WAIT) == Blocked(True, entry(WEB, "203.0.113.2/32"))
 
 
 def test_a_failed_reconcile_fails_start(h: Harness) -> None:
@@ -625,7 +708,7 @@ def test_store_can_be_used_from_the_worker_thread(tmp_path: Path) -> None:
 
 def test_a_command_that_fails_gets_a_fixed_message_and_spares_the_batch(h: Harness) -> None:
     w = h.worker(start=False)
-    bad = w.submit(object())  # type: ignore[arg-type]  # nothing the HTTP edge can send; a bug stand-in
+    bad = w.submit(object())  # type: ignore[call-overload]  # nothing the HTTP edge can send; a bug stand-in
     good = w.submit(block(WEB, "203.0.113.1/32"))
     w.start(timeout=WAIT)
     with pytest.raises(FirewallUnavailable) as info:
@@ -682,7 +765,7 @@ def test_edge_networks_of_both_families_keep_every_field_through_the_worker(h: H
 
 
 def test_entries_taken_out_behind_the_workers_back_come_back_without_a_request(h: Harness) -> None:
-    w = Worker(h.backend, h.store, (WEB, SSH), clock=h.clock, check_interval=0.05)
+    w = Worker(h.backend, h.store, (WEB, SSH), clock=h.clock, kernel_check=0.05)
     h.workers.append(w)
     w.start(timeout=WAIT)
     for n in ("203.0.113.1/32", "203.0.113.2/32", "2001:db8:ffff::/48"):
@@ -700,7 +783,7 @@ def test_entries_taken_out_behind_the_workers_back_come_back_without_a_request(h
 
 
 def test_a_healthy_kernel_is_checked_but_never_reconciled(h: Harness) -> None:
-    w = Worker(h.backend, h.store, (WEB, SSH), clock=h.clock, check_interval=0.02)
+    w = Worker(h.backend, h.store, (WEB, SSH), clock=h.clock, kernel_check=0.02)
     h.workers.append(w)
     w.start(timeout=WAIT)
     assert h.run(w, block(WEB, "203.0.113.1/32")).created

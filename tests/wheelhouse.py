@@ -1,4 +1,4 @@
-"""The README's offline install path, prepared once per test session: a copy of the checkout
+"""The offline install path of docs/service.md, prepared once per test session: a copy of the checkout
 and a wheelhouse of the project and its dependencies, built by the Python that `make install` uses.
 """
 
@@ -25,9 +25,9 @@ def copy_checkout(dest: Path) -> Path:
 
 
 def prepared(factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(checkout copy, wheelhouse), made on first use in this session.
+    """(checkout copy, wheelhouse), made on first use in this pytest session.
 
-    As the README says: a venv of the system Python, then
+    As docs/service.md says: a venv of the system Python, then
     `pip wheel --use-pep517 --wheel-dir wheelhouse . 'setuptools>=77'` (setuptools so that pip can build
     the project itself with no index).
     """

@@ -4,15 +4,14 @@ slots taken back from connections that are not doing work when every slot is tak
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import threading
 import time
 from typing import Any, Callable
 
-from webiptd.auth import client_key
-from webiptd.config import Address, Limits
+from webiptd.config import Limits
+from webiptd.net import Address, client_key
 from webiptd.log import Reason, Summarized
 
 logger = logging.getLogger(__name__)
@@ -217,11 +216,3 @@ class Admission:
             return {"reserved": len(self._slots[True]), "general": len(self._slots[False]),
                     "sources": len(self._per_source), "refused": self.refused, "evicted": self.evicted,
                     "expired": self.expired}
-
-
-def peer_address(host: str) -> Address:
-    """The client's address as the throttle and admission count it: an IPv4-mapped IPv6 address as IPv4."""
-    address = ipaddress.ip_address(host.split("%", 1)[0])
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address

@@ -9,7 +9,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import ipaddress
 import logging
 import secrets
 import threading
@@ -17,9 +16,11 @@ from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Mapping
 
 from webiptd import passwords
+from webiptd.net import client_key
 
 if TYPE_CHECKING:
-    from webiptd.config import Address, User
+    from webiptd.config import User
+    from webiptd.net import Address
 
 logger = logging.getLogger(__name__)
 
@@ -118,15 +119,6 @@ class Authenticator:
         if not flight.ok or user is None:
             raise AuthFailure("unknown user or wrong password")
         return user
-
-
-def client_key(address: Address) -> str:
-    """The unit a throttle counts: one IPv4 address, or one IPv6 /64 (what one host usually has)."""
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
 
 
 class FailureThrottle:

@@ -6,7 +6,6 @@ import argparse
 import getpass
 import os
 import sys
-from importlib import resources
 from pathlib import Path
 
 from webiptd import __version__, config as config_mod
@@ -24,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     actions = p.add_mutually_exclusive_group()
     actions.add_argument("-version", "--version", action="store_true", help="print the version and exit")
     actions.add_argument("-write_config", "--write_config", action="store_true",
-                         help="write a commented sample config.yaml into the current directory")
+                         help="write a sample config.yaml into the current directory: every key, "
+                              "its default and what it does")
     actions.add_argument("-check_config", "--check_config", action="store_true",
                          help="validate the config and every file it names; exit 1 listing each problem")
     actions.add_argument("-hash_password", "--hash_password", action="store_true",
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def write_config() -> int:
     target = Path("config.yaml")
-    text = resources.files("webiptd").joinpath("sample-config.yaml").read_text(encoding="utf-8")
+    text = config_mod.sample()
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:

@@ -6,11 +6,11 @@ The edge parses and validates; the worker receives only commands that are alread
 from __future__ import annotations
 
 import datetime
-import ipaddress
 from dataclasses import dataclass
 from typing import Any, Union
 
-from webiptd.config import Chain, Network, compact
+from webiptd.config import Chain, Limits
+from webiptd.net import Network
 
 
 def family_name(network: Network) -> str:
@@ -95,7 +95,7 @@ class Reconfigure:
     """Sent on reload: make sure every configured chain and hook jump exists, then reconcile."""
 
     chains: tuple[Chain, ...]
-    kernel_check: float = 5.0  # limits.kernel_check
+    kernel_check: float = Limits.kernel_check
 
 
 Command = Union[Block, BulkBlock, Unblock, Lookup, ListChain, Reconfigure]
@@ -119,40 +119,3 @@ class FirewallUnavailable(Exception):
 
 class FirewallFull(FirewallUnavailable):
     """A set backend's set is full (maxelem); the request gets a 507 and nothing changed."""
-
-
-def parse_item(text: str) -> Network:
-    """One bulk item, "ADDRESS" or "ADDRESS/PREFIX", its family taken from the address."""
-    address, _, prefix = text.partition("/")
-    family = "ipv6" if ":" in address else "ipv4"
-    return parse_network(family, address, prefix if "/" in text else None)
-
-
-def parse_network(family: str, address: str, prefix: str | None) -> Network:
-    """Parse path segments into a network. Raises ValueError with a sentence for the client."""
-    if family not in ("ipv4", "ipv6"):
-        raise ValueError(f"unknown address family {family!r}; use ipv4 or ipv6")
-    version = 4 if family == "ipv4" else 6
-    try:
-        addr = ipaddress.IPv4Address(address) if version == 4 else ipaddress.IPv6Address(address)
-    except ValueError:
-        raise ValueError(f"{address!r} is not a valid {family} address") from None
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.scope_id is not None:
-            raise ValueError("scoped IPv6 addresses cannot be blocked")
-        if addr.ipv4_mapped is not None:
-            raise ValueError("IPv4-mapped IPv6 addresses are blocked through the ipv4 path")
-    max_len: int = addr.max_prefixlen
-    if prefix is None:
-        length = max_len
-    else:
-        if not prefix.isascii() or not prefix.isdigit() or (len(prefix) > 1 and prefix[0] == "0"):
-            raise ValueError(f"prefix {prefix!r} is not a whole number")
-        length = int(prefix)
-        if not 1 <= length <= max_len:
-            raise ValueError(f"prefix length must be 1 to {max_len} for {family}")
-    try:
-        return compact(ipaddress.ip_network((addr, length), strict=True))
-    except ValueError:
-        proper = ipaddress.ip_network((addr, length), strict=False)
-        raise ValueError(f"{address}/{length} has host bits set; did you mean {proper}?") from None

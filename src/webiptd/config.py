@@ -1,17 +1,18 @@
-"""The YAML config, loaded into frozen dataclasses and fully validated at load.
+"""The YAML config: SCHEMA holds each key's default, reader and help; it drives the loader and the sample.
 
-A reload builds a new `Config` and swaps one reference; nothing here is ever mutated.
+`load` returns frozen, fully validated dataclasses; a reload builds a new `Config` and swaps one reference.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import json
 import logging
 import os
 import re
-import socket
 import ssl
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -20,11 +21,10 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from webiptd import passwords
+from webiptd.net import Address, Network, parse_cidr
 
 logger = logging.getLogger(__name__)
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 DEFAULT_PATH = Path("/etc/web-ipt-d/config.yaml")
 
@@ -53,103 +53,7 @@ class ConfigError(Exception):
         super().__init__("\n".join(f"{path}: {p}" for p in problems))
 
 
-@dataclass(frozen=True)
-class Listen:
-    host: str
-    port: int
-
-    @property
-    def is_loopback(self) -> bool:
-        return ipaddress.ip_address(self.host).is_loopback
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class TLS:
-    cert: Path
-    key: Path
-    min_version: str
-    client_ca: Path | None
-    # A verified client certificate whose subject CN names a user logs in as that user, without Basic.
-    client_cert_auth: bool = False
-
-
-@dataclass(frozen=True)
-class User:
-    name: str
-    password_hash: str = field(repr=False)
-    chains: tuple[str, ...]
-    allow_from: tuple[Network, ...]
-    read_only: bool
-
-    def may_use(self, chain: str) -> bool:
-        return any(fnmatch.fnmatchcase(chain, pattern) for pattern in self.chains)
-
-    def may_connect_from(self, address: Address) -> bool:
-        if not self.allow_from:
-            return True
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in net for net in self.allow_from if net.version == address.version)
-
-
-@dataclass(frozen=True)
-class Chain:
-    name: str
-    hooks: tuple[str, ...]
-    target: str
-    backend: str = "iptables"
-    maxelem: int = 1_048_576  # ipset and nftables: the most entries a set holds, per family
-    priority: int = -10  # nftables: the base chain's priority (the filter table's is 0)
-
-
-@dataclass(frozen=True)
-class Log:
-    file: Path | None
-    level: str
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_connections: int = 128  # connection slots for clients outside trusted_clients
-    request_timeout: float = 10.0  # for each read of a body and each write of a response
-    worker_timeout: float = 5.0
-    auth_failures: int = 10
-    auth_window: int = 60
-    max_bulk_items: int = 10_000
-    kernel_check: float = 5.0  # seconds between looks at whether the kernel still has every block
-    max_connections_per_client: int = 8  # of max_connections, per IPv4 address or IPv6 /64
-    trusted_clients: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
-    trusted_connections: int = 32  # slots only trusted_clients may use, with no per-client cap among them
-    handshake_timeout: float = 5.0  # for the whole TLS handshake
-    header_timeout: float = 10.0  # for the whole request line and header section
-    idle_timeout: float = 15.0  # for a keep-alive connection waiting for its next request
-
-
-@dataclass(frozen=True)
-class Config:
-    path: Path
-    listen: tuple[Listen, ...]
-    tls: TLS | None
-    plain_http: bool
-    state_dir: Path
-    users: Mapping[str, User]
-    chains: Mapping[str, Chain]
-    never_block: tuple[Network, ...]
-    log: Log
-    limits: Limits
-    # Built at load so a bad cert is a load error and a reload rotates it.
-    ssl_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
-
-    def protected_by(self, network: Network) -> Network | None:
-        """The never_block network that `network` overlaps, if any."""
-        for protected in self.never_block:
-            if protected.version == network.version and protected.overlaps(network):
-                return protected
-        return None
-
+# -- readers: each turns one YAML value into what the config holds, or raises ValueError saying what it expected
 
 def parse_listen(text: Any) -> Listen:
     """Parse "host:port" or "[v6]:port" with an IP literal host."""
@@ -164,104 +68,6 @@ def parse_listen(text: Any) -> Listen:
     if not 1 <= port <= 65535:
         raise ValueError("port must be 1 to 65535")
     return Listen(host, port)
-
-
-def compact(network: Network) -> Network:
-    """Drop the per-instance `hosts` that CPython's ipaddress gives a /32 or /128 (a closure) and a /31 or /127.
-
-    A /32 IPv4Network then takes 192 bytes instead of 494 (bench/README.md); nothing here calls hosts().
-    `del`, not `__dict__.pop`, which would materialise the instance dict.
-    """
-    try:
-        del network.hosts
-    except AttributeError:
-        pass
-    return network
-
-
-def parse_stored_network(text: str) -> Network:
-    """A network as the state DB stores it (str() of one): about 4x faster than ip_network() for IPv4."""
-    address, _, prefix = text.partition("/")
-    try:
-        if address.count(".") == 3 and prefix.isdigit():
-            return compact(ipaddress.IPv4Network((int.from_bytes(socket.inet_aton(address), "big"), int(prefix))))
-        if ":" in address and "%" not in address and prefix.isdigit():
-            return compact(ipaddress.IPv6Network(
-                (int.from_bytes(socket.inet_pton(socket.AF_INET6, address), "big"), int(prefix))))
-    except OSError:
-        pass
-    return compact(ipaddress.ip_network(text, strict=True))
-
-
-def parse_network(text: Any) -> Network:
-    if not isinstance(text, str):
-        raise ValueError("expected a network in CIDR notation")
-    return ipaddress.ip_network(text, strict=True)
-
-
-def build_ssl_context(tls: TLS) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = TLS_VERSIONS[tls.min_version]
-    ctx.load_cert_chain(str(tls.cert), str(tls.key))
-    if tls.client_ca is not None:
-        ctx.load_verify_locations(cafile=str(tls.client_ca))
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
-class _Reader:
-    """Walks the parsed YAML, collecting every problem instead of stopping at the first."""
-
-    def __init__(self, base: Path):
-        self.base = base
-        self.problems: list[str] = []
-
-    def problem(self, key: str, message: str, value: Any = None, *, show: bool = True) -> None:
-        self.problems.append(f"{key}: {message}" + (f" (got {value!r})" if show else ""))
-
-    def mapping(self, key: str, value: Any, allowed: Mapping[str, Any] | None) -> dict[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            self.problem(key, "expected a mapping", value)
-            return {}
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                self.problem(key, "keys must be strings", k)
-            elif allowed is not None and k not in allowed:
-                self.problem(f"{key}.{k}" if key else k, "unknown key; allowed: " + ", ".join(allowed), show=False)
-            else:
-                out[k] = v
-        return out
-
-    def take(self, key: str, value: Any, convert: Callable[[Any], Any], default: Any) -> Any:
-        if value is None:
-            return default
-        try:
-            return convert(value)
-        except (ValueError, TypeError) as exc:
-            self.problem(key, str(exc), value)
-            return default
-
-    def path(self, value: Any) -> Path:
-        if not isinstance(value, str) or not value or "\0" in value:
-            raise ValueError("expected a file path")
-        p = Path(value)
-        return p if p.is_absolute() else self.base / p
-
-    def item(self, key: str, value: Any, convert: Callable[[Any], Any]) -> Any:
-        """A list element: an empty (null) one is a problem, never silently dropped (allow_from: [null])."""
-        if value is None:
-            self.problem(key, "an empty list item", value)
-            return None
-        return self.take(key, value, convert, None)
-
-    def readable_file(self, key: str, value: Any) -> Path | None:
-        p: Path | None = self.take(key, value, self.path, None)
-        if p is not None and not os.access(p, os.R_OK):
-            self.problem(key, "file is missing or unreadable", str(p))
-        return p
 
 
 def _bool(value: Any) -> bool:
@@ -294,28 +100,418 @@ def _choice(options: tuple[str, ...] | Mapping[str, Any]) -> Callable[[Any], str
     return convert
 
 
+def _path(value: Any) -> Path:
+    """A file path; the loader reads a relative one against the config file's directory."""
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ValueError("expected a file path")
+    return Path(value)
+
+
 def _chain_name(value: Any) -> str:
     if not isinstance(value, str) or not CHAIN_NAME_RE.match(value):
         raise ValueError("a chain name is 1 to 28 letters, digits, '-' or '_'")
     return value
 
 
-def _str_list(value: Any) -> list[Any]:
-    if not isinstance(value, list):
-        raise ValueError("expected a list")
+def _managed_chain_name(value: Any) -> str:
+    name = _chain_name(value)
+    if name in RESERVED_CHAIN_NAMES:
+        raise ValueError("is a name iptables reserves for a built-in chain or target")
+    return name
+
+
+def _user_name(value: Any) -> str:
+    if not isinstance(value, str) or not USER_NAME_RE.match(value):
+        raise ValueError("a user name is 1 to 64 letters, digits, '.', '-' or '_'")
     return value
 
 
-TOP_KEYS = dict.fromkeys(
-    ["listen", "tls", "plain_http", "state_dir", "users", "chains", "never_block", "log", "limits"]
-)
-TLS_KEYS = dict.fromkeys(["cert", "key", "min_version", "client_ca", "client_cert_auth"])
-USER_KEYS = dict.fromkeys(["password_hash", "chains", "allow_from", "read_only"])
-CHAIN_KEYS = dict.fromkeys(["hooks", "target", "backend", "maxelem", "priority"])
-LOG_KEYS = dict.fromkeys(["file", "level"])
-LIMIT_KEYS = dict.fromkeys(["max_connections", "max_connections_per_client", "trusted_clients", "trusted_connections",
-                            "handshake_timeout", "header_timeout", "idle_timeout", "request_timeout",
-                            "worker_timeout", "auth_failures", "auth_window", "max_bulk_items", "kernel_check"])
+def _hook(value: Any) -> str:
+    hook = _chain_name(value)
+    if hook in RESERVED_CHAIN_NAMES and hook not in FILTER_BUILTINS:
+        raise ValueError("is not a chain of the filter table; use INPUT, FORWARD, OUTPUT or a user chain")
+    return hook
+
+
+def _chain_pattern(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_\-*?\[\]!]{1,64}", value):
+        raise ValueError("expected a chain name or glob pattern")
+    return value
+
+
+_HASH_REQUIRED = "is required: make one with `web-ipt-d -hash_password`"
+
+
+def _password_hash(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(_HASH_REQUIRED)
+    if not passwords.well_formed(value):
+        raise ValueError("is not a supported hash (bcrypt, argon2, sha512_crypt, sha256_crypt, pbkdf2_sha256); "
+                         "make one with `web-ipt-d -hash_password`")
+    return value
+
+
+# -- the schema ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ListOf:
+    """A list read item by item, each problem naming key[i]; null stands for the empty list."""
+
+    item: Callable[[Any], Any]
+    one: bool = False  # a single item may stand for a list of one (listen)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One key: what its absence means (written as YAML would), how a value is read, and what it is for."""
+
+    default: Any
+    convert: Callable[[Any], Any] | ListOf
+    help: str
+    example: Any = None  # what the sample shows, where that is not the default
+    commented: bool = False  # the sample shows it commented out (it does not suit the sample's example)
+    nullable: bool = False  # null means none (None) rather than the default
+    required: str = ""  # the problem when it is absent or null; "" when it may be
+    secret: bool = False  # a problem never shows the value
+
+    def loaded_default(self) -> Any:
+        """The default as the loader returns it (a tuple of networks, a float of seconds)."""
+        if self.default is None:
+            return None
+        if isinstance(self.convert, ListOf):
+            items = self.default if isinstance(self.default, list) else [self.default]
+            return tuple(self.convert.item(x) for x in items)
+        return self.convert(self.default)
+
+
+@dataclass(frozen=True)
+class Section:
+    """A mapping of options; for users and chains, a mapping of names to one such mapping each."""
+
+    help: str
+    options: Mapping[str, Option]
+    named: str = ""  # users, chains: the one name the sample shows
+
+
+# Radicale's DEFAULT_CONFIG_SCHEMA in shape: the loader, the dataclass defaults, -write_config and etc/config.yaml
+# all come from this table, in its order.
+SCHEMA: Mapping[str, Option | Section] = MappingProxyType({
+    "listen": Option(
+        "[::]:8820", ListOf(parse_listen, one=True),
+        "Address and port to listen on when NOT started by systemd socket activation.\n"
+        '"[::]:8820" is dual-stack (IPv4 and IPv6). A list of addresses is also accepted.\n'
+        "Changing it takes a restart."),
+    "tls": Section(
+        "TLS is mandatory. Make a CA, a server and a client certificate with your own\n"
+        "tools, or with `web-ipt-d -gen_certs /etc/web-ipt-d -host NAME [-host NAME ...]`.", {
+            "cert": Option(None, _path, "PEM certificate (chain) presented to clients",
+                           example="/etc/web-ipt-d/server.crt", required="is required"),
+            "key": Option(None, _path, "its PEM private key; keep it mode 0600",
+                          example="/etc/web-ipt-d/server.key", required="is required"),
+            "min_version": Option("1.2", _choice(TLS_VERSIONS), " or ".join(f'"{v}"' for v in TLS_VERSIONS)),
+            "client_ca": Option(None, _path, "PEM CA file: if set, clients must present a certificate it signed"),
+            "client_cert_auth": Option(
+                False, _bool,
+                "With client_ca set: true lets a client whose certificate's subject CN is a\n"
+                "user name below log in as that user without a password (Basic auth still\n"
+                "works, and a password that is sent is always checked); false keeps Basic\n"
+                "auth required on top of the certificate."),
+        }),
+    "plain_http": Option(
+        False, _bool,
+        "Plain HTTP without TLS. Allowed only when every listen address is loopback\n"
+        "(for a local fail2ban, say). The tls section is then ignored."),
+    "state_dir": Option(
+        "/var/lib/web-ipt-d", _path,
+        "Where the SQLite state lives (state.db). Every acknowledged block is written\n"
+        "here before it is answered, and restored from here after a reboot or crash."),
+    "users": Section(
+        "Who may call the API. HTTP Basic auth over TLS.", {
+            "password_hash": Option(
+                None, _password_hash,
+                "A passlib hash: bcrypt (default), argon2, sha512_crypt, sha256_crypt or\n"
+                "pbkdf2_sha256. Make one with:  web-ipt-d -hash_password",
+                example="REPLACE-ME: run web-ipt-d -hash_password", required=_HASH_REQUIRED, secret=True),
+            "chains": Option([], ListOf(_chain_pattern), "Glob patterns of the chains this user may use.",
+                             example=["f2b-*"]),
+            "allow_from": Option([], ListOf(parse_cidr),
+                                 "Client networks this user may connect from; empty means any."),
+            "read_only": Option(False, _bool, "A read-only user may list and look up, never block or unblock."),
+        }, named="fail2ban"),
+    "chains": Section(
+        "The chains web-ipt-d manages. web-ipt-d is the only writer of what it makes\n"
+        "for them and never touches any other rule. A name is 1 to 28 letters, digits,\n"
+        '"-" or "_".', {
+            "hooks": Option(
+                ["INPUT"], ListOf(_hook),
+                "Built-in chains (INPUT, FORWARD, OUTPUT) or, for iptables and ipset, your\n"
+                "own chains, that get a jump to this chain at position 1. An empty list\n"
+                "hooks it nowhere (jump to it from your own rules)."),
+            "target": Option("DROP", _choice(TARGETS),
+                             "What a blocked source gets: DROP (silence) or REJECT (an ICMP error)."),
+            "backend": Option(
+                "iptables", _choice(BACKENDS),
+                "Where this chain's blocks live:\n"
+                "  iptables  one rule per blocked network, in a chain of this name in the\n"
+                "            legacy filter tables of iptables and ip6tables. Plain to read\n"
+                "            (`iptables-legacy -S`), but every change and every packet pays\n"
+                "            for each rule: fine up to a few thousand blocks.\n"
+                "  ipset     one rule in that chain matches two hash:net sets, <name>-v4\n"
+                "            and <name>-v6, and the kernel expires their entries. Flat cost\n"
+                "            to 100k blocks and more. Needs legacy iptables as above, the\n"
+                "            ip_set kernel module and the ipset command.\n"
+                "  nftables  web-ipt-d's own table `inet web-ipt-d`: hash sets with kernel\n"
+                "            timeouts (<name>-v4 and <name>-v6 for hosts, <name>-v4-24 and\n"
+                "            the like for networks) and a base chain per hook. Flat cost like\n"
+                "            ipset, without legacy iptables: the choice on RHEL 9 and later\n"
+                "            and on hosts that run nftables only. Needs python3-nftables.\n"
+                "            See it with `nft list table inet web-ipt-d`.\n"
+                "web-ipt-d -check_config warns when a backend does not suit this host."),
+            "maxelem": Option(
+                1_048_576, _int_range(1, 2**31 - 1),
+                "ipset and nftables only: the most entries a set holds (per family; with\n"
+                "nftables, per family and prefix length). A block that does not fit gets 507.",
+                commented=True),
+            "priority": Option(
+                -10, _int_range(-400, 400),
+                "nftables only: the priority of the base chains. The usual filter chains\n"
+                "are at 0, so the default -10 sees packets before them.",
+                commented=True),
+        }, named="f2b-web"),
+    "never_block": Option(
+        ["127.0.0.0/8", "::1/128"], ListOf(parse_cidr),
+        "Networks that are never blocked: a request that overlaps one gets 409.\n"
+        "Put your own management and monitoring networks here."),
+    "log": Section("", {
+        "file": Option(
+            "/var/log/web-ipt-d/web-ipt-d.log", _path,
+            "Every message at `level` and above goes here; the audit trail always does.\n"
+            "Warnings, errors and audit lines also go to stderr (the journal).\n"
+            "null logs to stderr only. logrotate needs no copytruncate: the file is reopened when moved.",
+            nullable=True),
+        "level": Option("INFO", _choice(LOG_LEVELS), ", ".join(LOG_LEVELS[:-1]) + " or " + LOG_LEVELS[-1]),
+    }),
+    "limits": Section(
+        "Connections get a slot before TLS. When every slot is taken, a new connection takes one back from\n"
+        "the connection that has waited longest without a request in progress (handshake, reading, idle).", {
+            "max_connections": Option(128, _int_range(1, 10000), "slots for clients outside trusted_clients"),
+            "max_connections_per_client": Option(
+                8, _int_range(1, 10000), "of those, per IPv4 address or IPv6 /64; more are closed at once"),
+            "trusted_clients": Option(["127.0.0.0/8", "::1/128"], ListOf(parse_cidr),
+                                      "a local fail2ban: slots the rest of the world cannot take"),
+            "trusted_connections": Option(
+                32, _int_range(0, 10000), "slots kept for trusted_clients (who also use the others, uncapped)"),
+            "handshake_timeout": Option(5, _seconds(0, 3600), "seconds for the whole TLS handshake"),
+            "header_timeout": Option(10, _seconds(0, 3600), "seconds for the whole request line and headers"),
+            "idle_timeout": Option(
+                15, _seconds(0, 3600), "seconds a keep-alive connection may wait for its next request"),
+            "request_timeout": Option(
+                10, _seconds(0, 3600), "seconds for each read of a request body and each write of a response"),
+            "worker_timeout": Option(
+                5, _seconds(0, 600), "seconds a request waits for the firewall worker before a 503"),
+            "auth_failures": Option(
+                10, _int_range(1, 100000), "failed logins from one client (an IPv4 address or an IPv6 /64) ..."),
+            "auth_window": Option(
+                60, _int_range(1, 86400), "... within this many seconds earn it 429 for this many seconds"),
+            "max_bulk_items": Option(
+                10_000, _int_range(1, 1_000_000), "the most addresses one POST /chain/<chain> may carry"),
+            "kernel_check": Option(
+                5, _seconds(0, 86400),
+                "seconds between looks at whether the kernel still has every block;\n"
+                "one that went (nft flush ruleset, iptables-restore, ipset flush) is put back"),
+        }),
+})
+
+
+def _section(name: str) -> Mapping[str, Option]:
+    node = SCHEMA[name]
+    assert isinstance(node, Section)
+    return node.options
+
+
+def _default(section: str, key: str) -> Any:
+    """The default of a dataclass field, so that it is written only in SCHEMA."""
+    return _section(section)[key].loaded_default()
+
+
+# -- the config as a value -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+
+    @property
+    def is_loopback(self) -> bool:
+        return ipaddress.ip_address(self.host).is_loopback
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TLS:
+    cert: Path
+    key: Path
+    min_version: str
+    client_ca: Path | None
+    client_cert_auth: bool = _default("tls", "client_cert_auth")
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    password_hash: str = field(repr=False)
+    chains: tuple[str, ...]
+    allow_from: tuple[Network, ...]
+    read_only: bool
+
+    def may_use(self, chain: str) -> bool:
+        return any(fnmatch.fnmatchcase(chain, pattern) for pattern in self.chains)
+
+    def may_connect_from(self, address: Address) -> bool:
+        if not self.allow_from:
+            return True
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in net for net in self.allow_from if net.version == address.version)
+
+
+@dataclass(frozen=True)
+class Chain:
+    name: str
+    hooks: tuple[str, ...]
+    target: str
+    backend: str = _default("chains", "backend")
+    maxelem: int = _default("chains", "maxelem")
+    priority: int = _default("chains", "priority")
+
+
+@dataclass(frozen=True)
+class Log:
+    file: Path | None
+    level: str
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_connections: int = _default("limits", "max_connections")
+    request_timeout: float = _default("limits", "request_timeout")
+    worker_timeout: float = _default("limits", "worker_timeout")
+    auth_failures: int = _default("limits", "auth_failures")
+    auth_window: int = _default("limits", "auth_window")
+    max_bulk_items: int = _default("limits", "max_bulk_items")
+    kernel_check: float = _default("limits", "kernel_check")
+    max_connections_per_client: int = _default("limits", "max_connections_per_client")
+    trusted_clients: tuple[Network, ...] = _default("limits", "trusted_clients")
+    trusted_connections: int = _default("limits", "trusted_connections")
+    handshake_timeout: float = _default("limits", "handshake_timeout")
+    header_timeout: float = _default("limits", "header_timeout")
+    idle_timeout: float = _default("limits", "idle_timeout")
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    listen: tuple[Listen, ...]
+    tls: TLS | None
+    plain_http: bool
+    state_dir: Path
+    users: Mapping[str, User]
+    chains: Mapping[str, Chain]
+    never_block: tuple[Network, ...]
+    log: Log
+    limits: Limits
+    # Built at load so a bad cert is a load error and a reload rotates it.
+    ssl_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+
+    def protected_by(self, network: Network) -> Network | None:
+        """The never_block network that `network` overlaps, if any."""
+        for protected in self.never_block:
+            if protected.version == network.version and protected.overlaps(network):
+                return protected
+        return None
+
+
+def build_ssl_context(tls: TLS) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = TLS_VERSIONS[tls.min_version]
+    ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    if tls.client_ca is not None:
+        ctx.load_verify_locations(cafile=str(tls.client_ca))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+# -- loading -------------------------------------------------------------------------------------------------
+
+
+class _Reader:
+    """Walks the parsed YAML, collecting every problem instead of stopping at the first."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.problems: list[str] = []
+
+    def problem(self, key: str, message: str, value: Any = None, *, show: bool = True) -> None:
+        self.problems.append(f"{key}: {message}" + (f" (got {value!r})" if show else ""))
+
+    def mapping(self, key: str, value: Any, allowed: Mapping[str, Any] | None) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.problem(key, "expected a mapping", value)
+            return {}
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                self.problem(key, "keys must be strings", k)
+            elif allowed is not None and k not in allowed:
+                self.problem(f"{key}.{k}" if key else k, "unknown key; allowed: " + ", ".join(allowed), show=False)
+            else:
+                out[k] = v
+        return out
+
+    def take(self, key: str, value: Any, convert: Callable[[Any], Any], default: Any, show: bool = True) -> Any:
+        try:
+            result = convert(value)
+        except (ValueError, TypeError) as exc:
+            self.problem(key, str(exc), value, show=show)
+            return default
+        # A relative path is relative to the config file, not to the daemon's working directory.
+        return self.base / result if isinstance(result, Path) else result
+
+    def item(self, key: str, value: Any, convert: Callable[[Any], Any]) -> Any:
+        """A list element: an empty (null) one is a problem, never silently dropped (allow_from: [null])."""
+        if value is None:
+            self.problem(key, "an empty list item", value)
+            return None
+        return self.take(key, value, convert, None)
+
+    def options(self, prefix: str, body: Mapping[str, Any], options: Mapping[str, Option]) -> dict[str, Any]:
+        """Each option's value in `body`, named by its key: the default where it is absent or null."""
+        return {name: self.option(f"{prefix}.{name}" if prefix else name, body.get(name, opt.default), opt)
+                for name, opt in options.items()}
+
+    def option(self, key: str, value: Any, opt: Option) -> Any:
+        if isinstance(opt.convert, ListOf):
+            if value is None:
+                return ()
+            if not isinstance(value, list):
+                if not opt.convert.one:
+                    self.problem(key, "expected a list", value)
+                    return ()
+                return tuple(x for x in [self.take(key, value, opt.convert.item, None)] if x is not None)
+            return tuple(x for i, v in enumerate(value)
+                         if (x := self.item(f"{key}[{i}]", v, opt.convert.item)) is not None)
+        fallback = None if opt.nullable else opt.loaded_default()
+        if value is None:
+            if opt.required:
+                self.problem(key, opt.required, show=False)
+            return fallback
+        return self.take(key, value, opt.convert, fallback, show=not opt.secret)
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -346,179 +542,181 @@ def load(path: Path | str) -> Config:
     return from_mapping(raw, path)
 
 
+_TOP_OPTIONS = {name: node for name, node in SCHEMA.items() if isinstance(node, Option)}
+
+
 def from_mapping(raw: Any, path: Path) -> Config:
     r = _Reader(path.parent if path.parent != Path("") else Path("."))
-    top = r.mapping("", raw, TOP_KEYS)
+    top = r.mapping("", raw, SCHEMA)
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(path, r.problems)
+    values = r.options("", top, _TOP_OPTIONS)
+    _check_listen(r, values["listen"], top.get("listen"), values["plain_http"])
+    tls, ssl_context = _tls(r, r.mapping("tls", top.get("tls"), _section("tls")), values["plain_http"])
+    _check_state_dir(r, values["state_dir"])
+    chains = _chains(r, top.get("chains"))
+    users = {name: User(name=name, **v) for name, (_, v) in _named(r, "users", top.get("users"), _user_name).items()}
+    log = Log(**_read_section(r, "log", top.get("log")))
+    _check_log_file(r, log.file)
+    limits = Limits(**_read_section(r, "limits", top.get("limits")))
+    if r.problems:
+        raise ConfigError(path, r.problems)
+    return Config(path=path, tls=tls, users=MappingProxyType(users), chains=MappingProxyType(chains), log=log,
+                  limits=limits, ssl_context=ssl_context, **values)
 
-    listen_raw = top.get("listen", "[::]:8820")
-    listen_items = listen_raw if isinstance(listen_raw, list) else [listen_raw]
-    listen = tuple(
-        x for i, item in enumerate(listen_items)
-        if (x := r.take(f"listen[{i}]" if isinstance(listen_raw, list) else "listen",
-                        item, parse_listen, None)) is not None
-    )
+
+def _read_section(r: _Reader, section: str, raw: Any) -> dict[str, Any]:
+    options = _section(section)
+    return r.options(section, r.mapping(section, raw, options), options)
+
+
+# -- the checks that span keys, after the table has read each one --------------------------------------------
+
+
+def _named(r: _Reader, section: str, raw: Any,
+           read_name: Callable[[Any], str]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """users.<name> or chains.<name>: for each well-formed name, its body and the values its options read."""
+    options = _section(section)
+    out = {}
+    for name, body in r.mapping(section, raw, None).items():
+        key = f"{section}.{name}"
+        if r.take(key, name, read_name, None) is not None:
+            body = r.mapping(key, body, options)
+            out[name] = body, r.options(key, body, options)
+    return out
+
+
+def _check_listen(r: _Reader, listen: tuple[Listen, ...], raw: Any, plain_http: bool) -> None:
     if not listen:
-        r.problem("listen", "at least one listen address is needed", listen_raw)
-
-    plain_http = r.take("plain_http", top.get("plain_http"), _bool, False)
+        r.problem("listen", "at least one listen address is needed", raw)
     if plain_http and any(not item.is_loopback for item in listen):
         r.problem("plain_http", "plain HTTP is allowed only when every listen address is loopback",
                   [str(x) for x in listen])
 
-    tls: TLS | None = None
-    ssl_context: ssl.SSLContext | None = None
-    tls_raw = r.mapping("tls", top.get("tls"), TLS_KEYS)
-    if not plain_http:
-        if not tls_raw:
-            r.problem("tls", "TLS is required (cert and key) unless plain_http is true on loopback", show=False)
-        else:
-            for name in ("cert", "key"):
-                if tls_raw.get(name) is None:
-                    r.problem(f"tls.{name}", "is required", show=False)
-            cert = r.readable_file("tls.cert", tls_raw.get("cert"))
-            key_file = r.readable_file("tls.key", tls_raw.get("key"))
-            min_version = r.take("tls.min_version", _yaml_version(tls_raw.get("min_version")),
-                                 _choice(TLS_VERSIONS), "1.2")
-            client_ca = r.readable_file("tls.client_ca", tls_raw.get("client_ca"))
-            if client_ca is not None and not any(p.startswith("tls.client_ca") for p in r.problems):
-                try:
-                    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=str(client_ca))
-                except (ssl.SSLError, OSError, ValueError) as exc:
-                    r.problem("tls.client_ca", f"does not load as PEM CA certificates: {exc}", str(client_ca))
-            client_cert_auth = r.take("tls.client_cert_auth", tls_raw.get("client_cert_auth"), _bool, False)
-            if client_cert_auth and tls_raw.get("client_ca") is None:
-                r.problem("tls.client_cert_auth", "needs tls.client_ca: only a certificate that CA signed "
-                          "and the handshake verified can stand in for a password", show=False)
-            if cert is not None and key_file is not None:
-                tls = TLS(cert, key_file, min_version, client_ca, client_cert_auth)
-                if not any(p.startswith(("tls.cert", "tls.key", "tls.client_ca")) for p in r.problems):
-                    try:
-                        ssl_context = build_ssl_context(tls)
-                    except (ssl.SSLError, OSError, ValueError) as exc:
-                        r.problem("tls.cert", f"certificate and key do not load together: {exc}",
-                                  f"{cert}, {key_file}")
 
-    state_dir = r.take("state_dir", top.get("state_dir"), r.path, Path("/var/lib/web-ipt-d"))
+def _tls(r: _Reader, body: dict[str, Any], plain_http: bool) -> tuple[TLS | None, ssl.SSLContext | None]:
+    """The TLS settings, unless plain_http, and the context they make: the files must load, and together."""
+    if plain_http:
+        return None, None
+    if not body:
+        r.problem("tls", "TLS is required (cert and key) unless plain_http is true on loopback", show=False)
+        return None, None
+    # An unquoted 1.2 in YAML is a float; read it as the string it was meant to be.
+    version = body.get("min_version")
+    body = dict(body, min_version=str(version) if isinstance(version, float) else version)
+    values = r.options("tls", body, _section("tls"))
+    for name in ("cert", "key", "client_ca"):
+        if values[name] is not None and not os.access(values[name], os.R_OK):
+            r.problem(f"tls.{name}", "file is missing or unreadable", str(values[name]))
+    client_ca = values["client_ca"]
+    if client_ca is not None and not any(p.startswith("tls.client_ca") for p in r.problems):
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=str(client_ca))
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            r.problem("tls.client_ca", f"does not load as PEM CA certificates: {exc}", str(client_ca))
+    if values["client_cert_auth"] and body.get("client_ca") is None:
+        r.problem("tls.client_cert_auth", "needs tls.client_ca: only a certificate that CA signed "
+                  "and the handshake verified can stand in for a password", show=False)
+    if values["cert"] is None or values["key"] is None:
+        return None, None
+    tls = TLS(**values)
+    if any(p.startswith(("tls.cert", "tls.key", "tls.client_ca")) for p in r.problems):
+        return tls, None
+    try:
+        return tls, build_ssl_context(tls)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        r.problem("tls.cert", f"certificate and key do not load together: {exc}", f"{tls.cert}, {tls.key}")
+        return tls, None
+
+
+def _check_state_dir(r: _Reader, state_dir: Path) -> None:
     if not state_dir.is_dir() and not state_dir.parent.is_dir():
         r.problem("state_dir", "neither the directory nor its parent exists", str(state_dir))
 
+
+def _chains(r: _Reader, raw: Any) -> dict[str, Chain]:
+    """Each chain, its hooks without repeats; a key for one backend only is a problem on another."""
     chains: dict[str, Chain] = {}
-    for name, body in r.mapping("chains", top.get("chains"), None).items():
+    for name, (body, values) in _named(r, "chains", raw, _managed_chain_name).items():
         key = f"chains.{name}"
-        if r.take(key, name, _chain_name, None) is None:
-            continue
-        if name in RESERVED_CHAIN_NAMES:
-            r.problem(key, "is a name iptables reserves for a built-in chain or target", name)
-            continue
-        b = r.mapping(key, body, CHAIN_KEYS)
-        hooks_raw = r.take(f"{key}.hooks", b.get("hooks", ["INPUT"]), _str_list, [])
-        hooks = []
-        for i, h in enumerate(hooks_raw):
-            hook = r.item(f"{key}.hooks[{i}]", h, _chain_name)
-            if hook is not None:
-                if hook in RESERVED_CHAIN_NAMES and hook not in FILTER_BUILTINS:
-                    r.problem(f"{key}.hooks[{i}]", "is not a chain of the filter table; use INPUT, FORWARD, "
-                              "OUTPUT or a user chain", hook)
-                elif hook == name:
-                    r.problem(f"{key}.hooks[{i}]", "a chain cannot jump to itself", hook)
-                elif hook not in hooks:
-                    hooks.append(hook)
-        target = r.take(f"{key}.target", b.get("target"), _choice(TARGETS), "DROP")
-        backend = r.take(f"{key}.backend", b.get("backend"), _choice(BACKENDS), "iptables")
-        maxelem = r.take(f"{key}.maxelem", b.get("maxelem"), _int_range(1, 2**31 - 1), Chain.maxelem)
-        priority = r.take(f"{key}.priority", b.get("priority"), _int_range(-400, 400), Chain.priority)
-        if "maxelem" in b and backend == "iptables":
-            r.problem(f"{key}.maxelem", "applies only to the ipset and nftables backends", b["maxelem"])
-        if "priority" in b and backend != "nftables":
-            r.problem(f"{key}.priority", "applies only to the nftables backend", b["priority"])
-        if backend == "nftables":
-            for i, hook in enumerate(hooks):
+        raw_hooks = body.get("hooks")
+        for i, hook in enumerate(raw_hooks if isinstance(raw_hooks, list) else []):
+            if hook == name:
+                r.problem(f"{key}.hooks[{i}]", "a chain cannot jump to itself", hook)
+        values["hooks"] = tuple(dict.fromkeys(hook for hook in values["hooks"] if hook != name))
+        if "maxelem" in body and values["backend"] == "iptables":
+            r.problem(f"{key}.maxelem", "applies only to the ipset and nftables backends", body["maxelem"])
+        if "priority" in body and values["backend"] != "nftables":
+            r.problem(f"{key}.priority", "applies only to the nftables backend", body["priority"])
+        if values["backend"] == "nftables":
+            for i, hook in enumerate(values["hooks"]):
                 if hook not in FILTER_BUILTINS:
                     r.problem(f"{key}.hooks[{i}]", "an nftables chain hooks INPUT, FORWARD or OUTPUT", hook)
-        chains[name] = Chain(name, tuple(hooks), target, backend, maxelem, priority)
+        chains[name] = Chain(name=name, **values)
     for chain in chains.values():
         for hook in chain.hooks:
             if hook in chains:
                 r.problem(f"chains.{chain.name}.hooks", "a hook must not be another managed chain", hook)
+    return chains
 
-    users: dict[str, User] = {}
-    for name, body in r.mapping("users", top.get("users"), None).items():
-        key = f"users.{name}"
-        if not USER_NAME_RE.match(name):
-            r.problem(key, "a user name is 1 to 64 letters, digits, '.', '-' or '_'", name)
+
+def _check_log_file(r: _Reader, file: Path | None) -> None:
+    # A missing directory is made at start (like state_dir); a missing parent is a typo.
+    if file is not None and not file.parent.is_dir() and not file.parent.parent.is_dir():
+        r.problem("log.file", "neither its directory nor that directory's parent exists", str(file))
+
+
+# -- the sample ----------------------------------------------------------------------------------------------
+
+
+SAMPLE_HEADER = """\
+web-ipt-d configuration. Every key is shown with its default or an example.
+Check it with:  web-ipt-d -check_config -config /etc/web-ipt-d/config.yaml
+Reload it without dropping bans:  systemctl reload web-ipt-d   (or kill -HUP <pid>)
+Unknown keys are errors, so a typo never silently does nothing.
+Made from SCHEMA in webiptd/config.py; in a checkout, remake both copies with
+  .venv/bin/python -m webiptd.config | tee etc/config.yaml > src/webiptd/sample-config.yaml"""
+
+
+def sample() -> str:
+    """The commented sample config that -write_config writes and etc/config.yaml holds."""
+    lines = _comment(SAMPLE_HEADER, "")
+    for name, node in SCHEMA.items():
+        lines.append("")
+        if isinstance(node, Option):
+            lines += _sample_option(name, node, "")
             continue
-        b = r.mapping(key, body, USER_KEYS)
-        pw = b.get("password_hash")
-        if not isinstance(pw, str) or not pw:
-            r.problem(f"{key}.password_hash", "is required: make one with `web-ipt-d -hash_password`", show=False)
-        elif not passwords.well_formed(pw):
-            r.problem(f"{key}.password_hash", "is not a supported hash (bcrypt, argon2, sha512_crypt, sha256_crypt, "
-                      "pbkdf2_sha256); make one with `web-ipt-d -hash_password`", show=False)
-        patterns = r.take(f"{key}.chains", b.get("chains", []), _str_list, [])
-        good_patterns = []
-        for i, p in enumerate(patterns):
-            if not isinstance(p, str) or not re.fullmatch(r"[A-Za-z0-9_\-*?\[\]!]{1,64}", p):
-                r.problem(f"{key}.chains[{i}]", "expected a chain name or glob pattern", p)
-            else:
-                good_patterns.append(p)
-        allow = r.take(f"{key}.allow_from", b.get("allow_from", []), _str_list, [])
-        nets = tuple(n for i, item in enumerate(allow)
-                     if (n := r.item(f"{key}.allow_from[{i}]", item, parse_network)) is not None)
-        read_only = r.take(f"{key}.read_only", b.get("read_only"), _bool, False)
-        users[name] = User(name, pw if isinstance(pw, str) else "", tuple(good_patterns), nets, read_only)
-
-    nb_raw = r.take("never_block", top.get("never_block", ["127.0.0.0/8", "::1/128"]), _str_list, [])
-    never_block = tuple(n for i, item in enumerate(nb_raw)
-                        if (n := r.item(f"never_block[{i}]", item, parse_network)) is not None)
-
-    log_raw = r.mapping("log", top.get("log"), LOG_KEYS)
-    log_file = (r.take("log.file", log_raw.get("file", "/var/log/web-ipt-d/web-ipt-d.log"), r.path, None)
-                if log_raw.get("file", "") is not None else None)
-    if log_file is not None and not log_file.parent.is_dir() and not log_file.parent.parent.is_dir():
-        # A missing directory is made at start (like state_dir); a missing parent is a typo.
-        r.problem("log.file", "neither its directory nor that directory's parent exists", str(log_file))
-    level = r.take("log.level", log_raw.get("level"), _choice(LOG_LEVELS), "INFO")
-
-    lim = r.mapping("limits", top.get("limits"), LIMIT_KEYS)
-    d = Limits()
-    tc_raw = r.take("limits.trusted_clients", lim.get("trusted_clients", [str(n) for n in d.trusted_clients]),
-                    _str_list, [])
-    trusted_clients = tuple(n for i, item in enumerate(tc_raw)
-                            if (n := r.item(f"limits.trusted_clients[{i}]", item, parse_network)) is not None)
-    limits = Limits(
-        max_connections=r.take("limits.max_connections", lim.get("max_connections"), _int_range(1, 10000),
-                               d.max_connections),
-        max_connections_per_client=r.take("limits.max_connections_per_client", lim.get("max_connections_per_client"),
-                                          _int_range(1, 10000), d.max_connections_per_client),
-        trusted_clients=trusted_clients,
-        trusted_connections=r.take("limits.trusted_connections", lim.get("trusted_connections"), _int_range(0, 10000),
-                                   d.trusted_connections),
-        handshake_timeout=r.take("limits.handshake_timeout", lim.get("handshake_timeout"), _seconds(0, 3600),
-                                 d.handshake_timeout),
-        header_timeout=r.take("limits.header_timeout", lim.get("header_timeout"), _seconds(0, 3600), d.header_timeout),
-        idle_timeout=r.take("limits.idle_timeout", lim.get("idle_timeout"), _seconds(0, 3600), d.idle_timeout),
-        request_timeout=r.take("limits.request_timeout", lim.get("request_timeout"), _seconds(0, 3600),
-                               d.request_timeout),
-        worker_timeout=r.take("limits.worker_timeout", lim.get("worker_timeout"), _seconds(0, 600), d.worker_timeout),
-        auth_failures=r.take("limits.auth_failures", lim.get("auth_failures"), _int_range(1, 100000), d.auth_failures),
-        auth_window=r.take("limits.auth_window", lim.get("auth_window"), _int_range(1, 86400), d.auth_window),
-        max_bulk_items=r.take("limits.max_bulk_items", lim.get("max_bulk_items"), _int_range(1, 1_000_000),
-                              d.max_bulk_items),
-        kernel_check=r.take("limits.kernel_check", lim.get("kernel_check"), _seconds(0, 86400), d.kernel_check),
-    )
-
-    if r.problems:
-        raise ConfigError(path, r.problems)
-    return Config(
-        path=path, listen=listen, tls=tls, plain_http=plain_http, state_dir=state_dir,
-        users=MappingProxyType(users), chains=MappingProxyType(chains), never_block=never_block,
-        log=Log(log_file, level), limits=limits, ssl_context=ssl_context,
-    )
+        lines += _comment(node.help, "") + [f"{name}:"]
+        if node.named:
+            lines.append(f"  {node.named}:")
+        for key, opt in node.options.items():
+            lines += _sample_option(key, opt, "    " if node.named else "  ")
+    return "\n".join(lines) + "\n"
 
 
+def _comment(text: str, indent: str) -> list[str]:
+    return [f"{indent}# {line}" for line in text.splitlines()]
 
-def _yaml_version(value: Any) -> Any:
-    # An unquoted 1.2 in YAML is a float; accept it as the string it was meant to be.
-    return str(value) if isinstance(value, float) else value
+
+def _sample_option(key: str, opt: Option, indent: str) -> list[str]:
+    line = f"{indent}{'# ' if opt.commented else ''}{key}: {_yaml(opt.default if opt.example is None else opt.example)}"
+    inline = f"{line + '   ':<37}# {opt.help}"
+    if "\n" not in opt.help and len(inline) <= 110:
+        return [inline]
+    return _comment(opt.help, indent) + [line]
+
+
+def _yaml(value: Any) -> str:
+    """`value` as the sample writes it: lists in flow style, a string quoted where YAML would misread it plain."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_yaml(item) for item in value) + "]"
+    if isinstance(value, str):
+        plain = re.fullmatch(r"[A-Za-z/][\w/.-]*", value) and yaml.safe_load(value) == value
+        return value if plain else json.dumps(value)  # a JSON string is a double-quoted YAML string
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return str(value)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(sample())

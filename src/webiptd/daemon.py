@@ -21,7 +21,8 @@ from webiptd import __version__, config as config_mod, log, systemd
 from webiptd.auth import Authenticator
 from webiptd.commands import Reconfigure
 from webiptd.config import Config, ConfigError
-from webiptd.http import EXPIRE_EVERY, App, Generation, Runtime, Server
+from webiptd.http.app import App, Generation, Runtime
+from webiptd.http.server import EXPIRE_EVERY, Server
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class Daemon:
 
     def run(self) -> int:
         # Imported here so that -check_config and -hash_password never load libiptc.
-        from webiptd.firewall.backend import ByChain
+        from webiptd.firewall.router import ByChain
         from webiptd.firewall.host import host_errors, host_warnings
         from webiptd.firewall.worker import Worker
         from webiptd.state import Store
@@ -124,7 +125,7 @@ class Daemon:
         socks = self.sockets if self.sockets is not None else open_listeners(config)
         store = Store(config.state_dir)
         backend = ByChain(config.chains.values())
-        worker = Worker(backend, store, config.chains.values(), check_interval=config.limits.kernel_check)
+        worker = Worker(backend, store, config.chains.values(), kernel_check=config.limits.kernel_check)
         try:
             worker.start()
         except BaseException:

@@ -1,9 +1,5 @@
-"""`web-ipt-d -demo`: the real daemon on https://localhost:8820 with a throwaway certificate and user.
-
-The listening sockets are opened in the host's namespace, then the process moves
-into a private network namespace of its own, so the demo's rules never touch the
-host's firewall. Everything it writes lives in one temporary directory.
-"""
+"""`web-ipt-d -demo`: the real daemon on https://localhost:8820 with a throwaway certificate and user; its
+sockets are opened in the host's network namespace, its rules live in a private one, its files in a temp dir."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""Logging set-up, done once here: everything to log.file, warnings, errors and audit lines to stderr.
-
-log.file uses WatchedFileHandler, so logrotate needs neither a signal nor copytruncate.
-The worker writes a batch's audit lines inside `batch()`: one flush per batch, not one per line.
-"""
+"""Logging set-up, done once here: everything to log.file (WatchedFileHandler, so logrotate needs neither a
+signal nor copytruncate), warnings, errors and audit lines to stderr; and the summary of what clients cause."""
 
 from __future__ import annotations
 

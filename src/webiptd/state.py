@@ -1,10 +1,5 @@
-"""The durable record of every block: SQLite in WAL mode at `state_dir/state.db`.
-
-The store holds the desired state and is written before the kernel is changed.
-An unblock first leaves a tombstone, so a crash between the store and the
-kernel never brings a removed block back, nor loses an acknowledged one.
-Only the firewall worker thread uses a Store.
-"""
+"""The durable record of every block: SQLite in WAL mode at `state_dir/state.db`, written before the kernel
+is changed, and used by the firewall worker thread only."""
 
 from __future__ import annotations
 
@@ -15,7 +10,7 @@ from pathlib import Path
 from typing import Iterable, NamedTuple
 
 from webiptd.commands import Entry
-from webiptd.config import Network, parse_stored_network
+from webiptd.net import Network, parse_stored
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +34,9 @@ class Loaded(NamedTuple):
 
 
 class Store:
+    """The desired state. An unblock first leaves a tombstone, so a crash between the store and the kernel
+    never brings a removed block back, nor loses an acknowledged one."""
+
     def __init__(self, state_dir: Path):
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = state_dir / "state.db"
@@ -62,7 +60,7 @@ class Store:
             "SELECT chain, network, target, created_at, expires_at, created_by, removing FROM blocks"
         ):
             try:
-                network = parse_stored_network(net)
+                network = parse_stored(net)
             except ValueError:
                 logger.error("ignoring unreadable row in %s: chain=%s network=%r", self.path, chain, net)
                 continue

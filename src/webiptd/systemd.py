@@ -1,8 +1,5 @@
-"""systemd integration: socket activation, readiness and status notification, the watchdog.
-
-See sd_listen_fds(3), sd_notify(3) and sd_watchdog_enabled(3). Everything is a no-op
-when the daemon is not run by systemd.
-"""
+"""systemd integration: socket activation, readiness and status notification, the watchdog (sd_listen_fds(3),
+sd_notify(3), sd_watchdog_enabled(3)). Everything is a no-op when the daemon is not run by systemd."""
 
 from __future__ import annotations
 

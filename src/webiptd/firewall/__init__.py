@@ -1,5 +1,4 @@
-"""The firewall: one worker thread that owns the backend and the state store.
+"""The firewall: one worker thread (worker.py) that owns the state store and the backends.
 
-Only this package imports iptc or nftables, or talks netlink to the kernel's ipset (ipset_netlink.py,
-by hand with `struct`: pyroute2 cost about 220 µs of CPU a change and 9 MiB of RSS, this about 9 µs).
+Only this package imports iptc or nftables, or speaks netlink to the kernel.
 """

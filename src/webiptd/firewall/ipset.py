@@ -1,45 +1,5 @@
-"""The ipset backend: per chain and family, one iptables rule that matches a hash:net set of the blocked networks.
-
-The rule (`-A <chain> -m set --match-set <chain>-v4 src -j DROP`) is made through python-iptables,
-under the xtables lock, in a chain created and hooked exactly as the iptables backend does it.
-Entries live in the sets `<chain>-v4` and `<chain>-v6`. See ipset(8) and iptables-extensions(8), "set".
-
-How entries get there, with the cost measured on a 2-vCPU machine (worker thread CPU, flat in the size
-of the set from 0 to 100k entries):
-- a batch of changes: one netlink message per change on one NETLINK_NETFILTER socket that the worker
-  thread opens and keeps (ipset_netlink.py), a few hundred messages to a sendmsg, one ack each: about
-  9 µs a change in batches of 8 or more, 17 µs alone. pyroute2, used before, took about 220 µs a change
-  (its asyncio core and generic encoder, holding the GIL), and importing it added 9 MiB to the daemon's
-  RSS (54 -> 45 MiB at READY with an empty ipset chain);
-- a batch of BULK_MIN changes or more (the restore at start of a big set, a big bulk load): one
-  `ipset -exist restore`. From about 8k changes on it takes no longer (10 against 9-14 µs a change,
-  wall clock), and holds the GIL a third as long (3 µs a change: the parsing is in the child); below
-  that netlink is faster (at 1,024 changes 8.7 against 14.5 µs a change);
-- reading a set is one `ipset save` (0.4 s for 100k entries); creating one is `ipset create` (see
-  `_create`). So the backend needs the `ipset` command as well as the kernel module.
-ipset has no lock like the xtables one: the sets are ours, and only the worker thread writes them.
-
-Timeouts. The kernel expires entries by itself, which keeps the worker's clock and the kernel in step
-even while the daemon is down. ipset caps a timeout at 2,147,483 s (about 24.8 days, IPSET_MAX_TIMEOUT)
-and silently clamps a longer one, which would unblock early; so an entry with more time left than the
-cap goes in without a kernel timeout, and the worker's own expiry, which runs for every backend,
-removes it on time. Permanent entries have no timeout (timeout 0). An Add of an entry that is already
-in the set replaces its timeout (ipset's -exist); a Remove of an entry that is gone (say the kernel
-expired it first) is not an error.
-
-A full set (maxelem) raises CapacityExceeded, after the batch's earlier changes were undone.
-
-Decisions:
-- Switching a chain from the iptables backend: `prepare` finds the per-address rules of the iptables
-  backend's exact shape in the chain, adds their networks to the set (without a kernel timeout: the
-  worker still expires them on time), and only then deletes the rules, in the same commit that adds
-  the match rule; so no network is ever unblocked on the way. Rules of any other shape are left alone.
-- A set that exists with another maxelem, or without timeout support, is rebuilt under a temporary
-  name with its entries and their timeouts, then swapped in (`ipset swap`, atomic for the match rule)
-  and the old one destroyed. If it holds more entries than the new maxelem, it is kept as it is with a
-  WARNING. A set of our name with another type or family is not ours: start-up fails and says so.
-- The target (DROP or REJECT) belongs to the match rule, so to the whole chain: when the config
-  changes a chain's target, its match rule is replaced and every entry takes the new target.
+"""The ipset backend: per chain and family, one iptables rule `-m set --match-set <chain>-v4 src -j DROP|REJECT`
+that matches a hash:net set of the blocked networks, with kernel timeouts. See ipset(8), iptables-extensions(8).
 """
 
 from __future__ import annotations
@@ -57,30 +17,40 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import iptc
 
-from webiptd.config import TARGETS, Chain, Network
-from webiptd.firewall.ops import Add, CapacityExceeded, Op, Remove
+from webiptd.config import Chain
 from webiptd.firewall.ipset_netlink import (
     IPSET_CMD_ADD, IPSET_CMD_DEL, IPSET_ERR_EXIST, IPSET_ERR_HASH_FULL, Element, Header, IpsetError, IpsetNetlink,
 )
-from webiptd.firewall.iptables import ANY, DEFAULT_REJECT, LOCK_PATH, IptablesBackend
+from webiptd.firewall.ops import Add, CapacityExceeded, Op, Remove, inverse, undo
+from webiptd.firewall.xtables import ANY, LOCK_PATH, VERSIONS, Xtables, new_rule, per_address, verdict
+from webiptd.net import Network
 
 logger = logging.getLogger(__name__)
 
 SET_TYPE = "hash:net"
 FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 FAMILY_NAMES = {4: "inet", 6: "inet6"}
-MAX_TIMEOUT = 2_147_483  # IPSET_MAX_TIMEOUT in include/linux/netfilter/ipset/ip_set_timeout.h
-BULK_MIN = 8192  # from here on one `ipset restore` is as fast as netlink, and holds the GIL a third as long
+# IPSET_MAX_TIMEOUT in include/linux/netfilter/ipset/ip_set_timeout.h, about 24.8 days; ipset silently
+# clamps a longer timeout, which would unblock early.
+MAX_TIMEOUT = 2_147_483
+# A batch this big goes through one `ipset -exist restore` rather than netlink: from here on it takes no
+# longer, and holds the GIL a third as long (the parsing is in the child); below it netlink is faster.
+BULK_MIN = 8192
 SWAP_NAME = "web-ipt-d-swap"  # ipset names are at most 31 characters; chain names at most 28
 TOOL_TIMEOUT = 300.0
 
 
 def set_name(chain: str, version: int) -> str:
+    """`<chain>-v4` and `<chain>-v6` hold a chain's entries."""
     return f"{chain}-v{version}"
 
 
 def kernel_timeout(expires_at: float | None, now: float) -> int:
-    """The entry's ipset timeout in seconds; 0 (none) when permanent or past ipset's cap."""
+    """The entry's ipset timeout in seconds; 0 (none) when permanent or past ipset's cap.
+
+    The kernel expires entries by itself, which keeps it in step with the worker's clock even while the
+    daemon is down; the worker's own expiry, which runs for every backend, removes the others on time.
+    """
     if expires_at is None:
         return 0
     left = math.ceil(expires_at - now)
@@ -91,14 +61,10 @@ def kernel_timeout(expires_at: float | None, now: float) -> int:
 
 def _match_target(version: int, rule: iptc.Rule) -> tuple[str, str] | None:
     """(set, target) for a rule of our match shape, `-m set --match-set SET src -j DROP|REJECT`; else None."""
-    target = rule.target.name
-    if target not in TARGETS or len(rule.matches) != 1 or rule.matches[0].name != "set":
+    if len(rule.matches) != 1 or rule.matches[0].name != "set" or rule.src != ANY[version]:
         return None
-    if rule.in_interface or rule.out_interface or rule.protocol not in (None, "ip", "all"):
-        return None
-    if rule.src != ANY[version] or rule.dst != ANY[version] or (version == 4 and rule.fragment):
-        return None
-    if target == "REJECT" and rule.target.get_all_parameters().get("reject-with") != [DEFAULT_REJECT[version]]:
+    target = verdict(version, rule)
+    if target is None:
         return None
     params = rule.matches[0].get_all_parameters()
     match_set = params.get("match-set", [])
@@ -148,11 +114,16 @@ def _without_retarget_removes(ops: list[Op]) -> list[Op]:
 
 
 class IpsetBackend:
+    """The sets through netlink (ipset_netlink.py), and `ipset` for what is rare or big: create, save, restore.
+
+    ipset has no lock like the xtables one: the sets are ours, and only the worker thread writes them.
+    """
+
     name = "ipset"
 
     def __init__(self, lock_path: str = LOCK_PATH, clock: Callable[[], float] = time.time):
-        # The match rules are python-iptables rules like the iptables backend's: same lock, chains and hooks.
-        self._xt = IptablesBackend(lock_path)
+        # The match rules live in the filter tables under the same lock, chains and hooks as the iptables backend's.
+        self._xt = Xtables(lock_path)
         self._clock = clock
         self._nl = IpsetNetlink()  # its socket opens on first use, in the worker thread
         self._tool: str | None = None
@@ -184,6 +155,12 @@ class IpsetBackend:
             raise RuntimeError(f"ipset create {name} failed: {created.stderr.strip()}")
 
     def _ensure_set(self, chain: Chain, version: int) -> None:
+        """Create the set, or make an existing one fit the config.
+
+        A set with another maxelem, or without timeout support, is rebuilt with its entries and swapped in;
+        one holding more entries than the new maxelem keeps its own, with a WARNING. A set of our name with
+        another type or family is not ours: start-up fails and says so.
+        """
         name = set_name(chain.name, version)
         header = self._header(name)
         if header is None:
@@ -230,6 +207,7 @@ class IpsetBackend:
                 logger.warning("could not destroy the temporary ipset %s; the next rebuild will", SWAP_NAME)
 
     def _members(self, name: str) -> list[Network]:
+        # One `ipset save`: 0.4 s for 100k entries.
         if self._header(name) is None:
             return []
         saved = self._run("save", name)
@@ -250,12 +228,19 @@ class IpsetBackend:
     # -- the match rules ------------------------------------------------------------------
 
     def _ensure_rule(self, version: int, chain: Chain) -> None:
-        """One match rule with the chain's target; our per-address rules move into the set. The caller commits."""
+        """One match rule with the chain's target; our per-address rules move into the set. The caller commits.
+
+        The target belongs to the match rule, so to the whole chain: when the config changes it, the rule is
+        replaced and every entry takes the new one. Per-address rules are what a chain that used the iptables
+        backend holds: their networks go into the set (without a kernel timeout: the worker still expires
+        them on time) before the rules go, in the commit that adds the match rule, so none is unblocked on
+        the way. Rules of any other shape are left alone.
+        """
         name = set_name(chain.name, version)
         ipt_chain = iptc.Chain(self._xt.table(version), chain.name)
         kept = False
         stale: list[iptc.Rule] = []
-        per_address: list[tuple[iptc.Rule, Network, str]] = []
+        moved: list[tuple[iptc.Rule, Network, str]] = []
         for rule in ipt_chain.rules:
             matched = _match_target(version, rule)
             if matched is not None and matched[0] == name:
@@ -264,11 +249,11 @@ class IpsetBackend:
                 else:
                     stale.append(rule)
                 continue
-            parsed = IptablesBackend.parse_rule(version, rule)
+            parsed = per_address(version, rule)
             if parsed is not None:
-                per_address.append((rule, *parsed))
+                moved.append((rule, *parsed))
         if not kept:
-            rule = iptc.Rule() if version == 4 else iptc.Rule6()
+            rule = new_rule(version)
             match = rule.create_match("set")
             match.match_set = [name, "src"]
             rule.target = rule.create_target(chain.target)
@@ -278,32 +263,29 @@ class IpsetBackend:
         for rule in stale:
             ipt_chain.delete_rule(rule)
             logger.info("removed a stale match rule for %s from chain %s (ipv%d)", name, chain.name, version)
-        if per_address:
+        if moved:
             # Into the set first; the rules go only with the commit that follows, so nothing is unblocked meanwhile.
-            self._apply([Add(chain.name, network, target) for _, network, target in per_address], {})
-            for rule, _, _ in per_address:
+            self._apply([Add(chain.name, network, target) for _, network, target in moved], {})
+            for rule, _, _ in moved:
                 ipt_chain.delete_rule(rule)
-            retargeted = sum(target != chain.target for _, _, target in per_address)
-            logger.warning("moved %d per-address rules of chain %s (ipv%d) into ipset %s%s", len(per_address),
+            retargeted = sum(target != chain.target for _, _, target in moved)
+            logger.warning("moved %d per-address rules of chain %s (ipv%d) into ipset %s%s", len(moved),
                            chain.name, version, name,
                            f"; {retargeted} of them now take the chain's target {chain.target}" if retargeted else "")
 
     def _rule_targets(self, names: list[str]) -> dict[tuple[str, int], str]:
         found: dict[tuple[str, int], str] = {}
-        with self._xt.xtables_lock():
-            for version in FAMILIES:
+        with self._xt.lock():
+            for version in VERSIONS:
                 self._xt.table(version).refresh()
                 found.update(self._targets_in(version, names))
         return found
 
     def _targets_in(self, version: int, names: list[str]) -> dict[tuple[str, int], str]:
         """(chain, version) -> the target of its match rule, in the family's table as last refreshed."""
-        table = self._xt.table(version)
         found: dict[tuple[str, int], str] = {}
         for name in names:
-            if not table.is_chain(name):
-                continue
-            for rule in iptc.Chain(table, name).rules:
+            for rule in self._xt.rules(version, name):
                 matched = _match_target(version, rule)
                 if matched is not None and matched[0] == set_name(name, version):
                     found.setdefault((name, version), matched[1])
@@ -317,15 +299,15 @@ class IpsetBackend:
         chains = list(chains)
         for chain in chains:
             held = 0
-            for version in FAMILIES:
+            for version in VERSIONS:
                 header = self._header(set_name(chain.name, version))
                 if header is None:
                     return f"ipset {set_name(chain.name, version)} is gone"
                 held += header.elements
             if held < counts.get(chain.name, 0):
                 return f"the ipsets of chain {chain.name} hold {held} entries for {counts[chain.name]} blocks"
-        with self._xt.xtables_lock():
-            for version in FAMILIES:
+        with self._xt.lock():
+            for version in VERSIONS:
                 self._xt.table(version).refresh()
                 targets = self._targets_in(version, [c.name for c in chains])
                 for chain in chains:
@@ -348,10 +330,10 @@ class IpsetBackend:
             return
         for chain in chains:
             self._targets[chain.name] = chain.target
-            for version in FAMILIES:
+            for version in VERSIONS:
                 self._ensure_set(chain, version)  # before the rules: a match rule needs its set to exist
-        with self._xt.xtables_lock():
-            for version in FAMILIES:
+        with self._xt.lock():
+            for version in VERSIONS:
                 table = self._xt.table(version)
                 table.refresh()
                 for chain in chains:
@@ -364,7 +346,7 @@ class IpsetBackend:
         targets = self._rule_targets(names)
         found: dict[tuple[str, Network], str] = {}
         for name in names:
-            for version in FAMILIES:
+            for version in VERSIONS:
                 target = targets.get((name, version), self._targets.get(name))
                 members = self._members(set_name(name, version))
                 if target is None:
@@ -386,6 +368,8 @@ class IpsetBackend:
     # -- applying ---------------------------------------------------------------------------
 
     def _apply(self, ops: list[Op], chains: Mapping[str, Chain]) -> None:
+        """An Add of an entry in the set replaces its timeout (as `ipset -exist add`); a Remove of one that is
+        gone is not an error. A full set raises CapacityExceeded, once what the batch did is undone."""
         if len(ops) >= BULK_MIN:
             self._apply_bulk(ops, chains)
         else:
@@ -425,9 +409,9 @@ class IpsetBackend:
             for (op, exclusive), code in zip(pending, codes):
                 name = set_name(op.chain, op.network.version)
                 if code == 0:
-                    added = isinstance(op, Add) and exclusive
-                    done.append(Remove(op.chain, op.network, op.target) if added
-                                else Add(op.chain, op.network, op.target))
+                    # An exclusive add made the entry and a del took one out: inverse() undoes them. An add
+                    # that was not exclusive may have replaced an entry: its undo puts that back.
+                    done.append(inverse(op) if exclusive else Add(op.chain, op.network, op.target))
                 elif isinstance(op, Remove):
                     if code in (IPSET_ERR_EXIST, errno.ENOENT):  # not in the set, or no such set
                         logger.debug("%s was already gone from ipset %s", op.network, name)
@@ -485,11 +469,9 @@ class IpsetBackend:
         # restore stops at the first bad line: undo the ones before it. An add that only refreshed an
         # entry's timeout is undone as a removal; the worker's reconcile after the failed batch puts it back.
         failed = re.search(r"line (\d+)", result.stderr)
-        applied = ops[: int(failed.group(1)) - 1] if failed else ops
-        undo = [Remove(op.chain, op.network, op.target) if isinstance(op, Add)
-                else Add(op.chain, op.network, op.target) for op in reversed(applied)]
-        if undo:
-            undone = self._run("-exist", "restore", script="".join(self._line(op, now) for op in undo))
+        back = undo(ops[: int(failed.group(1)) - 1] if failed else ops)
+        if back:
+            undone = self._run("-exist", "restore", script="".join(self._line(op, now) for op in back))
             if undone.returncode != 0:
                 logger.error("could not undo a failed ipset restore: %s", undone.stderr.strip())
         if "is full" in result.stderr:

@@ -1,7 +1,6 @@
 """A small ipset client over one NETLINK_NETFILTER socket: add and del of hash:net entries, many to a send.
 
-The messages are packed by hand with `struct` from the kernel's include/uapi/linux/netfilter/ipset/ip_set.h
-and linux/netfilter/nfnetlink.h (netlink(7)); each constant below was checked against a 6.x kernel.
+The constants are from the kernel's include/uapi/linux/netfilter/ipset/ip_set.h, each checked against a 6.x kernel.
 """
 
 from __future__ import annotations
@@ -9,22 +8,17 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import struct
 from dataclasses import dataclass
 from itertools import count
 from typing import NamedTuple, Sequence
 
-from webiptd.config import Network
+from webiptd.firewall.netlink import (
+    BE32, NETLINK_CAP_ACK, NLA_F_NESTED, NLA_F_NET_BYTEORDER, NLM_F_ACK, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
+    NLMSG_DONE, NLMSG_ERROR, SOL_NETLINK, attr, attrs, error_code, message, nfgen_attrs, open_socket, replies,
+)
+from webiptd.net import Network
 
-NETLINK_NETFILTER = 12
-SOL_NETLINK = 270
-NETLINK_CAP_ACK = 10  # an error ack echoes only the request's header, not the whole request
 NFNL_SUBSYS_IPSET = 6
-
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_DUMP = 0x1, 0x4, 0x200, 0x300
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLA_F_NESTED, NLA_F_NET_BYTEORDER = 0x8000, 0x4000
-NLA_TYPE_MASK = 0x3FFF
 
 IPSET_PROTOCOL = 7  # what this client speaks; the kernel's is asked once (IPSET_CMD_PROTOCOL)
 IPSET_PROTOCOL_MIN = 6  # every kernel since 2.6.39 accepts this one, so it is what the question is asked in
@@ -60,11 +54,6 @@ ACK_BUDGET = 2048
 SEND_MAX = 256
 TIMEOUT = 10.0  # the kernel acks at once; a missing ack means the socket's state is unknown
 
-_NLMSGHDR = struct.Struct("=IHHII")
-_NFGENMSG = struct.Struct("=BBH")
-_NLA = struct.Struct("=HH")
-_ERROR = struct.Struct("=i")
-_BE32 = struct.Struct(">I")
 _FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
 _ADDR_ATTR = {4: IPSET_ATTR_IPADDR_IPV4, 6: IPSET_ATTR_IPADDR_IPV6}
 
@@ -105,23 +94,6 @@ class Element(NamedTuple):
     timeout: int | None = None
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    size = _NLA.size + len(payload)
-    return _NLA.pack(size, kind) + payload + b"\0" * (-size % 4)
-
-
-def _attrs(data: bytes) -> dict[int, bytes]:
-    found: dict[int, bytes] = {}
-    offset = 0
-    while offset + _NLA.size <= len(data):
-        size, kind = _NLA.unpack_from(data, offset)
-        if size < _NLA.size:
-            break
-        found[kind & NLA_TYPE_MASK] = data[offset + _NLA.size:offset + size]
-        offset += (size + 3) & ~3
-    return found
-
-
 class IpsetNetlink:
     """One netlink socket to the kernel's ipset, opened on first use and kept.
 
@@ -143,9 +115,8 @@ class IpsetNetlink:
     def _open(self) -> socket.socket:
         if self._sock is not None:
             return self._sock
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        sock = open_socket()
         try:
-            sock.bind((0, 0))
             sock.settimeout(TIMEOUT)
             try:
                 sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
@@ -155,42 +126,35 @@ class IpsetNetlink:
             rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
             self._per_send = max(1, min(SEND_MAX, rcvbuf // ACK_BUDGET))
             self._sock = sock
-            self._protocol = _attr(IPSET_ATTR_PROTOCOL, bytes([IPSET_PROTOCOL_MIN]))
-            replies = self._request(IPSET_CMD_PROTOCOL, b"", "ask the kernel's ipset protocol")
-            attrs = _attrs(replies[0][_NFGENMSG.size:]) if replies else {}
-            kernel = attrs.get(IPSET_ATTR_PROTOCOL, bytes([IPSET_PROTOCOL_MIN]))[0]
+            self._protocol = attr(IPSET_ATTR_PROTOCOL, bytes([IPSET_PROTOCOL_MIN]))
+            answer = self._request(IPSET_CMD_PROTOCOL, b"", "ask the kernel's ipset protocol")
+            found = nfgen_attrs(answer[0]) if answer else {}
+            kernel = found.get(IPSET_ATTR_PROTOCOL, bytes([IPSET_PROTOCOL_MIN]))[0]
         except BaseException:
             sock.close()
             self._sock = None
             raise
-        self._protocol = _attr(IPSET_ATTR_PROTOCOL, bytes([min(kernel, IPSET_PROTOCOL)]))
+        self._protocol = attr(IPSET_ATTR_PROTOCOL, bytes([min(kernel, IPSET_PROTOCOL)]))
         self._set_attrs.clear()
         return sock
 
     def _prefix(self, name: str) -> bytes:
         prefix = self._set_attrs.get(name)
         if prefix is None:
-            prefix = self._set_attrs[name] = self._protocol + _attr(IPSET_ATTR_SETNAME, name.encode() + b"\0")
+            prefix = self._set_attrs[name] = self._protocol + attr(IPSET_ATTR_SETNAME, name.encode() + b"\0")
         return prefix
-
-    @staticmethod
-    def _message(cmd: int, flags: int, seq: int, body: bytes, family: int = socket.AF_UNSPEC) -> bytes:
-        size = _NLMSGHDR.size + _NFGENMSG.size + len(body)
-        return (_NLMSGHDR.pack(size, (NFNL_SUBSYS_IPSET << 8) | cmd, flags, seq, 0)
-                + _NFGENMSG.pack(family, 0, 0) + body)
 
     def _element_message(self, element: Element, seq: int) -> bytes:
         network = element.network
         version = network.version
-        data = (_attr(IPSET_ATTR_IP | NLA_F_NESTED,
-                      _attr(_ADDR_ATTR[version] | NLA_F_NET_BYTEORDER, network.network_address.packed))
-                + _attr(IPSET_ATTR_CIDR, bytes([network.prefixlen])))
+        data = (attr(IPSET_ATTR_IP | NLA_F_NESTED,
+                     attr(_ADDR_ATTR[version] | NLA_F_NET_BYTEORDER, network.network_address.packed))
+                + attr(IPSET_ATTR_CIDR, bytes([network.prefixlen])))
         if element.timeout is not None:
-            data += _attr(IPSET_ATTR_TIMEOUT | NLA_F_NET_BYTEORDER, _BE32.pack(element.timeout))
+            data += attr(IPSET_ATTR_TIMEOUT | NLA_F_NET_BYTEORDER, BE32.pack(element.timeout))
         flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_EXCL if element.exclusive else 0)
-        return self._message(element.cmd, flags, seq,
-                             self._prefix(element.set) + _attr(IPSET_ATTR_DATA | NLA_F_NESTED, data),
-                             _FAMILY[version])
+        return message(NFNL_SUBSYS_IPSET, element.cmd, flags, seq,
+                       self._prefix(element.set) + attr(IPSET_ATTR_DATA | NLA_F_NESTED, data), _FAMILY[version])
 
     def apply(self, elements: Sequence[Element]) -> list[int]:
         """Send each element's message, up to SEND_MAX in one sendmsg; return each one's error code (0: done).
@@ -216,41 +180,32 @@ class IpsetNetlink:
         wanted = set(seqs)
         acks: dict[int, int] = {}
         while len(acks) < len(wanted):
-            data = sock.recv(65536)
-            offset = 0
-            while offset + _NLMSGHDR.size <= len(data):
-                size, kind, _, seq, _ = _NLMSGHDR.unpack_from(data, offset)
+            for kind, seq, payload in replies(sock.recv(65536)):
                 if kind == NLMSG_ERROR and seq in wanted:
-                    acks[seq] = -_ERROR.unpack_from(data, offset + _NLMSGHDR.size)[0]
-                offset += (size + 3) & ~3
+                    acks[seq] = error_code(payload)
         return acks
 
     def _request(self, cmd: int, body: bytes, what: str, dump: bool = False) -> list[bytes]:
         """One request; the payloads of its replies, up to its ack (a dump: NLMSG_DONE). Raises on an error."""
         sock = self._open()
         seq = next(self._seq) & 0xFFFFFFFF
-        replies: list[bytes] = []
+        payloads: list[bytes] = []
         # A dump ends with NLMSG_DONE; whether an ack follows it depends on the kernel, so none is asked for.
         flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else NLM_F_ACK)
         try:
-            sock.send(self._message(cmd, flags, seq, self._protocol + body))
+            sock.send(message(NFNL_SUBSYS_IPSET, cmd, flags, seq, self._protocol + body))
             while True:
-                data = sock.recv(65536)
-                offset = 0
-                while offset + _NLMSGHDR.size <= len(data):
-                    size, kind, _, reply_seq, _ = _NLMSGHDR.unpack_from(data, offset)
-                    payload = data[offset + _NLMSGHDR.size:offset + size]
-                    offset += (size + 3) & ~3
+                for kind, reply_seq, payload in replies(sock.recv(65536)):
                     if reply_seq != seq:
                         continue
                     if kind == NLMSG_ERROR:
-                        code = -_ERROR.unpack_from(payload)[0]
+                        code = error_code(payload)
                         if code:
                             raise IpsetError(what, code)
-                        return replies
+                        return payloads
                     if kind == NLMSG_DONE:
-                        return replies
-                    replies.append(payload)
+                        return payloads
+                    payloads.append(payload)
         except IpsetError:
             raise
         except BaseException:
@@ -259,30 +214,30 @@ class IpsetNetlink:
 
     def header(self, name: str) -> Header | None:
         """The set's type, family, maxelem, element count and timeout support; None when there is no such set."""
-        body = (_attr(IPSET_ATTR_SETNAME, name.encode() + b"\0")
-                + _attr(IPSET_ATTR_FLAGS | NLA_F_NET_BYTEORDER, _BE32.pack(IPSET_FLAG_LIST_HEADER)))
+        body = (attr(IPSET_ATTR_SETNAME, name.encode() + b"\0")
+                + attr(IPSET_ATTR_FLAGS | NLA_F_NET_BYTEORDER, BE32.pack(IPSET_FLAG_LIST_HEADER)))
         try:
-            replies = self._request(IPSET_CMD_LIST, body, f"ipset list -t {name}", dump=True)
+            answer = self._request(IPSET_CMD_LIST, body, f"ipset list -t {name}", dump=True)
         except IpsetError as exc:
             if exc.code == errno.ENOENT:
                 return None
             raise
-        if not replies:
+        if not answer:
             return None
-        attrs = _attrs(replies[0][_NFGENMSG.size:])
-        data = _attrs(attrs.get(IPSET_ATTR_DATA, b""))
-        return Header(attrs[IPSET_ATTR_TYPENAME].rstrip(b"\0").decode(), attrs[IPSET_ATTR_FAMILY][0],
-                      _BE32.unpack(data[IPSET_ATTR_MAXELEM])[0], _BE32.unpack(data[IPSET_ATTR_ELEMENTS])[0],
+        found = nfgen_attrs(answer[0])
+        data = attrs(found.get(IPSET_ATTR_DATA, b""))
+        return Header(found[IPSET_ATTR_TYPENAME].rstrip(b"\0").decode(), found[IPSET_ATTR_FAMILY][0],
+                      BE32.unpack(data[IPSET_ATTR_MAXELEM])[0], BE32.unpack(data[IPSET_ATTR_ELEMENTS])[0],
                       IPSET_ATTR_TIMEOUT in data)
 
     def swap(self, first: str, second: str) -> None:
-        self._request(IPSET_CMD_SWAP, _attr(IPSET_ATTR_SETNAME, first.encode() + b"\0")
-                      + _attr(IPSET_ATTR_SETNAME2, second.encode() + b"\0"), f"ipset swap {first} {second}")
+        self._request(IPSET_CMD_SWAP, attr(IPSET_ATTR_SETNAME, first.encode() + b"\0")
+                      + attr(IPSET_ATTR_SETNAME2, second.encode() + b"\0"), f"ipset swap {first} {second}")
 
     def destroy(self, name: str) -> None:
         """Destroy the set if there is one (newer kernels say nothing of a missing one, older ones ENOENT)."""
         try:
-            self._request(IPSET_CMD_DESTROY, _attr(IPSET_ATTR_SETNAME, name.encode() + b"\0"),
+            self._request(IPSET_CMD_DESTROY, attr(IPSET_ATTR_SETNAME, name.encode() + b"\0"),
                           f"ipset destroy {name}")
         except IpsetError as exc:
             if exc.code != errno.ENOENT:

@@ -1,29 +1,5 @@
-"""The nftables backend: the daemon's own table `inet web-ipt-d`, hash sets with kernel timeouts,
-and every change of a batch in one transaction through libnftables (python3-nftables).
-
-The layout, for a chain f2b-web hooked at INPUT:
-
-    table inet web-ipt-d {
-        set f2b-web-v4    { type ipv4_addr; size <maxelem>; flags timeout; }   # hosts (/32)
-        set f2b-web-v6    { type ipv6_addr; size <maxelem>; flags timeout; }   # hosts (/128)
-        set f2b-web-v4-24 { type ipv4_addr; size <maxelem>; flags timeout; }   # /24 networks, made when first used
-        chain f2b-web {
-            ip saddr & 255.255.255.0 == @f2b-web-v4-24 drop
-            ip saddr @f2b-web-v4 drop
-            ip6 saddr @f2b-web-v6 drop
-        }
-        chain f2b-web.input { type filter hook input priority <priority>; policy accept; jump f2b-web }
-    }
-
-Why a hash set per prefix length rather than one `flags interval` set: nft (1.0.6, Debian 12) reads an
-interval set's every element back into userspace before each change, so one change cost 18 ms at 10k
-entries and 470 ms at 100k, against a flat 0.08 ms for a hash set (measured here); and an interval set
-refuses overlapping elements, while the API lets a /24 and a host inside it be blocked, and unblocked,
-independently. Masking the source and looking the network up keeps both exact: each entry is one element
-with its own timeout. A packet costs one lookup per prefix length in use; a prefix length's set stays
-once made. Every rule has the chain's target, so a set backend's entries all share it.
-
-See nft(8) (SETS, ELEMENTS, TIMEOUTS) and libnftables-json(5).
+"""The nftables backend: the daemon's own table `inet web-ipt-d`, hash sets with kernel timeouts, and every
+change of a batch in one transaction through libnftables (python3-nftables). See nft(8), libnftables-json(5).
 """
 
 from __future__ import annotations
@@ -35,14 +11,17 @@ import math
 import os
 import re
 import socket
-import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
-from webiptd.config import Chain, Network
-from webiptd.firewall.ops import Add, CapacityExceeded, Op
+from webiptd.config import Chain
 from webiptd.firewall.host import NFTABLES_MISSING
+from webiptd.firewall.netlink import (
+    BE32, NLM_F_REQUEST, NLMSG_ERROR, error_code, message, nfgen_attrs, open_socket, replies,
+)
+from webiptd.firewall.ops import Add, CapacityExceeded, Op
+from webiptd.net import Network
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +40,9 @@ ENOENT = os.strerror(errno.ENOENT)  # libnftables reports errors as text: "Could
 ENFILE = os.strerror(errno.ENFILE)  # what the kernel answers when a set is at its size
 
 # NFT_MSG_GETGEN, from linux/netfilter/nfnetlink.h and linux/netfilter/nf_tables.h.
-NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_GETGEN = 16
 NFTA_GEN_ID = 1
-NLMSG_ERROR = 2
-NLM_F_REQUEST = 1
 
 SetKey = tuple[int, int]  # (IP version, prefix length)
 ElementKey = tuple[str, int, int]  # (chain, IP version, prefix length): one set
@@ -77,7 +53,14 @@ class NftablesError(RuntimeError):
 
 
 def set_name(chain: str, version: int, prefixlen: int) -> str:
-    """`<chain>-v4` holds hosts; `<chain>-v4-<len>` holds the networks of one shorter prefix length."""
+    """`<chain>-v4` holds hosts; `<chain>-v4-<len>` holds the networks of one shorter prefix length.
+
+    A hash set per prefix length, not one `flags interval` set, which nft reads back whole before each
+    change (docs/backends.md has the figures) and which refuses overlapping elements, while the API lets
+    a /24 and a host inside it be blocked and unblocked independently. Each rule masks the source and looks
+    the network up, so each entry is one element with its own timeout; a packet costs one lookup per
+    prefix length in use. A prefix length's set stays once made.
+    """
     base = f"{chain}-v{version}"
     return base if prefixlen == MAX_PREFIX[version] else f"{base}-{prefixlen}"
 
@@ -117,12 +100,15 @@ def _timeout(expires_at: float | None, now: float) -> int | None:
     return None if expires_at is None else max(1, math.ceil(expires_at - now))
 
 
+GENERATION_TIMEOUT = 10.0  # the kernel answers at once; the worker must never wait for ever on it
+
+
 class RulesetGeneration:
     """nf_tables' ruleset generation (NFT_MSG_GETGEN): the kernel adds one with every committed transaction.
 
     A batch re-makes our chains' rules and hooks only when some other program committed since our
-    last transaction: that re-make was ~0.11 ms of a batch's ~0.4 ms of CPU (bench/README.md), and
-    reading the generation costs one netlink round trip of a few µs.
+    last transaction: reading the generation is one netlink round trip, the re-make costs a batch
+    about a quarter of its CPU (bench/README.md).
     """
 
     def __init__(self) -> None:
@@ -130,29 +116,29 @@ class RulesetGeneration:
         self._seq = 0
 
     def read(self) -> int:
+        try:
+            return self._read()
+        except OSError:
+            self.close()  # a request without its answer leaves the socket's state unknown: a new one next time
+            raise
+
+    def _read(self) -> int:
         if self._sock is None:
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
-            sock.bind((0, 0))
-            self._sock = sock
+            self._sock = open_socket()
+            self._sock.settimeout(GENERATION_TIMEOUT)
         self._seq = (self._seq + 1) & 0xFFFFFFFF
-        # nlmsghdr (len, type, flags, seq, pid), then nfgenmsg (family AF_UNSPEC, version 0, res_id 0).
-        self._sock.send(struct.pack("=IHHII", 20, NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETGEN, NLM_F_REQUEST,
-                                    self._seq, 0) + struct.pack("=BBH", socket.AF_UNSPEC, 0, 0))
+        self._sock.send(message(NFNL_SUBSYS_NFTABLES, NFT_MSG_GETGEN, NLM_F_REQUEST, self._seq, b""))
         while True:
-            data = self._sock.recv(65536)
-            length, kind, _, seq, _ = struct.unpack_from("=IHHII", data)
-            if seq != self._seq:
-                continue  # an answer to an earlier request that timed out: not ours any more
-            if kind == NLMSG_ERROR:
-                code = -struct.unpack_from("=i", data, 16)[0]
-                raise OSError(code, f"NFT_MSG_GETGEN: {os.strerror(code)}")
-            offset = 20  # past nlmsghdr and nfgenmsg: the attributes
-            while offset + 4 <= length:
-                size, attr = struct.unpack_from("=HH", data, offset)
-                if attr & 0x3FFF == NFTA_GEN_ID and size >= 8:
-                    return int(struct.unpack_from(">I", data, offset + 4)[0])
-                offset += (size + 3) & ~3
-            raise OSError(errno.EPROTO, "NFT_MSG_GETGEN answered without NFTA_GEN_ID")
+            for kind, seq, payload in replies(self._sock.recv(65536)):
+                if seq != self._seq:
+                    continue  # an answer to an earlier request that timed out: not ours any more
+                if kind == NLMSG_ERROR:
+                    code = error_code(payload)
+                    raise OSError(code, f"NFT_MSG_GETGEN: {os.strerror(code)}")
+                generation = nfgen_attrs(payload).get(NFTA_GEN_ID, b"")
+                if len(generation) < BE32.size:
+                    raise OSError(errno.EPROTO, "NFT_MSG_GETGEN answered without NFTA_GEN_ID")
+                return int(BE32.unpack_from(generation)[0])
 
     def close(self) -> None:
         if self._sock is not None:
@@ -187,14 +173,32 @@ class _Change:
 
 
 class NftablesBackend:
+    """The layout, for a chain f2b-web hooked at INPUT:
+
+        table inet web-ipt-d {
+            set f2b-web-v4    { type ipv4_addr; size <maxelem>; flags timeout; }   # hosts (/32)
+            set f2b-web-v6    { type ipv6_addr; size <maxelem>; flags timeout; }   # hosts (/128)
+            set f2b-web-v4-24 { type ipv4_addr; size <maxelem>; flags timeout; }   # /24 networks, made when first used
+            chain f2b-web {
+                ip saddr & 255.255.255.0 == @f2b-web-v4-24 drop
+                ip saddr @f2b-web-v4 drop
+                ip6 saddr @f2b-web-v6 drop
+            }
+            chain f2b-web.input { type filter hook input priority <priority>; policy accept; jump f2b-web }
+        }
+
+    Every rule has the chain's target, so a chain's entries all share it.
+    """
+
     name = "nftables"
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         try:
             import nftables  # type: ignore[import-untyped]  # Debian's python3-nftables, untyped
         except ImportError as exc:
             raise RuntimeError(f"the nftables backend cannot import nftables: {NFTABLES_MISSING}") from exc
         self._module: Any = nftables
+        self._clock = clock
         self._nft: Any = None  # the libnftables context, made by the worker thread on first use
         self._sets: dict[str, set[SetKey]] = {}  # chain -> the sets it has in the kernel, as far as we know
         self._targets: dict[str, str] = {}  # chain -> the target its rules have, since our last prepare
@@ -445,7 +449,7 @@ class NftablesBackend:
         return None
 
     def apply(self, ops: Iterable[Op], chains: Mapping[str, Chain]) -> None:
-        now = time.time()
+        now = self._clock()
         changes: dict[ElementKey, dict[str, _Change]] = {}
         for op in ops:
             net = op.network

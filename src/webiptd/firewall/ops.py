@@ -1,14 +1,19 @@
-"""The operations the worker asks a backend to apply: add or remove one entry of a chain.
+"""What the worker asks a backend to do: add or remove one entry of a chain, and how a batch of that is undone.
 
-They sit below every backend module (backend.py imports the backends to make them, so the backends
-take these from here and no import goes in a circle).
+It imports no backend, so every backend can import it without an import going in a circle.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence, TypeVar
 
-from webiptd.config import Network
+from webiptd.net import Network
+
+logger = logging.getLogger(__name__)
+
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -41,4 +46,31 @@ class CapacityExceeded(Exception):
 
 
 def inverse(op: Op) -> Op:
+    """The op that takes `op` back. An entry put back has no expiry: the worker's own expiry keeps its time."""
     return Remove(op.chain, op.network, op.target) if isinstance(op, Add) else Add(op.chain, op.network, op.target)
+
+
+def undo(ops: Sequence[Op]) -> list[Op]:
+    """The ops that take `ops` back, newest first."""
+    return [inverse(op) for op in reversed(ops)]
+
+
+def apply_in_parts(parts: Mapping[K, list[Op]], apply: Callable[[K, list[Op]], None],
+                   label: Callable[[K], str] = str) -> None:
+    """Apply each part (each atomic on its own: a table, a backend) so that the whole is too.
+
+    When a part fails, the parts already applied are undone, in the order they were applied, and the
+    failure is raised. An undo that fails is logged: the worker reconciles after every failed batch.
+    """
+    done: list[tuple[K, list[Op]]] = []
+    try:
+        for key, ops in parts.items():
+            apply(key, ops)
+            done.append((key, ops))
+    except Exception:
+        for key, ops in done:
+            try:
+                apply(key, undo(ops))
+            except Exception:
+                logger.exception("could not undo the %s part of a failed batch", label(key))
+        raise

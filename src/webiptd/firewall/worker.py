@@ -1,8 +1,6 @@
-"""The one thread that changes the firewall, with group commit, expiry and reconcile.
-
-HTTP threads `submit` a frozen command and wait on a future. The worker drains
-everything queued, writes the batch to the state store in one transaction,
-applies it to the backend in one commit per table, and only then answers.
+"""The one thread that changes the firewall. It takes submitted commands in batches, writes each batch to the
+state store, applies it to the backend in one commit, and only then answers; it also expires blocks and
+brings the kernel back in line with the store (reconcile).
 """
 
 from __future__ import annotations
@@ -15,15 +13,18 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, overload
 
 from webiptd import log
 from webiptd.commands import (
     Block, Blocked, BulkBlock, Command, Entry, FirewallFull, FirewallUnavailable, ListChain, Lookup, Reconfigure,
     Unblock, Unblocked,
 )
-from webiptd.config import Chain, Network, compact
-from webiptd.firewall.backend import Add, Backend, CapacityExceeded, Op, Remove
+from webiptd.config import Chain, Limits
+from webiptd.firewall.backend import Backend
+from webiptd.firewall.ops import Add, CapacityExceeded, Op, Remove
+from webiptd.firewall.pending import Pending
+from webiptd.net import Network, compact
 from webiptd.state import Store
 
 logger = logging.getLogger(__name__)
@@ -32,71 +33,11 @@ audit = logging.getLogger("webiptd.audit")
 MAX_BATCH = 4096
 MAX_QUEUE = 10_000
 HEARTBEAT = 1.0  # the longest the worker sleeps, so the watchdog can tell it is alive
-CHECK_INTERVAL = 5.0  # how often the worker asks the backends whether the kernel still has our blocks
 RETRY_DELAY = 1.0  # after a failed batch, due expiries wait this long before they are tried again
 
 Key = tuple[str, Network]
-
-_PENDING, _RUNNING, _CANCELLED, _DONE = range(4)
-_transitions = threading.Lock()  # makes "the worker takes it" and "the client gives up" exclusive
-
-
-class Pending:
-    """The answer to one submitted command: the worker releases a lock that the submitting thread waits on.
-
-    The part of concurrent.futures.Future that is used here, with half its lock traffic: a Future
-    waits on a Condition (a new lock per wait, an RLock around both sides). Measured with 16
-    keep-alive clients and a worker thread that answers at once: 0.15 ms of server CPU a request with
-    Future and queue.Queue, 0.07-0.11 ms with this and queue.SimpleQueue (bench/README.md).
-    """
-
-    __slots__ = ("_done", "_state", "_value", "_error")
-
-    def __init__(self) -> None:
-        self._done = threading.Lock()
-        self._done.acquire()
-        self._state = _PENDING
-        self._value: Any = None
-        self._error: BaseException | None = None
-
-    def result(self, timeout: float | None = None) -> Any:
-        """The worker's answer; raises what the worker set, or TimeoutError."""
-        if not self._done.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
-            raise TimeoutError("no answer from the firewall worker in time")
-        self._done.release()  # so that a second call returns at once too
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-    def cancel(self) -> bool:
-        """Withdraw the command if the worker has not taken it yet; True if it never will."""
-        with _transitions:
-            if self._state == _PENDING:
-                self._state = _CANCELLED
-            return self._state == _CANCELLED
-
-    def set_running_or_notify_cancel(self) -> bool:
-        """The worker takes the command: False if it was withdrawn (cancel() won)."""
-        with _transitions:
-            if self._state == _CANCELLED:
-                return False
-            self._state = _RUNNING
-            return True
-
-    def set_result(self, value: Any) -> None:
-        self._value = value
-        self._finish()
-
-    def set_exception(self, error: BaseException) -> None:
-        self._error = error
-        self._finish()
-
-    def _finish(self) -> None:
-        with _transitions:
-            if self._state == _DONE:
-                raise RuntimeError("this command was answered already")
-            self._state = _DONE
-        self._done.release()
+_Item = tuple[object, Pending[Any] | None]  # a command, and the answer its client waits on (None: the worker's own)
+_Answer = tuple[Pending[Any], object, object]  # the answer, the command, and what the command returned
 
 
 def _audit(user: str, client: str, action: str, chain: str, network: Network, timeout: str, result: str) -> None:
@@ -127,10 +68,9 @@ _Row = tuple[str, float, "float | None", str]  # target, created_at, expires_at,
 class _Entries:
     """The blocks the worker knows: per chain, a dict from a packed network to the rest of the entry.
 
-    Entries and their ipaddress networks are made when asked for, not kept: one kept costs about
-    410 bytes (the network alone 256, with its instance dict and address object), one packed about 190.
-    At 100k entries that is 39 against 19 MiB, the difference between missing and meeting the 80 MB target
-    (bench/README.md); making an Entry when asked costs about 3 µs.
+    Entries and their ipaddress networks are made when asked for, not kept: a packed row takes half the
+    memory of a kept Entry with its network, which is what keeps 100k blocks under the RSS target
+    (bench/README.md).
     """
 
     __slots__ = ("_chains", "_count")
@@ -205,6 +145,7 @@ class _Batch:
     before: dict[Key, Entry | None] = field(default_factory=dict)
     after: dict[Key, Entry | None] = field(default_factory=dict)
     audits: list[tuple[Any, ...]] = field(default_factory=list)
+    reconfigure: Reconfigure | None = None  # taken once the batch is committed
 
     def get(self, key: Key) -> Entry | None:
         return self.after[key] if key in self.after else self.entries.get(key)
@@ -213,6 +154,10 @@ class _Batch:
         if key not in self.before:
             self.before[key] = self.entries.get(key)
         self.after[key] = entry
+
+    def changes(self) -> dict[Key, tuple[Entry | None, Entry | None]]:
+        """(before, after) of each key whose entry the batch changed."""
+        return {k: (self.before[k], a) for k, a in self.after.items() if self.before[k] != a}
 
 
 def kernel_ops(before: Entry | None, after: Entry | None, expires_in_kernel: bool = False) -> list[Op]:
@@ -235,14 +180,14 @@ def kernel_ops(before: Entry | None, after: Entry | None, expires_in_kernel: boo
 
 class Worker:
     def __init__(self, backend: Backend, store: Store, chains: Iterable[Chain],
-                 clock: Callable[[], float] = time.time, check_interval: float = CHECK_INTERVAL):
+                 clock: Callable[[], float] = time.time, kernel_check: float = Limits.kernel_check):
         self._backend = backend
         self._store = store
         self._chains: dict[str, Chain] = {c.name: c for c in chains}
         self._clock = clock
         # SimpleQueue (in C) rather than Queue (a Condition per put and get): see Pending.
         # MAX_QUEUE is checked by submit.
-        self._queue: queue.SimpleQueue[tuple[Any, Pending | None]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._entries = _Entries()
         # (expires_at, tie-breaker, chain, packed network): the counter keeps the comparison from reaching
         # the chain when a bulk load gives many entries the same expiry.
@@ -254,8 +199,8 @@ class Worker:
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         self._resync = False
-        self._check_interval = check_interval
-        self._next_check = time.monotonic() + check_interval
+        self._kernel_check = kernel_check  # seconds between looks at whether the kernel still has our blocks
+        self._next_check = time.monotonic() + kernel_check
         self.heartbeat = time.monotonic()
 
     # -- used by other threads --------------------------------------------------------
@@ -268,8 +213,22 @@ class Worker:
         if self._start_error is not None:
             raise self._start_error
 
-    def submit(self, command: Command) -> Pending:
-        fut = Pending()
+    @overload
+    def submit(self, command: Block) -> Pending[Blocked]: ...
+    @overload
+    def submit(self, command: BulkBlock) -> Pending[list[Blocked]]: ...
+    @overload
+    def submit(self, command: Unblock) -> Pending[Unblocked]: ...
+    @overload
+    def submit(self, command: Lookup) -> Pending[Entry | None]: ...
+    @overload
+    def submit(self, command: ListChain) -> Pending[list[Entry]]: ...
+    @overload
+    def submit(self, command: Reconfigure) -> Pending[None]: ...
+
+    def submit(self, command: Command) -> Pending[Any]:
+        """Queue `command`; its Pending answers with what the command's type says, or raises FirewallUnavailable."""
+        fut: Pending[Any] = Pending()
         if self._queue.qsize() >= MAX_QUEUE:
             fut.set_exception(FirewallUnavailable("the firewall worker queue is full"))
         else:
@@ -303,7 +262,7 @@ class Worker:
         while True:
             self.heartbeat = time.monotonic()
             if self.heartbeat >= self._next_check:
-                self._next_check = self.heartbeat + self._check_interval
+                self._next_check = self.heartbeat + self._kernel_check
                 self._check_kernel()
             if self._resync:
                 try:
@@ -345,7 +304,7 @@ class Worker:
             logger.warning("the firewall lost blocks behind our back (%s); putting them back", missing)
             self._resync = True
 
-    def _next_batch(self) -> list[tuple[Any, Pending | None]]:
+    def _next_batch(self) -> list[_Item]:
         wait = HEARTBEAT
         if self._expiry:
             now = self._clock()
@@ -389,118 +348,141 @@ class Worker:
             self._purge.extend(purges)
             raise
 
-    def _process(self, items: list[tuple[Any, Pending | None]]) -> None:
-        batch = _Batch(self._entries)
-        results: list[tuple[Pending, Any]] = []
-        reconfigure: Reconfigure | None = None
-        for cmd, fut in items:
-            if fut is not None and not fut.set_running_or_notify_cancel():
-                continue  # the client gave up before we started; do nothing for it
-            try:
-                if isinstance(cmd, Reconfigure):
-                    reconfigure = cmd
-                    result: Any = None
-                else:
-                    result = self._execute(batch, cmd)
-            except Exception:
-                logger.exception("command failed: %r", cmd)
-                # The client gets a fixed sentence; the exception's text is for the log only.
-                result = FirewallUnavailable("the firewall worker failed on this request")
-            if fut is not None:
-                results.append((fut, result))
+    # -- a batch, in phases ----------------------------------------------------------
 
-        changed = {k: (batch.before[k], a) for k, a in batch.after.items() if batch.before[k] != a}
-        if changed:
+    def _process(self, items: list[_Item]) -> None:
+        """Execute the commands against one batch, commit what it changed (store, then kernel), audit it,
+        take a new configuration, and answer."""
+        batch = _Batch(self._entries)
+        answers = self._execute_all(batch, items)
+        changes = batch.changes()
+        if changes:
             try:
-                self._commit(changed)
+                self._commit(changes)
             except Exception as exc:
-                if isinstance(exc, CapacityExceeded) and sum(fut is not None for _, fut in results) > 1:
-                    # Group commit must not fail a request that fits because another one in its batch
-                    # does not: with the last free places of a set, try each request on its own.
-                    logger.warning("a batch of %d changes does not fit (%s); trying its requests one by one",
-                                   len(changed), exc)
-                    for item in items:
-                        self._process([item])
-                    return
-                failure: FirewallUnavailable
-                if isinstance(exc, CapacityExceeded):  # an operating condition, not a bug: no traceback
-                    logger.error("a batch of %d changes does not fit: %s; nothing was changed", len(changed), exc)
-                    failure = FirewallFull("a set is full (maxelem); nothing was changed")
-                else:
-                    logger.exception("applying a batch of %d changes failed; nothing was changed", len(changed))
-                    failure = FirewallUnavailable("the firewall refused the change")
-                # If undoing left the kernel and the store apart, the next reconcile brings them together.
-                self._resync = True
-                for fut, _ in results:
-                    fut.set_exception(failure)
-                # The due expiries left the heap in _due(); put them back so they are tried again.
-                for cmd, _ in items:
-                    if isinstance(cmd, _Expire) and cmd.key in self._entries:
-                        self._schedule(self._entries[cmd.key])
-                self._retry_at = self._clock() + RETRY_DELAY
+                self._refused(items, answers, len(changes), exc)
                 return
         # Every acknowledged write is audited, also one that changed nothing (a block then an unblock
         # in one batch, an unblock of an absent network).
         with log.batch():
             for args in batch.audits:
                 _audit(*args)
-        if reconfigure is not None:
-            try:
-                self._chains = {c.name: c for c in reconfigure.chains}
-                self._check_interval = reconfigure.kernel_check
-                self._reconcile()
-            except Exception as exc:
-                logger.exception("reconcile after reload failed")
-                reconfigure_error: Exception | None = exc
-            else:
-                reconfigure_error = None
-        for fut, result in results:
+        reconfigure_error = None if batch.reconfigure is None else self._reconfigure(batch.reconfigure)
+        for fut, cmd, result in answers:
             if isinstance(result, Exception):
                 fut.set_exception(result)
-            elif result is None and reconfigure is not None and reconfigure_error is not None:
+            elif reconfigure_error is not None and isinstance(cmd, Reconfigure):
                 fut.set_exception(reconfigure_error)
             else:
                 fut.set_result(result)
 
-    def _execute(self, batch: _Batch, cmd: Any) -> Any:
-        now = self._clock()
-        if isinstance(cmd, Block):
-            key: Key = (cmd.chain.name, cmd.network)
-            old = batch.get(key)
-            created_at = old.created_at if old is not None else now
-            created_by = old.created_by if old is not None else cmd.actor
-            new = Entry(cmd.chain.name, cmd.network, cmd.chain.target if old is None else old.target,
-                        created_at, cmd.expires_at, created_by)
-            batch.set(key, new)
-            timeout = "permanent" if cmd.expires_at is None else str(max(0, round(cmd.expires_at - now)))
-            batch.audits.append((cmd.actor, cmd.client, "block", cmd.chain.name, cmd.network, timeout,
-                                 "exists" if old is not None else "created"))
-            return Blocked(created=old is None, entry=new)
-        if isinstance(cmd, BulkBlock):
-            return [self._execute(batch, Block(cmd.chain, network, cmd.expires_at, cmd.actor, cmd.client))
-                    for network in cmd.networks]
-        if isinstance(cmd, Unblock):
-            key = (cmd.chain.name, cmd.network)
-            old = batch.get(key)
-            if old is not None:
-                batch.set(key, None)
-            batch.audits.append((cmd.actor, cmd.client, "unblock", cmd.chain.name, cmd.network, "-",
-                                 "deleted" if old is not None else "absent"))
-            return Unblocked(deleted=old is not None, entry=old)
-        if isinstance(cmd, _Expire):
-            old = batch.get(cmd.key)
-            if old is not None and old.expires_at is not None and old.expires_at <= now:
-                batch.set(cmd.key, None)
-                batch.audits.append(("-", "-", "expire", old.chain, old.network, "-", "deleted"))
-            return None
-        if isinstance(cmd, Lookup):
-            return batch.get((cmd.chain, cmd.network))
-        if isinstance(cmd, ListChain):
-            view: dict[Network, Entry | None] = {e.network: e for e in self._entries.chain(cmd.chain)}
-            view.update((k[1], e) for k, e in batch.after.items() if k[0] == cmd.chain)
-            return sorted((e for e in view.values() if e is not None),
-                          key=lambda e: (e.network.version, e.network))
+    def _execute_all(self, batch: _Batch, items: list[_Item]) -> list[_Answer]:
+        answers: list[_Answer] = []
+        for cmd, fut in items:
+            if fut is not None and not fut.set_running_or_notify_cancel():
+                continue  # the client gave up before we started; do nothing for it
+            try:
+                result = self._execute(batch, cmd)
+            except Exception:
+                logger.exception("command failed: %r", cmd)
+                # The client gets a fixed sentence; the exception's text is for the log only.
+                result = FirewallUnavailable("the firewall worker failed on this request")
+            if fut is not None:
+                answers.append((fut, cmd, result))
+        return answers
+
+    def _execute(self, batch: _Batch, cmd: object) -> object:
+        """One command against the batch; what it returns is what Worker.submit's overloads say."""
+        match cmd:
+            case Block():
+                return self._block(batch, cmd)
+            case BulkBlock():
+                return [self._block(batch, Block(cmd.chain, network, cmd.expires_at, cmd.actor, cmd.client))
+                        for network in cmd.networks]
+            case Unblock():
+                return self._unblock(batch, cmd)
+            case _Expire():
+                self._expire(batch, cmd.key)
+                return None
+            case Lookup():
+                return batch.get((cmd.chain, cmd.network))
+            case ListChain():
+                return self._list(batch, cmd.chain)
+            case Reconfigure():
+                batch.reconfigure = cmd
+                return None
         raise TypeError(f"unknown command {cmd!r}")
+
+    def _block(self, batch: _Batch, cmd: Block) -> Blocked:
+        now = self._clock()
+        key: Key = (cmd.chain.name, cmd.network)
+        old = batch.get(key)
+        created_at = old.created_at if old is not None else now
+        created_by = old.created_by if old is not None else cmd.actor
+        new = Entry(cmd.chain.name, cmd.network, cmd.chain.target if old is None else old.target,
+                    created_at, cmd.expires_at, created_by)
+        batch.set(key, new)
+        timeout = "permanent" if cmd.expires_at is None else str(max(0, round(cmd.expires_at - now)))
+        batch.audits.append((cmd.actor, cmd.client, "block", cmd.chain.name, cmd.network, timeout,
+                             "exists" if old is not None else "created"))
+        return Blocked(created=old is None, entry=new)
+
+    def _unblock(self, batch: _Batch, cmd: Unblock) -> Unblocked:
+        key: Key = (cmd.chain.name, cmd.network)
+        old = batch.get(key)
+        if old is not None:
+            batch.set(key, None)
+        batch.audits.append((cmd.actor, cmd.client, "unblock", cmd.chain.name, cmd.network, "-",
+                             "deleted" if old is not None else "absent"))
+        return Unblocked(deleted=old is not None, entry=old)
+
+    def _expire(self, batch: _Batch, key: Key) -> None:
+        old = batch.get(key)
+        if old is not None and old.expires_at is not None and old.expires_at <= self._clock():
+            batch.set(key, None)
+            batch.audits.append(("-", "-", "expire", old.chain, old.network, "-", "deleted"))
+
+    def _list(self, batch: _Batch, chain: str) -> list[Entry]:
+        view: dict[Network, Entry | None] = {e.network: e for e in self._entries.chain(chain)}
+        view.update((k[1], e) for k, e in batch.after.items() if k[0] == chain)
+        return sorted((e for e in view.values() if e is not None), key=lambda e: (e.network.version, e.network))
+
+    def _refused(self, items: list[_Item], answers: list[_Answer], changes: int, exc: Exception) -> None:
+        """The store or the kernel refused the batch, and nothing changed. Called in the except clause."""
+        if isinstance(exc, CapacityExceeded) and len(answers) > 1:
+            # Group commit must not fail a request that fits because another one in its batch
+            # does not: with the last free places of a set, try each request on its own.
+            logger.warning("a batch of %d changes does not fit (%s); trying its requests one by one", changes, exc)
+            for item in items:
+                self._process([item])
+            return
+        failure: FirewallUnavailable
+        if isinstance(exc, CapacityExceeded):  # an operating condition, not a bug: no traceback
+            logger.error("a batch of %d changes does not fit: %s; nothing was changed", changes, exc)
+            failure = FirewallFull("a set is full (maxelem); nothing was changed")
+        else:
+            logger.exception("applying a batch of %d changes failed; nothing was changed", changes)
+            failure = FirewallUnavailable("the firewall refused the change")
+        # If undoing left the kernel and the store apart, the next reconcile brings them together.
+        self._resync = True
+        for fut, _, _ in answers:
+            fut.set_exception(failure)
+        # The due expiries left the heap in _due(); put them back so they are tried again.
+        for cmd, _ in items:
+            if isinstance(cmd, _Expire) and cmd.key in self._entries:
+                self._schedule(self._entries[cmd.key])
+        self._retry_at = self._clock() + RETRY_DELAY
+
+    def _reconfigure(self, cmd: Reconfigure) -> Exception | None:
+        """Take the reload's chains and kernel_check, and reconcile; what failed goes to the reload."""
+        try:
+            self._chains = {c.name: c for c in cmd.chains}
+            self._kernel_check = cmd.kernel_check
+            self._reconcile()
+        except Exception as exc:
+            logger.exception("reconcile after reload failed")
+            return exc
+        return None
 
     def _commit(self, changed: Mapping[Key, tuple[Entry | None, Entry | None]]) -> None:
         """Store first, then kernel; on a kernel failure put the store back as it was."""

@@ -1,0 +1,344 @@
+"""The API's routes: one request, already parsed off the wire, to one Response. Each route is a small method
+that parses, authorises and builds one command for the firewall worker."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+from webiptd import __version__
+from webiptd.admission import Admission
+from webiptd.auth import AuthFailure, Authenticator, FailureThrottle
+from webiptd.commands import Block, BulkBlock, FirewallFull, FirewallUnavailable, ListChain, Lookup, Unblock
+from webiptd.config import CHAIN_NAME_RE, Chain, Config, User
+from webiptd.firewall.pending import Pending
+from webiptd.firewall.worker import Worker
+from webiptd.http.responses import INTERNAL_ERROR, NOT_FOUND, UNAUTHORIZED, Response, error
+from webiptd.http.wire import parse_target
+from webiptd.log import Reason
+from webiptd.net import Address, Network, client_key, parse_item, parse_segments
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAX_TIMEOUT = 10 * 365 * 86400  # ten years; anything longer is a typo, and permanent is -1 or 0
+MAX_ITEM = 64  # characters of one bulk item: the longest IPv6 network is 43
+AUTH_FAILED = Reason("authentication failed: client={source} (unknown user, wrong password or bad credentials)",
+                     "authentication failed {n} more times: client={source}")
+THROTTLED = Reason("throttling client={source}: too many failed logins (limits.auth_failures in limits.auth_window)",
+                   "throttling client={source} {n} more times")
+NOT_ALLOWED = Reason("refused a user from client={source}: not in the user's allow_from",
+                     "refused {n} more requests from client={source}: not in the user's allow_from")
+
+# (first path segment, number of segments) -> {method: route}. The route is App's method "_" + route.
+ROUTES: dict[tuple[str, int], dict[str, str]] = {
+    ("health", 1): {"GET": "health", "HEAD": "health"},
+    ("version", 1): {"GET": "version", "HEAD": "version"},
+    ("chains", 1): {"GET": "chains", "HEAD": "chains"},
+    ("chain", 2): {"GET": "list", "HEAD": "list", "POST": "bulk"},
+    ("chain", 4): {"GET": "lookup", "HEAD": "lookup", "PUT": "block", "DELETE": "unblock"},
+    ("chain", 5): {"GET": "lookup", "HEAD": "lookup", "PUT": "block", "DELETE": "unblock"},
+}
+WRITES = ("PUT", "DELETE", "POST")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One config and what is derived from it; a reload swaps the whole value at once."""
+
+    config: Config
+    authenticator: Authenticator
+
+
+class Runtime:
+    """The one mutable holder: the current generation (swapped whole), the throttle, admission and the worker."""
+
+    def __init__(self, generation: Generation, worker: Worker, throttle: FailureThrottle | None = None):
+        self.generation = generation
+        self.worker = worker
+        self.throttle = throttle or FailureThrottle()
+        self.admission = Admission()
+        self.stopping = False
+
+
+@dataclass(frozen=True)
+class Request:
+    """One authenticated request, as the route methods see it."""
+
+    gen: Generation
+    method: str
+    segments: list[str]
+    query: list[tuple[str, str]]
+    user: User
+    client: Address
+    body: bytes
+
+
+def parse_timeout(pairs: list[tuple[str, str]]) -> int | None:
+    """The PUT query: `timeout` or its rfw alias `expire`, in seconds; -1, 0 or none is permanent."""
+    allowed = {"timeout", "expire"}
+    seen = [k for k, _ in pairs]
+    unknown = [k for k in seen if k not in allowed]
+    if unknown:
+        raise ValueError(f"unknown query parameter {unknown[0]!r}; PUT accepts timeout (alias expire)")
+    if len(seen) > 1:
+        raise ValueError("give timeout (or expire) at most once")
+    if not pairs:
+        return None
+    value = int(pairs[0][1])
+    if value in (-1, 0):
+        return None
+    if value < 0 or value > MAX_TIMEOUT:
+        raise ValueError(f"timeout must be -1, 0 (permanent) or 1 to {MAX_TIMEOUT} seconds")
+    return value
+
+
+class App:
+    """Turns one request into one Response. Never raises for anything a client sends."""
+
+    def __init__(self, runtime: Runtime, clock: Callable[[], float] = time.time):
+        self.runtime = runtime
+        self.clock = clock
+
+    def handle(self, method: str, target: str, authorization: str | None, client: Address,
+               client_cert_cn: str | None = None, body: bytes = b"", generation: Generation | None = None) -> Response:
+        """`client_cert_cn`: the subject CN of the client certificate the TLS handshake verified, if any.
+        `body`: the request body, which only POST (bulk) uses. `generation`: the config snapshot the request
+        is served under, taken once by the caller; the current one if not given."""
+        try:
+            return self._handle(generation or self.runtime.generation, method, target, authorization, client,
+                                client_cert_cn, body)
+        except Exception:
+            logger.exception("internal error on %s %s", method, target[:200])
+            return INTERNAL_ERROR
+
+    def _handle(self, gen: Generation, method: str, target: str, authorization: str | None, client: Address,
+                client_cert_cn: str | None, body: bytes) -> Response:
+        if target == "/":
+            return NOT_FOUND
+        try:
+            segments, query = parse_target(target)
+        except ValueError as exc:
+            return error("bad_request", str(exc))
+        routes = ROUTES.get((segments[0], len(segments)))
+        if routes is None:
+            return NOT_FOUND
+        route = routes.get(method)
+        if route is None:
+            return error("method_not_allowed", f"{method} is not allowed here", ("Allow", ", ".join(routes)))
+        if route == "health":
+            return Response(200, {"status": "ok"})  # no credentials: for load balancers and monitors
+        user = self._authenticate(gen, authorization, client, client_cert_cn)
+        if isinstance(user, Response):
+            return user
+        if not user.may_connect_from(client):
+            self.runtime.admission.events.event(NOT_ALLOWED, client_key(client))
+            return error("forbidden", "this user may not connect from this address")
+        handler: Callable[[Request], Response] = getattr(self, "_" + route)
+        return handler(Request(gen, method, segments, query, user, client, body))
+
+    # -- the routes ---------------------------------------------------------------------------------------
+
+    def _version(self, req: Request) -> Response:
+        return self._no_query(req.query) or Response(200, {"version": __version__})
+
+    def _chains(self, req: Request) -> Response:
+        return self._no_query(req.query) or Response(200, {"chains": [
+            {"name": c.name, "target": c.target, "hooks": list(c.hooks), "backend": c.backend}
+            for c in req.gen.config.chains.values() if req.user.may_use(c.name)]})
+
+    def _list(self, req: Request) -> Response:
+        target = self._target(req)
+        if isinstance(target, Response):
+            return target
+        chain, _, _ = target
+        entries = self._wait(req.gen, self.runtime.worker.submit(ListChain(chain.name)))
+        if isinstance(entries, Response):
+            return entries
+        return Response(200, {"chain": chain.name, "entries": [e.to_json() for e in entries]})
+
+    def _lookup(self, req: Request) -> Response:
+        target = self._target(req)
+        if isinstance(target, Response):
+            return target
+        chain, network, _ = target
+        assert network is not None
+        found = self._wait(req.gen, self.runtime.worker.submit(Lookup(chain.name, network)))
+        if isinstance(found, Response):
+            return found
+        if found is None:
+            return error("not_blocked", f"{network} is not blocked in chain {chain.name!r}")
+        return Response(200, found.to_json())
+
+    def _block(self, req: Request) -> Response:
+        target = self._target(req)
+        if isinstance(target, Response):
+            return target
+        chain, network, timeout = target
+        assert network is not None
+        refused = self._never_block(req.gen, network)
+        if refused is not None:
+            return refused
+        expires_at = None if timeout is None else self.clock() + timeout
+        command = Block(chain, network, expires_at, req.user.name, str(req.client))
+        result = self._wait(req.gen, self.runtime.worker.submit(command))
+        if isinstance(result, Response):
+            return result
+        return Response(201 if result.created else 200, result.entry.to_json())
+
+    def _unblock(self, req: Request) -> Response:
+        target = self._target(req)
+        if isinstance(target, Response):
+            return target
+        chain, network, _ = target
+        assert network is not None
+        command = Unblock(chain, network, req.user.name, str(req.client))
+        result = self._wait(req.gen, self.runtime.worker.submit(command))
+        if isinstance(result, Response):
+            return result
+        return Response(200, {"deleted": result.deleted, "entry": result.entry.to_json() if result.entry else None})
+
+    def _bulk(self, req: Request) -> Response:
+        """POST /chain/<chain>: a JSON list of addresses or networks, blocked in one group commit.
+
+        Each item gets its own result, as a single PUT would have; a bad item never stops the good ones.
+        """
+        target = self._target(req)
+        if isinstance(target, Response):
+            return target
+        chain, _, timeout = target
+        gen = req.gen
+        limit = gen.config.limits.max_bulk_items
+        try:
+            items = json.loads(req.body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested some 1,000 deep
+            return error("bad_body", "the body must be a JSON list of addresses or networks")
+        if not isinstance(items, list) or not items:
+            return error("bad_body", "the body must be a non-empty JSON list of addresses or networks")
+        if len(items) > limit:
+            return error("too_large", f"at most {limit} items per request (limits.max_bulk_items)")
+        results: list[dict[str, Any]] = []
+        wanted: list[tuple[int, Network]] = []
+        for i, item in enumerate(items):
+            result: dict[str, Any] = {"item": item if isinstance(item, str) and len(item) <= MAX_ITEM else None}
+            results.append(result)
+            try:
+                if not isinstance(item, str) or len(item) > MAX_ITEM or not item.isascii():
+                    raise ValueError("an item is a string: an address or ADDRESS/PREFIX")
+                network = parse_item(item)
+            except ValueError as exc:
+                result.update(status=400, error="bad_address", message=str(exc))
+                continue
+            refused = self._never_block(gen, network)
+            if refused is not None:
+                result.update(status=refused.status, **refused.body)
+                continue
+            wanted.append((i, network))
+        if wanted:
+            expires_at = None if timeout is None else self.clock() + timeout
+            command = BulkBlock(chain, tuple(n for _, n in wanted), expires_at, req.user.name, str(req.client))
+            # A large batch takes longer in the worker; allow it about 2 ms an item on top.
+            done = self._wait(gen, self.runtime.worker.submit(command), extra_time=len(wanted) / 500)
+            if isinstance(done, Response):
+                return done  # nothing was applied
+            for (i, _), blocked in zip(wanted, done):
+                results[i].update(status=201 if blocked.created else 200, entry=blocked.entry.to_json())
+        statuses = [r["status"] for r in results]
+        return Response(200, {"chain": chain.name, "results": results, "created": statuses.count(201),
+                              "existing": statuses.count(200), "failed": len(statuses) - len(wanted)})
+
+    # -- what the routes share -----------------------------------------------------------------------------
+
+    def _target(self, req: Request) -> tuple[Chain, Network | None, int | None] | Response:
+        """The chain, network and timeout a /chain/... request names, checked in a fixed order: the chain's
+        name, the network, the query, the user's rights to the chain, that it is managed, and read-only."""
+        segments = req.segments
+        name = segments[1]
+        if not CHAIN_NAME_RE.match(name):
+            return error("bad_chain", "a chain name is 1 to 28 letters, digits, '-' or '_'")
+        network = None
+        if len(segments) > 2:
+            try:
+                network = parse_segments(segments[2], segments[3], segments[4] if len(segments) == 5 else None)
+            except ValueError as exc:
+                return error("bad_address", str(exc))
+        timeout = None
+        if req.method in ("PUT", "POST"):
+            try:
+                timeout = parse_timeout(req.query)
+            except ValueError as exc:
+                return error("bad_query", str(exc))
+        elif (bad := self._no_query(req.query)) is not None:
+            return bad
+        user = req.user
+        # The user's rights first: a user learns nothing about chains outside its patterns, not even
+        # whether they exist.
+        if not user.may_use(name):
+            return error("forbidden", f"user {user.name!r} may not use chain {name!r}")
+        chain = req.gen.config.chains.get(name)
+        if chain is None:
+            return error("unknown_chain", f"chain {name!r} is not managed by web-ipt-d")
+        if req.method in WRITES and user.read_only:
+            return error("read_only", f"user {user.name!r} is read-only")
+        return chain, network, timeout
+
+    @staticmethod
+    def _never_block(gen: Generation, network: Network) -> Response | None:
+        """The 409 for a network that overlaps never_block, or None."""
+        protected = gen.config.protected_by(network)
+        if protected is None:
+            return None
+        return error("never_block", f"{network} overlaps {protected}, which is in never_block")
+
+    @staticmethod
+    def _no_query(query: list[tuple[str, str]]) -> Response | None:
+        if query:
+            return error("bad_query", f"unknown query parameter {query[0][0]!r}")
+        return None
+
+    def _authenticate(self, gen: Generation, authorization: str | None, client: Address,
+                      client_cert_cn: str | None) -> User | Response:
+        throttle = self.runtime.throttle
+        limits = gen.config.limits
+        wait = throttle.retry_after(client, self.clock())
+        if wait is not None:
+            return error("throttled", "too many failed logins from this address; try again later",
+                         ("Retry-After", str(max(1, int(wait + 0.999)))))
+        # tls.client_cert_auth: a verified certificate naming a user is enough. Credentials that are
+        # sent are always checked, so a wrong password is a 401 even with a good certificate.
+        tls = gen.config.tls
+        if authorization is None and client_cert_cn is not None and tls is not None and tls.client_cert_auth:
+            cert_user = gen.config.users.get(client_cert_cn)
+            if cert_user is not None:
+                logger.debug("user=%s authenticated by client certificate, client=%s", cert_user.name, client)
+                return cert_user
+        try:
+            return gen.authenticator.authenticate(authorization)
+        except AuthFailure:
+            if authorization is not None:
+                events = self.runtime.admission.events
+                source = client_key(client)
+                events.event(AUTH_FAILED, source)
+                if throttle.record_failure(client, self.clock(), limits.auth_failures, limits.auth_window):
+                    events.event(THROTTLED, source)
+            return UNAUTHORIZED
+
+    def _wait(self, gen: Generation, pending: Pending[T], extra_time: float = 0.0) -> T | Response:
+        """The worker's answer to a submitted command, within limits.worker_timeout; a Response on failure."""
+        timeout = gen.config.limits.worker_timeout + extra_time
+        try:
+            try:
+                return pending.result(timeout=timeout)
+            except TimeoutError:
+                if pending.cancel():
+                    return error("worker_timeout", "the firewall is busy; nothing was changed, try again")
+                return pending.result(timeout=timeout)
+        except TimeoutError:
+            return error("worker_timeout", "the firewall is busy; the change may still be applied")
+        except FirewallFull as exc:
+            return error("firewall_full", str(exc))
+        except FirewallUnavailable as exc:
+            return error("firewall_unavailable", str(exc))
