@@ -391,7 +391,7 @@ class Daemon(Service):
         """The networks `chain` blocks in the kernel, whatever its backend, as CIDR strings."""
         backend = self.config["chains"].get(chain, {}).get("backend", "iptables")
         if backend == "iptables":
-            return {r.split()[3] for r in self.chain_rules(chain, family) if r.split()[2] == "-s"}
+            return {r.split()[3] for r in self.chain_rules(chain, family) if r.split()[2] in ("-s", "-d")}
         if backend == "ipset":
             out = self.ns.run(["ipset", "list", f"{chain}-v{family}"]).stdout
             members = out.split("Members:\n", 1)[1] if "Members:\n" in out else ""

@@ -20,7 +20,12 @@ from webiptd import __version__
 
 pytestmark = pytest.mark.root
 
-ENTRY_FIELDS = {"chain", "family", "network", "target", "created_at", "expires_at", "created_by"}
+ENTRY_FIELDS = {"chain", "family", "network", "target", "created_at", "expires_at", "created_by", "claims"}
+
+
+def with_override(config: dict[str, Any]) -> None:
+    """admin may remove every claim at once (DELETE ?owner=*)."""
+    config["users"]["admin"]["override"] = True
 
 
 # -- helpers, some shared with test_bad_input.py, test_http_wire.py and test_backend_ipset.py --------
@@ -28,7 +33,7 @@ ENTRY_FIELDS = {"chain", "family", "network", "target", "created_at", "expires_a
 @pytest.fixture(scope="module")
 def shared(pki: Any, user_hashes: dict[str, str]) -> Iterator[Daemon]:
     """One daemon for a whole module (tests use distinct addresses), with the default config."""
-    with module_daemon(pki, user_hashes) as d:
+    with module_daemon(pki, user_hashes, configure=with_override) as d:
         yield d
 
 
@@ -47,7 +52,7 @@ def on_backend(request: pytest.FixtureRequest, backend: str, pki: Any,
     if backend == "iptables":
         yield request.getfixturevalue("shared")
         return
-    with module_daemon(pki, user_hashes, backend) as d:
+    with module_daemon(pki, user_hashes, backend, configure=with_override) as d:
         yield d
 
 
@@ -120,11 +125,11 @@ def test_permanent_blocks(on_backend: Daemon, query: str, last: int) -> None:
 def test_delete_reports_whether_it_was_blocked(on_backend: Daemon) -> None:
     d = on_backend
     path = "/chain/f2b-web/ipv4/203.0.113.20"
-    assert d.request("PUT", path).status == 201
+    assert d.request("PUT", path, user="f2b").status == 201
     r = d.request("DELETE", path, user="f2b")
     assert r.status == 200, r
     assert r.headers["Content-Type"] == "application/json"
-    assert r.json["deleted"] is True
+    assert r.json["deleted"] is True and r.json["released"] is True
     assert r.json["entry"]["network"] == "203.0.113.20/32"
     assert in_kernel(d, "f2b-web", "203.0.113.20/32") == 0
     # A fail2ban `curl -f` unban of something not blocked must not fail.
@@ -188,6 +193,8 @@ def test_chains_lists_only_what_the_user_may_see(shared: Daemon) -> None:
     by_name = {c["name"]: c for c in r.json["chains"]}
     assert by_name["f2b-ssh"]["target"] == "REJECT"
     assert by_name["admin-list"]["target"] == "DROP"
+    assert by_name["admin-list"]["hooks"] == ["INPUT", "FORWARD"]
+    assert {(c["match"], c["interface"]) for c in r.json["chains"]} == {("source", None)}
     assert_json_error(d.request("GET", "/chains", user=None), 401)
 
 
@@ -477,3 +484,91 @@ def test_busy_firewall_is_503(daemon: Daemon) -> None:
     assert not any("203.0.113.91" in rule for rule in rules)
     # And the worker is healthy again.
     assert d.request("PUT", queued_path).status == 201
+
+
+# -- claims ------------------------------------------------------------------------------------------
+
+def claim_owners(r: Reply) -> list[str]:
+    return [c["owner"] for c in r.json["claims"]]
+
+
+@pytest.mark.backends
+def test_two_owners_one_delete_keeps_the_block_the_second_removes_it(on_backend: Daemon) -> None:
+    d = on_backend
+    path = "/chain/f2b-web/ipv4/203.0.113.90"
+    r = d.request("PUT", path + "?owner=sshd&timeout=600", user="f2b")
+    assert r.status == 201, r
+    assert r.json["created_by"] == "f2b/sshd" and claim_owners(r) == ["f2b/sshd"]
+    assert r.json["claims"][0] == {"owner": "f2b/sshd", "created_at": r.json["created_at"],
+                                   "expires_at": r.json["expires_at"]}
+    r = d.request("PUT", path + "?owner=nginx", user="f2b")
+    assert r.status == 200, r
+    assert claim_owners(r) == ["f2b/nginx", "f2b/sshd"] and r.json["expires_at"] is None  # one is permanent
+    assert r.json["created_by"] == "f2b/sshd"
+
+    r = d.request("DELETE", path + "?owner=nginx", user="f2b")
+    assert r.status == 200, r
+    assert (r.json["deleted"], r.json["released"]) == (False, True)
+    assert [c["owner"] for c in r.json["entry"]["claims"]] == ["f2b/sshd"]
+    assert r.json["entry"]["expires_at"] is not None  # the effective expiry is the one claim left's
+    assert in_kernel(d, "f2b-web", "203.0.113.90/32") == 1
+    if d.backend != "iptables":  # the set's kernel timeout follows the effective expiry: ~600 s, not permanent
+        assert "203.0.113.90/32" in d.kernel_entries("f2b-web", 4)
+    # The same owner again, a claim not held, and the user's own unlabelled claim: none changes anything.
+    for query, user in (("?owner=nginx", "f2b"), ("", "f2b"), ("?owner=sshd", "admin")):
+        r = d.request("DELETE", path + query, user=user)
+        assert r.status == 200 and (r.json["deleted"], r.json["released"]) == (False, False), (query, user, r)
+        assert [c["owner"] for c in r.json["entry"]["claims"]] == ["f2b/sshd"]
+    assert in_kernel(d, "f2b-web", "203.0.113.90/32") == 1
+
+    r = d.request("DELETE", path + "?owner=sshd", user="f2b")
+    assert r.status == 200 and (r.json["deleted"], r.json["released"]) == (True, True), r
+    assert in_kernel(d, "f2b-web", "203.0.113.90/32") == 0
+    assert_json_error(d.request("GET", path), 404)
+
+
+@pytest.mark.backends
+def test_override_removes_every_claim_and_nobody_else_may(on_backend: Daemon) -> None:
+    d = on_backend
+    path = "/chain/f2b-ssh/ipv6/2001:db8:ffff::91"
+    assert d.request("PUT", path + "?owner=sshd", user="f2b").status == 201
+    assert d.request("PUT", path + "?timeout=600").status == 200
+    r = d.request("DELETE", path + "?owner=*", user="f2b")
+    assert_json_error(r, 403)
+    assert in_kernel(d, "f2b-ssh", "2001:db8:ffff::91/128") == 1
+    assert len(d.request("GET", path).json["claims"]) == 2
+    r = d.request("DELETE", path + "?owner=*")
+    assert r.status == 200 and (r.json["deleted"], r.json["released"]) == (True, True), r
+    assert len(r.json["entry"]["claims"]) == 2
+    assert in_kernel(d, "f2b-ssh", "2001:db8:ffff::91/128") == 0
+
+
+def test_bad_owner_parameters_change_nothing(shared: Daemon) -> None:
+    d = shared
+    path = "/chain/f2b-web/ipv4/203.0.113.92"
+    assert d.request("PUT", path + "?owner=sshd", user="f2b").status == 201
+    before = d.request("GET", path).json
+    for method, query, status in [
+        ("PUT", "?owner=" + "x" * 65, 400), ("PUT", "?owner=a/b", 400), ("PUT", "?owner=", 400),
+        ("PUT", "?owner=*", 400), ("PUT", "?owner=a&owner=b", 400), ("DELETE", "?owner=sshd&timeout=5", 400),
+        ("DELETE", "?owner=a%2Fb", 400), ("GET", "?owner=sshd", 400), ("DELETE", "?owner=*", 403),
+    ]:
+        r = d.request(method, path + query, user="f2b")
+        assert_json_error(r, status)
+    assert d.request("GET", path).json == before
+    assert in_kernel(d, "f2b-web", "203.0.113.92/32") == 1
+    assert d.request("DELETE", path + "?owner=sshd", user="f2b").json["deleted"] is True
+
+
+def test_the_audit_names_the_owner(shared: Daemon) -> None:
+    d = shared
+    path = "/chain/f2b-web/ipv4/203.0.113.93"
+    assert d.request("PUT", path + "?owner=sshd", user="f2b").status == 201
+    assert d.request("PUT", path + "?owner=nginx", user="f2b").status == 200
+    assert d.request("DELETE", path + "?owner=sshd", user="f2b").status == 200
+    assert d.request("DELETE", path + "?owner=*").status == 200
+    lines = [dict(re.findall(r"(\w+)=(\S+)", line)) for line in d.log().splitlines()
+             if "action=" in line and "network=203.0.113.93/32" in line]
+    assert [(a["user"], a["action"], a["owner"], a["result"]) for a in lines] == [
+        ("f2b", "block", "f2b/sshd", "created"), ("f2b", "block", "f2b/nginx", "claimed"),
+        ("f2b", "unblock", "f2b/sshd", "released"), ("admin", "unblock", "*", "deleted")]

@@ -338,11 +338,31 @@ def test_moving_a_chain_from_the_iptables_backend(daemon: Daemon) -> None:
     assert {n: after[n] for n in before} == before
     assert after["203.0.113.83/32"]["created_by"] == "adopted"
     # An unblock unblocks (no per-address rule is left behind it); the timed entry expires on the worker's clock.
-    assert d.request("DELETE", "/chain/f2b-web/ipv4/203.0.113.81").json["deleted"] is True
+    assert d.request("DELETE", "/chain/f2b-web/ipv4/203.0.113.81", user="f2b").json["deleted"] is True  # its claim
     assert "203.0.113.81/32" not in members(d, "f2b-web")
     assert wait_until(lambda: "203.0.113.80/32" not in members(d, "f2b-web"), 4)
     assert d.request("GET", "/chain/f2b-web/ipv4/203.0.113.80").status == 404
     assert not any(" -s " in rule for rule in d.rules(4) + d.rules(6))
+    assert_no_errors(d)
+
+
+def test_a_destination_chain_moves_from_the_iptables_backend_with_its_match(daemon: Daemon) -> None:
+    d = daemon
+    d.config["chains"]["egress"] = {"hooks": ["OUTPUT"], "target": "REJECT", "match": "destination",
+                                    "backend": "iptables"}
+    d.start()
+    assert d.request("PUT", "/chain/egress/ipv4/203.0.113.80").status == 201
+    assert d.request("PUT", "/chain/egress/ipv6/2001:db8:ffff:80::/64").status == 201
+    assert d.chain_rules("egress") == ["-A egress -d 203.0.113.80/32 -j REJECT --reject-with icmp-port-unreachable"]
+    assert d.stop() == 0
+    d.config["chains"]["egress"]["backend"] = "ipset"
+    d.start()
+    for family in (4, 6):
+        assert d.chain_rules("egress", family) == [
+            f"-A egress -m set --match-set egress-v{family} dst -j REJECT --reject-with {REJECT_WITH[family]}"]
+    assert members(d, "egress") == {"203.0.113.80/32": 0}
+    assert members(d, "egress", 6) == {"2001:db8:ffff:80::/64": 0}
+    assert set(listed(d, "egress")) == {"203.0.113.80/32", "2001:db8:ffff:80::/64"}
     assert_no_errors(d)
 
 

@@ -497,6 +497,77 @@ def test_bad_chain_target(tmp_path: Path, base: dict[str, Any], target: Any) -> 
     assert has_problem(problems_of(tmp_path, base), "chains.f2b-web.target", repr(target))
 
 
+def test_match_and_interface_default_to_source_and_every_interface(tmp_path: Path, base: dict[str, Any]) -> None:
+    chain = load(write(tmp_path, base)).chains["f2b-web"]
+    assert (chain.match, chain.interface) == ("source", None)
+    assert (Chain("c", (), "DROP").match, Chain("c", (), "DROP").interface) == (
+        _loaded("chains", "match"), _loaded("chains", "interface")) == ("source", None)
+
+
+@pytest.mark.parametrize("hooks, match, interface", [
+    (["OUTPUT"], "destination", None),
+    (["OUTPUT", "FORWARD"], "destination", "eth0"),
+    (["FORWARD"], "source", "eth+"),
+    (["INPUT", "OUTPUT"], "source", "br-1a2b3c4d5e6f"),  # 15 characters, as long as a Linux name gets
+    (["INPUT"], "source", "e" * 14 + "+"),
+    (["INPUT"], None, "eth0.100"),
+    (["INPUT"], None, "wg_0-a"),
+    ([], "destination", None),  # jumped to from the admin's own rules
+    (["DOCKER-USER"], "destination", None),
+])
+def test_match_and_interface_that_load(tmp_path: Path, base: dict[str, Any], hooks: list[str], match: str | None,
+                                       interface: str | None) -> None:
+    base["chains"]["f2b-web"].update(hooks=hooks, interface=interface)
+    if match is not None:
+        base["chains"]["f2b-web"]["match"] = match
+    chain = load(write(tmp_path, base)).chains["f2b-web"]
+    assert (chain.hooks, chain.match, chain.interface) == (tuple(hooks), match or "source", interface)
+
+
+@pytest.mark.parametrize("match", ["src", "dst", "Source", "both", "", 1, True, ["source"]])
+def test_bad_match(tmp_path: Path, base: dict[str, Any], match: Any) -> None:
+    base["chains"]["f2b-web"]["match"] = match
+    assert has_problem(problems_of(tmp_path, base), "chains.f2b-web.match", repr(match), '"source"')
+
+
+@pytest.mark.parametrize("interface", [
+    "", "e" * 16, "e" * 15 + "+", "eth 0", "eth0\n", "eth/0", "eth:0", ".", "..", "+", "!eth0", "eth*", "eth+0",
+    "ëth0", 0, True, ["eth0"], {"name": "eth0"},
+])
+def test_bad_interface(tmp_path: Path, base: dict[str, Any], interface: Any) -> None:
+    base["chains"]["f2b-web"]["interface"] = interface
+    assert has_problem(problems_of(tmp_path, base), "chains.f2b-web.interface", repr(interface), "15")
+
+
+def test_destination_does_not_go_with_input(tmp_path: Path, base: dict[str, Any]) -> None:
+    base["chains"]["f2b-ssh"]["match"] = "destination"  # hooks INPUT and FORWARD
+    problems = problems_of(tmp_path, base)
+    assert has_problem(problems, "chains.f2b-ssh.match", "INPUT", "'destination'")
+    assert len(problems) == 1, problems
+
+
+@pytest.mark.parametrize("chain_backend", ["iptables", "ipset", "nftables"])
+def test_an_interface_needs_built_in_hooks(tmp_path: Path, base: dict[str, Any], chain_backend: str) -> None:
+    base["chains"]["f2b-web"].update(hooks=[], interface="eth0", backend=chain_backend)
+    assert has_problem(problems_of(tmp_path, base), "chains.f2b-web.interface", "has none", "'eth0'")
+    if chain_backend != "nftables":  # (nftables refuses a user chain hook by itself)
+        base["chains"]["f2b-web"]["hooks"] = ["INPUT", "DOCKER-USER"]
+        problems = problems_of(tmp_path, base)
+        assert has_problem(problems, "chains.f2b-web.interface", "user chain DOCKER-USER", "'eth0'")
+        assert len(problems) == 1, problems
+
+
+def test_match_and_interface_problems_are_all_reported(tmp_path: Path, base: dict[str, Any]) -> None:
+    base["chains"]["f2b-web"].update(match="dst", interface="eth 0")
+    base["chains"]["f2b-ssh"].update(match="destination", interface="eth0", hooks=["INPUT", "mine"])
+    problems = problems_of(tmp_path, base)
+    assert has_problem(problems, "chains.f2b-web.match", "'dst'")
+    assert has_problem(problems, "chains.f2b-web.interface", "'eth 0'")
+    assert has_problem(problems, "chains.f2b-ssh.match", "INPUT")
+    assert has_problem(problems, "chains.f2b-ssh.interface", "user chain mine")
+    assert len(problems) == 4, problems
+
+
 # -- never_block, log, limits --------------------------------------------------------------
 
 
@@ -815,3 +886,9 @@ def test_the_dataclass_defaults_are_the_schemas() -> None:
         auth_window=60, max_bulk_items=10_000, kernel_check=5.0,
         trusted_clients=(ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")))
     assert (chain.backend, chain.maxelem, chain.priority) == ("iptables", 1_048_576, -10)
+
+
+def test_no_user_may_be_called_like_the_owner_of_adopted_rules(tmp_path: Path, base: dict[str, Any]) -> None:
+    base["users"]["adopted"] = dict(base["users"]["admin"])
+    problems = problems_of(tmp_path, base)
+    assert any("users" in p and "adopted" in p for p in problems), problems

@@ -51,7 +51,8 @@ class Fail2ban:
     all in `root`, and the only action is a copy of the shipped web-ipt-d.conf.
     """
 
-    def __init__(self, daemon: Daemon, root: Path, bantime: int = 600, curlopts: str = ""):
+    def __init__(self, daemon: Daemon, root: Path, bantime: int = 600, curlopts: str = "",
+                 jails: tuple[str, ...] = (JAIL,)):
         self.ns = daemon.ns
         self.root = root
         self.conf = root / "conf"
@@ -89,12 +90,15 @@ class Fail2ban:
             "maxretry = 2\n"
             "findtime = 10m\n"
             f"bantime = {bantime}\n"
-            f"\n[{JAIL}]\n"
-            "enabled = true\n"
-            "filter = wipt\n"
-            f"logpath = {self.authlog}\n"
-            f'action = web-ipt-d[url="https://127.0.0.1:{PORT}", chain={CHAIN}, '
-            f'cafile="{daemon.pki.ca}", netrc="{netrc}", curlopts="{curlopts}"]\n')
+            + "".join(
+                f"\n[{jail}]\n"
+                "enabled = true\n"
+                "filter = wipt\n"
+                f"logpath = {self.authlog}\n"
+                f'action = web-ipt-d[url="https://127.0.0.1:{PORT}", chain={CHAIN}, '
+                f'cafile="{daemon.pki.ca}", netrc="{netrc}", curlopts="{curlopts}"]\n'
+                for jail in jails))
+        self.jails = jails
 
     def start(self) -> None:
         assert FAIL2BAN_SERVER is not None
@@ -103,8 +107,9 @@ class Fail2ban:
                 [FAIL2BAN_SERVER, "-f", "-x", "-c", self.conf, "-s", self.sock, "-p", self.pidfile],
                 stdin=subprocess.DEVNULL, stdout=err, stderr=err)
         # The global status, not `status JAIL`: asking for a jail that is not there yet is an ERROR in its log.
-        wait_for(f"jail {JAIL} to start", lambda: self.alive() and re.search(
-            rf"Jail list:\s*{JAIL}$", self.client("status", check=False).stdout, re.M), timeout=30)
+        jails = r",\s*".join(self.jails)
+        wait_for(f"jails {self.jails} to start", lambda: self.alive() and re.search(
+            rf"Jail list:\s*{jails}$", self.client("status", check=False).stdout, re.M), timeout=30)
 
     def alive(self) -> bool:
         assert self.proc is not None
@@ -150,8 +155,9 @@ def net(daemon: Daemon, peer: NetNS) -> Iterator[tuple[Daemon, NetNS]]:
 
 
 @contextmanager
-def make_fail2ban(daemon: Daemon, bantime: int, curlopts: str = "") -> Iterator[Fail2ban]:
-    f2b = Fail2ban(daemon, daemon.workdir / "f2b", bantime, curlopts)
+def make_fail2ban(daemon: Daemon, bantime: int, curlopts: str = "",
+                  jails: tuple[str, ...] = (JAIL,)) -> Iterator[Fail2ban]:
+    f2b = Fail2ban(daemon, daemon.workdir / "f2b", bantime, curlopts, jails)
     try:
         yield f2b
     finally:
@@ -199,9 +205,11 @@ def test_failures_ban_the_peer_and_unbanip_lifts_it(net, f2b):
     assert not reaches(peer, SERVER4)
     assert reaches(peer, SERVER6), "an IPv4 ban must not touch IPv6"
     entry = d.request("GET", f"/chain/{CHAIN}/ipv4/{PEER4}").json
-    assert entry["created_by"] == "f2b" and entry["expires_at"] is not None
+    # The jail's own claim: owned by the netrc user and the jail's name.
+    assert entry["created_by"] == f"f2b/{JAIL}" and entry["expires_at"] is not None
+    assert [c["owner"] for c in entry["claims"]] == [f"f2b/{JAIL}"]
     assert audit(d, PEER4 + "/32")[-1].endswith("action=block chain=f2b-web network=198.51.100.2/32 "
-                                                  "timeout=600 result=created")
+                                                  f"owner=f2b/{JAIL} timeout=600 result=created")
 
     f2b.client("set", JAIL, "unbanip", PEER4)
     wait_for("the unban", lambda: d.chain_rules(CHAIN) == [])
@@ -222,7 +230,7 @@ def test_an_ipv6_failure_bans_in_ip6tables(net, f2b):
     assert not reaches(peer, SERVER6)
     assert reaches(peer, SERVER4), "an IPv6 ban must not touch IPv4"
     assert d.chain_rules(CHAIN, 4) == []
-    assert d.request("GET", f"/chain/{CHAIN}/ipv6/{PEER6}").json["created_by"] == "f2b"
+    assert d.request("GET", f"/chain/{CHAIN}/ipv6/{PEER6}").json["created_by"] == f"f2b/{JAIL}"
 
     f2b.client("set", JAIL, "unbanip", PEER6)
     wait_for("the IPv6 unban", lambda: d.chain_rules(CHAIN, 6) == [rule("2001:db8:ffff::7/128")])
@@ -299,6 +307,32 @@ def test_restart_with_restored_bans_is_idempotent(net, f2b):
 
 
 @pytest.mark.root
+def test_two_jails_banning_one_address_keep_it_blocked_until_both_unban(net):
+    d, peer = net
+    with make_fail2ban(d, 600, jails=(JAIL, "wipt2")) as f2b:
+        f2b.start()
+        f2b.fail(PEER4)  # one log, two jails: both ban
+        owners = {f"f2b/{JAIL}", "f2b/wipt2"}
+        wait_for("both claims", lambda: {c["owner"] for c in d.request(
+            "GET", f"/chain/{CHAIN}/ipv4/{PEER4}").json.get("claims", [])} == owners)
+        assert d.chain_rules(CHAIN) == [rule(PEER4 + "/32")]
+        # An admin's block of the same address is not a jail's to lift either.
+        assert d.request("PUT", f"/chain/{CHAIN}/ipv4/203.0.113.30").status == 201
+
+        f2b.client("set", JAIL, "unbanip", PEER4)
+        wait_for("the first unban", lambda: audit(d, PEER4 + "/32")[-1].endswith(
+            f"action=unblock chain=f2b-web network={PEER4}/32 owner=f2b/{JAIL} timeout=- result=released"))
+        assert d.chain_rules(CHAIN) == sorted([rule(PEER4 + "/32"), rule("203.0.113.30/32")])
+        assert not reaches(peer, SERVER4)
+
+        f2b.client("set", "wipt2", "unbanip", PEER4)
+        wait_for("the second unban", lambda: d.chain_rules(CHAIN) == [rule("203.0.113.30/32")])
+        assert reaches(peer, SERVER4)
+        assert f2b.errors() == []
+    assert d.chain_rules(CHAIN) == [rule("203.0.113.30/32")]
+
+
+@pytest.mark.root
 def test_curlopts_adds_a_client_certificate(daemon):
     # With tls.client_ca the handshake needs a client certificate, which only curlopts can give.
     daemon.config["tls"]["client_ca"] = str(daemon.pki.ca)
@@ -351,6 +385,8 @@ def test_the_readme_jail_uses_only_our_action_with_debians_stock_config(tmp_path
     assert options["chain"] == "f2b-sshd"
     assert options["addrfamily"] == "ipv4" and options["addrfamily?family=inet6"] == "ipv6"
     assert options["actionban"].endswith('--request PUT "https://127.0.0.1:8820/chain/f2b-sshd/<addrfamily>/<ip>'
-                                         '?timeout=<bantime>"')
+                                         '?timeout=<bantime>&owner=sshd"')
+    assert options["actionunban"].endswith('--request DELETE "https://127.0.0.1:8820/chain/f2b-sshd/<addrfamily>/<ip>'
+                                           '?owner=sshd"')
     assert "--netrc-file '/etc/fail2ban/web-ipt-d.netrc'" in options["actionban"]
     assert ["add", "sshd", "systemd"] in stream  # the journal backend, as docs/fail2ban.md says Debian 12 needs

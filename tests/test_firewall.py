@@ -476,3 +476,113 @@ def test_external_iptables_writer_and_daemon_lose_nothing(running):
     assert len(outside) == outside_count and len(set(outside)) == outside_count, "the external writer lost rules"
     assert blocks_in(d, "f2b-ssh") == collections.Counter({(n, "REJECT"): 1 for n in nets})
     assert set(listed(d, "f2b-ssh")) == set(nets)
+
+
+# -- match and interface ---------------------------------------------------------------------------------------
+
+
+def forms(d: Daemon, chain: str) -> dict[str, list[str]]:
+    """What the kernel holds of `chain` and its hooks: for iptables and ipset, per family, the jumps to it and its
+    rules as iptables-legacy-save writes them; for nftables, the rules of it and of its base chains."""
+    if d.backend != "nftables":
+        return {f"ipv{family}": [r for r in d.rules(family) if r.endswith(f" -j {chain}")
+                                 or r.startswith(f"-A {chain} ")] for family in (4, 6)}
+    found = {}
+    table = json.loads(d.ns.run(["nft", "-j", "-t", "list", "table", "inet", "web-ipt-d"]).stdout)["nftables"]
+    for name in sorted(item["chain"]["name"] for item in table if "chain" in item):
+        if name == chain or name.startswith(f"{chain}."):
+            out = d.ns.run(["nft", "list", "chain", "inet", "web-ipt-d", name]).stdout
+            found[name] = [line.strip() for line in out.splitlines()[2:-2]
+                           if line.strip() and not line.strip().startswith("type ")]
+    return found
+
+
+def expected_forms(backend: str, match: str, interface: str | None) -> dict[str, list[str]]:
+    """forms() of `egress` (hooked at FORWARD and OUTPUT, DROP) holding 203.0.113.5, 198.18.0.0/15 and
+    2001:db8:ffff::/48, for a match and an interface."""
+    flag, field, direction = {"source": ("-s", "saddr", "src"), "destination": ("-d", "daddr", "dst")}[match]
+    if backend == "nftables":
+        nft_interface = "" if interface is None else interface.replace("+", "*")
+        return {"egress": [f"ip {field} & 255.254.0.0 == @egress-v4-15 drop", f"ip {field} @egress-v4 drop",
+                           f"ip6 {field} & ffff:ffff:ffff:: == @egress-v6-48 drop", f"ip6 {field} @egress-v6 drop"],
+                "egress.forward": [(f'iifname "{nft_interface}" ' if interface else "") + "jump egress"],
+                "egress.output": [(f'oifname "{nft_interface}" ' if interface else "") + "jump egress"]}
+    jumps = [f"-A FORWARD{f' -i {interface}' if interface else ''} -j egress",
+             f"-A OUTPUT{f' -o {interface}' if interface else ''} -j egress"]
+    if backend == "ipset":
+        return {f"ipv{family}": jumps + [f"-A egress -m set --match-set egress-v{family} {direction} -j DROP"]
+                for family in (4, 6)}
+    return {"ipv4": jumps + [f"-A egress {flag} 203.0.113.5/32 -j DROP", f"-A egress {flag} 198.18.0.0/15 -j DROP"],
+            "ipv6": jumps + [f"-A egress {flag} 2001:db8:ffff::/48 -j DROP"]}
+
+
+@pytest.mark.backends
+def test_match_and_interface_reach_the_kernel_and_follow_reloads_and_restarts(daemon):
+    d = daemon
+    egress = {"hooks": ["FORWARD", "OUTPUT"], "target": "DROP", "backend": d.backend, "match": "destination",
+              "interface": "wan0"}
+    d.config["chains"]["egress"] = egress
+    d.start()
+    assert "matches interface wan0, which this host does not have" in d.log()
+    nets = [ipaddress.ip_network(n) for n in ("203.0.113.5/32", "198.18.0.0/15", "2001:db8:ffff::/48")]
+    for net in nets:
+        assert d.request("PUT", path("egress", net)).status == 201
+    assert forms(d, "egress") == expected_forms(d.backend, "destination", "wan0")
+    # Each change is made again in the kernel, and what was blocked stays blocked, by the chain's new match.
+    for match, interface in (("source", "wan+"), ("destination", None), ("destination", "wan0")):
+        egress.update(match=match, interface=interface)
+        d.reload()
+        assert forms(d, "egress") == expected_forms(d.backend, match, interface), (match, interface)
+        restart(d)
+        assert forms(d, "egress") == expected_forms(d.backend, match, interface), (match, interface)
+        entries = listed(d, "egress")
+        assert set(entries) == set(nets) and {e["created_by"] for e in entries.values()} == {"admin"}
+    r = d.request("DELETE", path("egress", nets[0]))
+    assert r.status == 200 and r.json["deleted"] is True
+    assert set(listed(d, "egress")) == set(nets[1:])
+    log = d.log()
+    assert "did not make" not in log and "found in managed chains but not in the state store" not in log
+    assert " ERROR " not in log and "Traceback" not in log + d.stderr()
+
+
+def test_rules_of_both_shapes_are_ours_and_a_jump_with_another_interface_is_replaced(daemon):
+    d = daemon
+    d.config["chains"]["egress"] = {"hooks": ["OUTPUT", "FORWARD"], "target": "DROP", "match": "destination",
+                                    "interface": "wan0"}
+    both(d, "-N", "egress")
+    ipt(d, "-A", "egress", "-d", "203.0.113.7", "-j", "DROP")
+    ipt(d, "-A", "egress", "-s", "203.0.113.8", "-j", "DROP")  # the other shape: what match: source made
+    ipt(d, "-A", "egress", "-d", "203.0.113.9", "-p", "tcp", "-j", "DROP")  # not ours
+    ipt(d, "-A", "egress", "-d", "203.0.113.10", "-s", "203.0.113.11", "-j", "DROP")  # not ours either
+    ipt(d, "-A", "egress", "-s", "2001:db8:ffff::8", "-j", "REJECT", family=6)
+    ipt(d, "-A", "OUTPUT", "-o", "wan1", "-j", "egress")  # our shape, another interface: replaced
+    ipt(d, "-A", "OUTPUT", "-p", "udp", "-j", "egress")  # someone's own jump: left alone
+    ipt(d, "-A", "FORWARD", "!", "-i", "wan0", "-j", "egress")  # likewise
+    d.start()
+    assert d.chain_rules("egress") == [
+        "-A egress -d 203.0.113.7/32 -j DROP",
+        "-A egress -d 203.0.113.9/32 -p tcp -j DROP",
+        "-A egress -s 203.0.113.11/32 -d 203.0.113.10/32 -j DROP",
+        "-A egress -d 203.0.113.8/32 -j DROP"]
+    assert d.chain_rules("egress", 6) == ["-A egress -d 2001:db8:ffff::8/128 -j REJECT --reject-with "
+                                          "icmp6-port-unreachable"]
+    assert [r for r in d.rules() if r.endswith("-j egress")] == [
+        "-A FORWARD -i wan0 -j egress", "-A FORWARD ! -i wan0 -j egress",
+        "-A OUTPUT -o wan0 -j egress", "-A OUTPUT -p udp -j egress"]
+    assert [r for r in d.rules(6) if r.endswith("-j egress")] == ["-A FORWARD -i wan0 -j egress",
+                                                                  "-A OUTPUT -o wan0 -j egress"]
+    entries = listed(d, "egress")
+    assert {str(n): (e["target"], e["created_by"]) for n, e in entries.items()} == {
+        "203.0.113.7/32": ("DROP", "adopted"), "203.0.113.8/32": ("DROP", "adopted"),
+        "2001:db8:ffff::8/128": ("REJECT", "adopted")}
+    assert d.request("GET", "/chain/egress/ipv4/203.0.113.9").status == 404
+    # A block and an unblock of the chain's shape; a restart finds what is there, and adds nothing.
+    assert d.request("PUT", "/chain/egress/ipv4/203.0.113.20").status == 201
+    assert d.chain_rules("egress")[-1] == "-A egress -d 203.0.113.20/32 -j DROP"
+    r = d.request("DELETE", "/chain/egress/ipv4/203.0.113.20")
+    assert r.json["deleted"] is True, r
+    assert "-A egress -d 203.0.113.20/32 -j DROP" not in d.chain_rules("egress")
+    before = {f: saved_tables(d, f)["filter"] for f in (4, 6)}
+    restart(d)
+    assert {f: saved_tables(d, f)["filter"] for f in (4, 6)} == before
+    assert set(listed(d, "egress")) == set(entries)

@@ -1,6 +1,7 @@
 """Real packets: a peer namespace on a veth pair reaches a TCP listener in the daemon's namespace
 before a block, cannot during it (DROP times out, REJECT is refused), and can again after the unblock.
-Every test runs on every backend.
+A chain with `match: destination` stops the daemon's namespace connecting out; one with an `interface`
+blocks on that link only. Every test runs on every backend; forwarded traffic is in test_forward.py.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from tests.netns import NetNS, veth_pair
 pytestmark = [pytest.mark.root, pytest.mark.backends]
 
 DROP_WAIT = 1.0  # how long a connect to a dropping host is given before it counts as blocked
+CLOSED_PORT = 9  # a port nobody listens on
 
 
 def attempt(peer: NetNS, host: str, port: int, timeout: float = DROP_WAIT) -> str:
@@ -27,11 +29,19 @@ def attempt(peer: NetNS, host: str, port: int, timeout: float = DROP_WAIT) -> st
     except ConnectionRefusedError:
         return "refused"
     except OSError as exc:
-        if exc.errno == errno.EHOSTUNREACH:
+        if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
             return "unreachable"
         raise
     sock.close()
     return "ok"
+
+
+def resolve_neighbours(ns: NetNS, *addresses: str) -> None:
+    """Connect from `ns` to a closed port of each address until refused. A link made a moment ago may lose the
+    first packets to an address not resolved yet (IPv6 neighbour discovery: a 1 s connect, measured), which a
+    test would count as blocked."""
+    for address in addresses:
+        assert attempt(ns, address, CLOSED_PORT, timeout=10) == "refused", address
 
 
 @pytest.fixture
@@ -129,3 +139,88 @@ def test_blocked_peer_loses_the_api_but_loopback_keeps_it(net):
     assert d.request("GET", "/version", conn=d.connection("::1")).status == 200
     unblock(d, "f2b-web", f"ipv4/{PEER4}")
     assert peer_health() == 200
+
+
+@pytest.fixture
+def egress(daemon: Daemon, peer: NetNS) -> Iterator[tuple[Daemon, NetNS]]:
+    """The daemon with a chain `egress` hooked at OUTPUT with `match: destination`, and a TCP service in the peer."""
+    veth_pair(daemon.ns, peer)
+    daemon.config["chains"]["egress"] = {"hooks": ["OUTPUT"], "target": "DROP", "match": "destination",
+                                         "backend": daemon.backend}
+    daemon.start()
+    resolve_neighbours(daemon.ns, PEER4, PEER6)
+    listeners = [Listener(peer, PEER4, APP_PORT), Listener(peer, PEER6, APP_PORT)]
+    try:
+        yield daemon, peer
+    finally:
+        for listener in listeners:
+            listener.close()
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_destination_blocks_connections_out_to_the_network(egress, family):
+    d, peer = egress
+    address, network = (PEER4, "ipv4/198.51.100.0/30") if family == 4 else (PEER6, "ipv6/2001:db8::/126")
+    assert attempt(d.ns, address, APP_PORT) == "ok"
+    block(d, "egress", network)
+    assert attempt(d.ns, address, APP_PORT) == "timeout"
+    unblock(d, "egress", network)
+    assert attempt(d.ns, address, APP_PORT) == "ok"
+
+
+# A second link between the daemon's namespace and the peer, in /28s of TEST-NET-2 and their own /64s.
+FIRST = (("198.51.100.1/28", "2001:db8::1/64"), ("198.51.100.2/28", "2001:db8::2/64"))
+SECOND = (("198.51.100.17/28", "2001:db8:1::1/64"), ("198.51.100.18/28", "2001:db8:1::2/64"))
+
+
+def interface_of(name: str, wildcard: bool) -> str:
+    """The config's `interface` for the veth `name`: itself, or a wildcard that matches it and not the other
+    veth (veth_pair numbers its pairs, and `wiptN` is never the beginning of `wiptN+1`)."""
+    return name[:-1] + "+" if wildcard else name
+
+
+@pytest.mark.parametrize("wildcard", [False, True], ids=["exact", "wildcard"])
+def test_an_interface_limits_a_chain_to_one_link_and_follows_a_reload(daemon, peer, wildcard):
+    """Two links to one peer. `on-link` (INPUT) and `out-link` (OUTPUT, by destination) name the first: a block
+    applies to packets on it and not on the second; a reload that names the second moves it there.
+    REJECT, so that a blocked connect is refused at once."""
+    first, _ = veth_pair(daemon.ns, peer, *FIRST)
+    second, _ = veth_pair(daemon.ns, peer, *SECOND)
+    daemon.config["chains"]["on-link"] = {"hooks": ["INPUT"], "target": "REJECT", "backend": daemon.backend,
+                                          "interface": interface_of(first, wildcard)}
+    daemon.config["chains"]["out-link"] = {"hooks": ["OUTPUT"], "target": "REJECT", "backend": daemon.backend,
+                                           "match": "destination", "interface": interface_of(first, wildcard)}
+    daemon.start()
+    resolve_neighbours(daemon.ns, "198.51.100.2", "198.51.100.18", "2001:db8::2", "2001:db8:1::2")
+    servers = [Listener(ns, address.split("/")[0], APP_PORT) for ns, end in ((daemon.ns, 0), (peer, 1))
+               for link in (FIRST, SECOND) for address in link[end]]
+    # The peer's addresses on both links: 198.51.100.2 and .18, 2001:db8::2 and 2001:db8:1::2.
+    peer_networks = ("ipv4/198.51.100.0/27", "ipv6/2001:db8::/47")
+
+    def reach(into: bool) -> dict[str, str]:
+        """Over the first and the second link, in each family: the peer to the daemon (`into`), or back."""
+        found = {}
+        for link, (ends) in (("first", FIRST), ("second", SECOND)):
+            for family, address in zip((4, 6), (a.split("/")[0] for a in ends[0 if into else 1])):
+                found[f"{link}-v{family}"] = attempt(peer if into else daemon.ns, address, APP_PORT, timeout=5)
+        return found
+
+    def blocked(*links: str) -> dict[str, str]:
+        return {f"{link}-v{family}": "refused" if link in links else "ok"
+                for link in ("first", "second") for family in (4, 6)}
+
+    try:
+        for chain, into in (("on-link", True), ("out-link", False)):
+            assert reach(into) == blocked(), chain
+            for network in peer_networks:
+                block(daemon, chain, network)
+            assert reach(into) == blocked("first"), chain
+            daemon.config["chains"][chain]["interface"] = interface_of(second, wildcard)
+            daemon.reload()
+            assert reach(into) == blocked("second"), chain
+            for network in peer_networks:
+                unblock(daemon, chain, network)
+            assert reach(into) == blocked(), chain
+    finally:
+        for server in servers:
+            server.close()

@@ -22,7 +22,7 @@ from webiptd.commands import (
 )
 from webiptd.config import Config, from_mapping
 from webiptd.net import parse_segments, peer_address
-from webiptd.http.app import MAX_TIMEOUT, ROUTES, App, Generation, Runtime, parse_timeout
+from webiptd.http.app import MAX_TIMEOUT, ROUTES, App, Generation, Runtime, parse_owner, parse_timeout
 from webiptd.http.responses import Response
 from webiptd.http.wire import parse_target
 
@@ -259,7 +259,7 @@ def make_config(tmp_path: Path, **limits: Any) -> Config:
         "state_dir": str(tmp_path),
         "log": {"file": None},
         "users": {
-            "admin": {"password_hash": HASHES["admin"], "chains": ["*"]},
+            "admin": {"password_hash": HASHES["admin"], "chains": ["*"], "override": True},
             "f2b": {"password_hash": HASHES["f2b"], "chains": ["f2b-*"]},
             "reader": {"password_hash": HASHES["reader"], "chains": ["*"], "read_only": True},
             "faraway": {"password_hash": HASHES["faraway"], "chains": ["*"], "allow_from": ["203.0.113.0/24"]},
@@ -446,7 +446,7 @@ def test_chains_lists_only_what_the_user_may_use(call: Client) -> None:
     assert r.status == 200
     assert [c["name"] for c in r.body["chains"]] == ["f2b-web", "f2b-ssh", "admin-list"]
     assert r.body["chains"][2] == {"name": "admin-list", "target": "DROP", "hooks": ["INPUT", "FORWARD"],
-                                   "backend": "iptables"}
+                                   "backend": "iptables", "match": "source", "interface": None}
     r = call("GET", "/chains", user="f2b")
     assert [c["name"] for c in r.body["chains"]] == ["f2b-web", "f2b-ssh"]
     assert call("GET", "/chains?timeout=5").status == 400
@@ -462,7 +462,8 @@ def test_put_submits_exactly_one_block(call: Client) -> None:
     assert call.worker.commands[0].chain is call.config.chains["f2b-web"]
     assert r.body == {"chain": "f2b-web", "family": "ipv4", "network": "203.0.113.9/32", "target": "DROP",
                       "created_at": "2023-11-14T22:13:20Z", "expires_at": "2023-11-14T22:23:20Z",
-                      "created_by": "admin"}
+                      "created_by": "admin", "claims": [{"owner": "admin", "created_at": "2023-11-14T22:13:20Z",
+                                                         "expires_at": "2023-11-14T22:23:20Z"}]}
 
 
 @pytest.mark.parametrize("query, expires_at", [
@@ -495,7 +496,7 @@ def test_delete_submits_exactly_one_unblock(tmp_path: Path) -> None:
 
 def test_delete_of_an_absent_block_is_still_200(call: Client) -> None:
     r = call("DELETE", "/chain/f2b-web/ipv4/203.0.113.9")
-    assert (r.status, dict(r.body)) == (200, {"deleted": False, "entry": None})
+    assert (r.status, dict(r.body)) == (200, {"deleted": False, "released": False, "entry": None})
 
 
 def test_delete_takes_no_query(call: Client) -> None:
@@ -707,3 +708,103 @@ def test_a_request_uses_one_config_snapshot(tmp_path: Path) -> None:
     # The next request sees the new generation, whose chain is an equal but distinct value.
     call("PUT", "/chain/f2b-web/ipv4/203.0.113.10")
     assert call.worker.commands[1].chain is swapped[0].chains["f2b-web"]
+
+
+# -- claims: ?owner= -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("label", ["sshd", "a", "x" * 64, "nginx-http-auth", "c0ffee.1:2_3-4", "A.b", ".", "-"])
+def test_owner_labels(label: str) -> None:
+    assert parse_owner([("owner", label), ("timeout", "5")]) == (label, [("timeout", "5")])
+    assert parse_target(f"/chain/f2b-web/ipv4/203.0.113.9?owner={label}")[1] == [("owner", label)]
+
+
+@pytest.mark.parametrize("label", ["", "x" * 65, "a/b", "a b", "a+b", "a%20b", "é", "a*", "**", "a,b", "a;b"])
+def test_bad_owner_labels_are_400(call: Client, label: str) -> None:
+    for method in ("PUT", "DELETE"):
+        r = call(method, f"/chain/f2b-web/ipv4/203.0.113.9?owner={label}", user="f2b")
+        assert r.status == 400 and r.body["error"] in ("bad_query", "bad_request"), (label, r)
+    assert call.worker.commands == []
+
+
+def test_put_with_an_owner_claims_for_user_slash_label(call: Client) -> None:
+    assert call("PUT", "/chain/f2b-web/ipv4/203.0.113.9?owner=sshd&timeout=600", user="f2b").status == 201
+    assert call("PUT", "/chain/f2b-web/ipv4/203.0.113.9?timeout=60&owner=nginx", user="f2b").status == 201
+    chain = call.config.chains["f2b-web"]
+    assert call.worker.commands == [
+        Block(chain, net("203.0.113.9/32"), NOW + 600, "f2b", "198.51.100.7", "f2b/sshd"),
+        Block(chain, net("203.0.113.9/32"), NOW + 60, "f2b", "198.51.100.7", "f2b/nginx")]
+
+
+def test_delete_with_an_owner_releases_that_claim(call: Client) -> None:
+    assert call("DELETE", "/chain/f2b-web/ipv4/203.0.113.9?owner=sshd", user="f2b").status == 200
+    assert call("DELETE", "/chain/f2b-web/ipv4/203.0.113.9", user="f2b").status == 200
+    chain = call.config.chains["f2b-web"]
+    assert call.worker.commands == [Unblock(chain, net("203.0.113.9/32"), "f2b", "198.51.100.7", "f2b/sshd"),
+                                    Unblock(chain, net("203.0.113.9/32"), "f2b", "198.51.100.7")]
+
+
+def test_every_claim_at_once_takes_override(call: Client) -> None:
+    r = call("DELETE", "/chain/f2b-web/ipv4/203.0.113.9?owner=*", user="f2b")
+    assert r.status == 403 and r.body["error"] == "forbidden" and "override" in r.body["message"]
+    assert call.worker.commands == []
+    assert call("DELETE", "/chain/f2b-web/ipv4/203.0.113.9?owner=*").status == 200
+    assert call.worker.commands == [Unblock(call.config.chains["f2b-web"], net("203.0.113.9/32"), "admin",
+                                            "198.51.100.7", "", every_claim=True)]
+    # Read-only comes first, and override is for DELETE only.
+    assert call("DELETE", "/chain/f2b-web/ipv4/203.0.113.9?owner=*", user="reader").body["error"] == "read_only"
+    r = call("PUT", "/chain/f2b-web/ipv4/203.0.113.9?owner=*")
+    assert r.status == 400 and r.body["error"] == "bad_query"
+    assert len(call.worker.commands) == 1
+
+
+@pytest.mark.parametrize("method, target", [
+    ("GET", "/chain/f2b-web/ipv4/203.0.113.9?owner=sshd"), ("HEAD", "/chain/f2b-web/ipv4/203.0.113.9?owner=sshd"),
+    ("GET", "/chain/f2b-web?owner=sshd"), ("GET", "/chains?owner=sshd"), ("GET", "/version?owner=sshd"),
+    ("PUT", "/chain/f2b-web/ipv4/203.0.113.9?owner=a&owner=b"),
+    ("DELETE", "/chain/f2b-web/ipv4/203.0.113.9?owner=a&owner=a"),
+    ("DELETE", "/chain/f2b-web/ipv4/203.0.113.9?owner=a&timeout=5"), ("PUT", "/chain/f2b-web/ipv4/203.0.113.9?owner"),
+    ("PUT", "/chain/f2b-web/ipv4/203.0.113.9?Owner=a"), ("PUT", "/chain/f2b-web/ipv4/203.0.113.9?owner=a&timeout=x"),
+    ("POST", "/chain/f2b-web?owner=*"),
+])
+def test_owner_where_it_does_not_belong_is_400(call: Client, method: str, target: str) -> None:
+    r = call(method, target)
+    assert r.status == 400, r
+    assert call.worker.commands == []
+
+
+def test_a_bulk_block_takes_an_owner(tmp_path: Path) -> None:
+    from webiptd.commands import BulkBlock
+    seen: list[Any] = []
+
+    def answer(cmd: Any) -> Any:
+        seen.append(cmd)
+        return [Blocked(True, Entry(cmd.chain.name, n, "DROP", NOW, None, cmd.owner)) for n in cmd.networks]
+
+    call = Client(tmp_path, RecordingWorker(answer))
+    r = call.app.handle("POST", "/chain/f2b-web?owner=feed", "Basic " + base64.b64encode(b"f2b:f2b-pw").decode(),
+                        CLIENT, body=b'["203.0.113.9"]')
+    assert r.status == 200, r
+    assert isinstance(seen[0], BulkBlock) and seen[0].owner == "f2b/feed"
+
+
+def test_delete_answers_released_and_the_entry_left(tmp_path: Path) -> None:
+    from webiptd.commands import Claim
+    left = Entry.of("f2b-web", net("203.0.113.9/32"), "DROP", NOW, "f2b/sshd", [Claim("f2b/nginx", NOW + 1, None)])
+    call = Client(tmp_path, RecordingWorker(lambda cmd: Unblocked(False, left, True)))
+    r = call("DELETE", "/chain/f2b-web/ipv4/203.0.113.9?owner=sshd", user="f2b")
+    assert (r.status, r.body["deleted"], r.body["released"]) == (200, False, True)
+    assert r.body["entry"]["claims"] == [{"owner": "f2b/nginx", "created_at": "2023-11-14T22:13:21Z",
+                                          "expires_at": None}]
+    assert r.body["entry"]["created_by"] == "f2b/sshd"
+
+
+def test_override_is_a_user_key(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    assert config.users["admin"].override is True and config.users["f2b"].override is False
+    from webiptd.config import ConfigError
+    raw = {"listen": "127.0.0.1:8820", "plain_http": True, "state_dir": str(tmp_path), "log": {"file": None},
+           "users": {"x": {"password_hash": HASHES["admin"], "chains": ["*"], "override": "yes"}},
+           "chains": {"f2b-web": {}}}
+    with pytest.raises(ConfigError, match="users.x.override"):
+        from_mapping(raw, tmp_path / "config.yaml")

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import pytest
 
 from webiptd.commands import (
-    Block, Blocked, BulkBlock, Entry, FirewallFull, FirewallUnavailable, ListChain, Lookup, Reconfigure, Unblock,
+    Block, Blocked, BulkBlock, Claim, Entry, FirewallFull, FirewallUnavailable, ListChain, Lookup, Reconfigure, Unblock,
     Unblocked,
 )
 from webiptd.config import Chain, Limits, Network
@@ -79,8 +79,8 @@ class RecordingBackend:
         for op in ops:
             key = (op.chain, op.network)
             if isinstance(op, Add):
-                if key in self.kernel:
-                    self.anomalies.append(f"duplicate {op}")
+                if (key in self.kernel) != op.replaces:  # a new timeout replaces an entry that is there
+                    self.anomalies.append(f"{'duplicate' if key in self.kernel else 'missing'} {op}")
                 self.kernel[key] = op.target
             else:
                 if self.kernel.get(key) != op.target:
@@ -160,12 +160,12 @@ def h(tmp_path: Path) -> Iterator[Harness]:
     assert harness.backend.anomalies == []
 
 
-def block(chain: Chain, network: str, expires_at: float | None = None, actor: str = "admin") -> Block:
-    return Block(chain, net(network), expires_at, actor, "198.51.100.7")
+def block(chain: Chain, network: str, expires_at: float | None = None, actor: str = "admin", owner: str = "") -> Block:
+    return Block(chain, net(network), expires_at, actor, "198.51.100.7", owner)
 
 
-def unblock(chain: Chain, network: str, actor: str = "admin") -> Unblock:
-    return Unblock(chain, net(network), actor, "198.51.100.7")
+def unblock(chain: Chain, network: str, actor: str = "admin", owner: str = "", every_claim: bool = False) -> Unblock:
+    return Unblock(chain, net(network), actor, "198.51.100.7", owner, every_claim)
 
 
 def entry(chain: Chain, network: str, expires_at: float | None = None, created_at: float = T0,
@@ -275,11 +275,11 @@ def test_commands_queued_before_the_worker_runs_are_one_apply(h: Harness) -> Non
 def test_block_then_unblock_in_one_batch_touches_no_kernel(h: Harness, caplog: pytest.LogCaptureFixture) -> None:
     w = h.worker(start=False)
     put = w.submit(block(WEB, "203.0.113.9/32"))
-    delete = w.submit(unblock(WEB, "203.0.113.9/32", actor="f2b"))
+    delete = w.submit(unblock(WEB, "203.0.113.9/32", actor="f2b", every_claim=True))
     with caplog.at_level(logging.INFO, logger="webiptd.audit"):
         w.start(timeout=WAIT)
         assert put.result(WAIT) == Blocked(True, entry(WEB, "203.0.113.9/32"))
-        assert delete.result(WAIT) == Unblocked(True, entry(WEB, "203.0.113.9/32"))
+        assert delete.result(WAIT) == Unblocked(True, entry(WEB, "203.0.113.9/32"), released=True)
     assert h.backend.applies == []
     assert h.stored() == Loaded([], [])
     assert h.run(w, Lookup("f2b-web", net("203.0.113.9/32"))) is None
@@ -295,10 +295,10 @@ def test_unblock_then_block_in_one_batch_touches_no_kernel(h: Harness) -> None:
     first.stop(timeout=WAIT)
     h.clock.now += 10
     w = h.worker(start=False)  # a restart: both commands wait in the queue for one batch
-    f1 = w.submit(unblock(WEB, "203.0.113.9/32"))
+    f1 = w.submit(unblock(WEB, "203.0.113.9/32", every_claim=True))
     f2 = w.submit(block(WEB, "203.0.113.9/32", T0 + 600, actor="admin"))
     w.start(timeout=WAIT)
-    assert f1.result(WAIT) == Unblocked(True, entry(WEB, "203.0.113.9/32", created_by="f2b"))
+    assert f1.result(WAIT) == Unblocked(True, entry(WEB, "203.0.113.9/32", created_by="f2b"), released=True)
     # A new block, not the old one extended: new author, new creation time.
     fresh = entry(WEB, "203.0.113.9/32", expires_at=T0 + 600, created_at=T0 + 10)
     assert f2.result(WAIT) == Blocked(True, fresh)
@@ -312,10 +312,10 @@ def test_reblock_with_a_new_timeout_changes_only_the_store(h: Harness) -> None:
     first = h.run(w, block(WEB, "203.0.113.9/32", actor="f2b"))
     assert first == Blocked(True, entry(WEB, "203.0.113.9/32", created_by="f2b"))
     h.clock.now += 5
-    again = h.run(w, block(WEB, "203.0.113.9/32", T0 + 3600, actor="admin"))
+    again = h.run(w, block(WEB, "203.0.113.9/32", T0 + 3600, actor="f2b"))
     # 200, not 201; the original author and creation time stay, the new expiry replaces the old.
     assert again == Blocked(False, entry(WEB, "203.0.113.9/32", expires_at=T0 + 3600, created_by="f2b"))
-    assert h.run(w, block(WEB, "203.0.113.9/32")).entry.expires_at is None  # back to permanent
+    assert h.run(w, block(WEB, "203.0.113.9/32", actor="f2b")).entry.expires_at is None  # back to permanent
     assert h.backend.applies == [[Add("f2b-web", net("203.0.113.9/32"), "DROP")]]
     assert h.stored().entries == [entry(WEB, "203.0.113.9/32", created_by="f2b")]
 
@@ -343,7 +343,7 @@ def test_unblock_removes_the_rule_and_leaves_no_tombstone(h: Harness) -> None:
     w = h.worker()
     h.run(w, block(WEB, "2001:db8:ffff::/48"))
     result = h.run(w, unblock(WEB, "2001:db8:ffff::/48"))
-    assert result == Unblocked(True, entry(WEB, "2001:db8:ffff::/48"))
+    assert result == Unblocked(True, entry(WEB, "2001:db8:ffff::/48"), released=True)
     assert h.backend.applies[-1] == [Remove("f2b-web", net("2001:db8:ffff::/48"), "DROP")]
     assert h.backend.kernel == {}
     w.stop(timeout=WAIT)
@@ -758,7 +758,8 @@ def test_edge_networks_of_both_families_keep_every_field_through_the_worker(h: H
     assert h.run(w, Lookup("f2b-ssh", net("203.0.113.7/32"))) is None
     # The timed ones expire, and only they, each from the kernel too.
     h.clock.now = T0 + 2000
-    assert h.run(w, unblock(WEB, "203.0.113.0/24")).deleted is True  # a batch, which also runs the expiries
+    # A batch, which also runs the expiries; user3 made that block.
+    assert h.run(w, unblock(WEB, "203.0.113.0/24", actor="user3")).deleted is True
     left = {str(e.network) for e in h.run(w, ListChain("f2b-web"))}
     assert left == {n for i, n in enumerate(edges) if i % 2} - {"203.0.113.0/24"}
     assert {str(n) for (c, n) in h.backend.kernel if c == "f2b-web"} == left
@@ -818,3 +819,179 @@ def test_requests_that_fit_are_not_failed_by_one_in_their_batch_that_does_not(h:
     with pytest.raises(FirewallFull):
         bulk.result(WAIT)
     assert len(h.backend.kernel) == 3
+
+
+# -- claims ----------------------------------------------------------------------------------
+
+ADDR = "203.0.113.9/32"
+
+
+def claim(owner: str, expires_at: float | None = None, created_at: float = T0) -> Claim:
+    return Claim(owner, created_at, expires_at)
+
+
+def test_two_owners_then_one_delete_keeps_the_block_and_the_other_removes_it(h: Harness) -> None:
+    w = h.worker()
+    assert h.run(w, block(WEB, ADDR, actor="f2b", owner="f2b/sshd")).created
+    h.clock.now = T0 + 1
+    second = h.run(w, block(WEB, ADDR, T0 + 600, actor="f2b", owner="f2b/nginx"))
+    assert second.created is False
+    assert second.entry.all_claims == (claim("f2b/nginx", T0 + 600, T0 + 1), claim("f2b/sshd"))
+    assert second.entry.expires_at is None and second.entry.created_by == "f2b/sshd"
+
+    first_out = h.run(w, unblock(WEB, ADDR, actor="f2b", owner="f2b/sshd"))
+    kept = Entry.of("f2b-web", net(ADDR), "DROP", T0, "f2b/sshd", [claim("f2b/nginx", T0 + 600, T0 + 1)])
+    assert first_out == Unblocked(deleted=False, entry=kept, released=True)
+    assert kept.expires_at == T0 + 600 and kept.claims  # the first claimant left: its claim is not implied
+    assert h.backend.applies == [[Add("f2b-web", net(ADDR), "DROP")]]  # no Remove
+    assert h.run(w, Lookup("f2b-web", net(ADDR))) == kept
+    assert h.stored().entries == [kept]
+
+    last_out = h.run(w, unblock(WEB, ADDR, actor="f2b", owner="f2b/nginx"))
+    assert last_out == Unblocked(deleted=True, entry=kept, released=True)
+    assert h.backend.applies[-1] == [Remove("f2b-web", net(ADDR), "DROP")]
+    assert h.backend.kernel == {}
+    w.stop(timeout=WAIT)
+    assert h.stored() == Loaded([], [])
+
+
+def test_a_delete_of_a_claim_not_held_changes_nothing(h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    w = h.worker()
+    held = h.run(w, block(WEB, ADDR, actor="f2b", owner="f2b/sshd")).entry
+    with caplog.at_level(logging.INFO, logger="webiptd.audit"):
+        # The same user without the label, another label, another user: none of them holds a claim.
+        for cmd in (unblock(WEB, ADDR, actor="f2b"), unblock(WEB, ADDR, actor="f2b", owner="f2b/nginx"),
+                    unblock(WEB, ADDR, actor="admin")):
+            assert h.run(w, cmd) == Unblocked(deleted=False, entry=held, released=False)
+    assert h.backend.applies == [[Add("f2b-web", net(ADDR), "DROP")]]
+    assert h.stored().entries == [held]
+    assert sum("result=not_held" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_override_removes_every_claim_at_once(h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    w = h.worker()
+    h.run(w, block(WEB, ADDR, actor="f2b", owner="f2b/sshd"))
+    before = h.run(w, block(WEB, ADDR, T0 + 60, actor="docker", owner="docker/c0ffee")).entry
+    with caplog.at_level(logging.INFO, logger="webiptd.audit"):
+        assert h.run(w, unblock(WEB, ADDR, actor="admin", every_claim=True)) == Unblocked(True, before, True)
+    assert h.backend.applies[-1] == [Remove("f2b-web", net(ADDR), "DROP")]
+    assert any("user=admin" in r.getMessage() and "owner=* " in r.getMessage() and "result=deleted" in r.getMessage()
+               for r in caplog.records)
+    w.stop(timeout=WAIT)
+    assert h.stored() == Loaded([], [])
+
+
+def test_a_put_by_the_same_owner_refreshes_only_its_own_claim(h: Harness) -> None:
+    w = h.worker()
+    h.run(w, block(WEB, ADDR, T0 + 60, actor="f2b", owner="f2b/sshd"))
+    h.clock.now = T0 + 10
+    h.run(w, block(WEB, ADDR, T0 + 100, actor="admin"))
+    h.clock.now = T0 + 20
+    again = h.run(w, block(WEB, ADDR, T0 + 500, actor="f2b", owner="f2b/sshd"))
+    # Its created_at stays; the admin's claim is as it was.
+    assert again.entry.all_claims == (claim("admin", T0 + 100, T0 + 10), claim("f2b/sshd", T0 + 500))
+    assert again.entry.expires_at == T0 + 500 and again.created is False
+    assert len(h.backend.applies) == 1
+
+
+def test_the_effective_expiry_is_the_latest_claims_and_the_kernel_timeout_follows_it(h: Harness) -> None:
+    h.backend.kernel_timeouts = True  # a set backend: the kernel hears of every new effective expiry
+    w = h.worker()
+    h.run(w, block(WEB, ADDR, T0 + 60, actor="a"))
+    assert h.run(w, block(WEB, ADDR, T0 + 30, actor="b")).entry.expires_at == T0 + 60  # an earlier one: no change
+    assert h.run(w, block(WEB, ADDR, T0 + 600, actor="c")).entry.expires_at == T0 + 600
+    assert h.backend.applies == [[Add("f2b-web", net(ADDR), "DROP", T0 + 60)],
+                                 [Add("f2b-web", net(ADDR), "DROP", T0 + 600, replaces=True)]]
+    # The latest claim goes: the effective expiry falls back, and the kernel's timeout with it.
+    assert h.run(w, unblock(WEB, ADDR, actor="c")).entry.expires_at == T0 + 60  # type: ignore[union-attr]
+    assert h.backend.applies[-1] == [Add("f2b-web", net(ADDR), "DROP", T0 + 60, replaces=True)]
+    # Each claim expires on its own; the block goes with the last.
+    h.clock.now = T0 + 30
+    h.run(w, ListChain("f2b-web"))
+    found = h.run(w, Lookup("f2b-web", net(ADDR)))
+    assert [c.owner for c in found.all_claims] == ["a"] and found.claims == ()  # a's alone: the usual form again
+    assert len(h.backend.applies) == 3  # b's expiry changed nothing the kernel has
+    h.clock.now = T0 + 60
+    h.run(w, ListChain("f2b-web"))
+    assert h.run(w, Lookup("f2b-web", net(ADDR))) is None
+    assert h.backend.applies[-1] == [Remove("f2b-web", net(ADDR), "DROP")]
+    permanent = h.run(w, block(WEB, ADDR, None, actor="a"))
+    assert h.run(w, block(WEB, ADDR, T0 + 90, actor="b")).entry.expires_at is None  # permanent wins
+    assert permanent.entry.expires_at is None
+
+
+def test_a_claim_that_expires_while_another_is_permanent_leaves_the_block(h: Harness,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    w = h.worker()
+    h.run(w, block(WEB, ADDR, None, actor="admin"))
+    h.run(w, block(WEB, ADDR, T0 + 60, actor="f2b", owner="f2b/sshd"))
+    h.clock.now = T0 + 61
+    with caplog.at_level(logging.INFO, logger="webiptd.audit"):
+        h.run(w, ListChain("f2b-web"))
+        found = h.run(w, Lookup("f2b-web", net(ADDR)))
+    assert found == entry(WEB, ADDR, created_by="admin")
+    assert h.backend.applies == [[Add("f2b-web", net(ADDR), "DROP")]]
+    assert any("action=expire" in r.getMessage() and "owner=f2b/sshd" in r.getMessage()
+               and "result=released" in r.getMessage() for r in caplog.records)
+    w.stop(timeout=WAIT)
+    assert h.stored().entries == [entry(WEB, ADDR, created_by="admin")]
+
+
+def test_claims_survive_a_restart_and_expire_while_the_daemon_is_down(h: Harness) -> None:
+    w = h.worker()
+    h.run(w, block(WEB, ADDR, T0 + 60, actor="f2b", owner="f2b/sshd"))
+    h.run(w, block(WEB, ADDR, T0 + 600, actor="f2b", owner="f2b/nginx"))
+    both = h.run(w, block(SSH, ADDR, None, actor="admin")).entry
+    h.run(w, block(SSH, ADDR, T0 + 30, actor="f2b"))
+    w.stop(timeout=WAIT)
+    h.clock.now = T0 + 100  # the sshd claim and f2b's in f2b-ssh ran out meanwhile
+    w = h.worker()
+    web = h.run(w, Lookup("f2b-web", net(ADDR)))
+    assert [c.owner for c in web.all_claims] == ["f2b/nginx"] and web.expires_at == T0 + 600
+    assert h.run(w, Lookup("f2b-ssh", net(ADDR))) == both
+    assert h.backend.applies == [[Add("f2b-web", net(ADDR), "DROP", T0 + 60)], [Add("f2b-ssh", net(ADDR), "REJECT")]]
+    assert h.stored().entries == sorted([web, both], key=_order)
+    h.clock.now = T0 + 600
+    h.run(w, ListChain("f2b-web"))
+    assert h.backend.applies[-1] == [Remove("f2b-web", net(ADDR), "DROP")]
+
+
+def test_a_bulk_block_claims_for_its_owner(h: Harness) -> None:
+    w = h.worker()
+    h.run(w, block(WEB, ADDR, actor="admin"))
+    done = h.run(w, BulkBlock(WEB, (net(ADDR), net("203.0.113.10/32")), None, "feed", "198.51.100.9", "feed/spamhaus"))
+    assert [b.created for b in done] == [False, True]
+    assert [c.owner for c in done[0].entry.all_claims] == ["admin", "feed/spamhaus"]
+    assert done[1].entry.created_by == "feed/spamhaus"
+
+
+def test_the_store_round_trips_claims_and_restores_them(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    one = entry(WEB, "203.0.113.1/32", created_by="f2b/sshd")
+    many = Entry.of("f2b-web", net("203.0.113.2/32"), "DROP", T0, "a",
+                    [claim("a", T0 + 5), claim("b", None, T0 + 1), claim("c/x:y", T0 + 9, T0 + 2)])
+    store.write([one, many], [])
+    assert sorted(store.load().entries, key=_order) == [one, many]
+    fewer = Entry.of("f2b-web", net("203.0.113.2/32"), "DROP", T0, "a", [claim("b", None, T0 + 1)])
+    store.write([fewer], [])
+    assert sorted(store.load().entries, key=_order) == [one, fewer]
+    store.restore([(("f2b-web", many.network), many), (("f2b-web", one.network), None)])
+    assert store.load() == Loaded([many], [])
+    store.write([], [many])
+    store.write([], [], [many])
+    assert store.load() == Loaded([], [])
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        assert db.execute("SELECT count(*) FROM claims").fetchone() == (0,)
+    store.close()
+
+
+def test_an_adopted_claim_is_nobodys_and_goes_with_any_release(h: Harness) -> None:
+    h.backend.kernel = {("f2b-web", net(ADDR)): "DROP", ("f2b-web", net("203.0.113.10/32")): "DROP"}
+    w = h.worker()
+    # Adopted alone: any writer's release removes it, as before claims.
+    assert h.run(w, unblock(WEB, ADDR, actor="f2b", owner="f2b/sshd")).deleted is True
+    # Adopted and a user's claim: another user's release takes only the adopted one.
+    h.run(w, block(WEB, "203.0.113.10/32", actor="admin"))
+    r = h.run(w, unblock(WEB, "203.0.113.10/32", actor="f2b"))
+    assert (r.deleted, r.released) == (False, True) and [c.owner for c in r.entry.all_claims] == ["admin"]
+    assert h.backend.kernel == {("f2b-web", net("203.0.113.10/32")): "DROP"}

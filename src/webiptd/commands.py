@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 from webiptd.config import Chain, Limits
 from webiptd.net import Network
@@ -24,9 +24,37 @@ def _iso(ts: float | None) -> str | None:
         "+00:00", "Z")
 
 
+
+
+class Claim(NamedTuple):
+    """One owner's hold on a blocked network: the user, or `user/label`, with its own expiry."""
+
+    owner: str
+    created_at: float
+    expires_at: float | None  # None: permanent
+
+    def to_json(self) -> dict[str, Any]:
+        return {"owner": self.owner, "created_at": _iso(self.created_at), "expires_at": _iso(self.expires_at)}
+
+
+def effective_expiry(claims: tuple[Claim, ...]) -> float | None:
+    """The latest expiry of `claims`, None if any of them is permanent."""
+    latest = 0.0
+    for claim in claims:
+        if claim.expires_at is None:
+            return None
+        latest = max(latest, claim.expires_at)
+    return latest
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One blocked network in one managed chain, as stored and as reported."""
+    """One blocked network in one managed chain, as stored and as reported.
+
+    `claims` is empty in the usual case of one claim, the first claimant's: (created_by, created_at, expires_at).
+    Otherwise it holds every claim, sorted by owner, and expires_at is their effective expiry. `Entry.of` keeps
+    that form, so that two entries with the same claims are equal.
+    """
 
     chain: str
     network: Network
@@ -34,10 +62,27 @@ class Entry:
     created_at: float
     expires_at: float | None
     created_by: str
+    claims: tuple[Claim, ...] = ()
+
+    @classmethod
+    def of(cls, chain: str, network: Network, target: str, created_at: float, created_by: str,
+           claims: tuple[Claim, ...] | list[Claim]) -> Entry:
+        """The entry held by `claims` (at least one), in its one canonical form."""
+        ordered = tuple(sorted(claims))
+        if len(ordered) == 1 and ordered[0] == (created_by, created_at, ordered[0].expires_at):
+            return cls(chain, network, target, created_at, ordered[0].expires_at, created_by)
+        return cls(chain, network, target, created_at, effective_expiry(ordered), created_by, ordered)
 
     @property
     def key(self) -> tuple[str, Network]:
         return (self.chain, self.network)
+
+    @property
+    def all_claims(self) -> tuple[Claim, ...]:
+        return self.claims or (Claim(self.created_by, self.created_at, self.expires_at),)
+
+    def claim(self, owner: str) -> Claim | None:
+        return next((c for c in self.all_claims if c.owner == owner), None)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -48,16 +93,24 @@ class Entry:
             "created_at": _iso(self.created_at),
             "expires_at": _iso(self.expires_at),
             "created_by": self.created_by,
+            "claims": [c.to_json() for c in self.all_claims],
         }
 
 
 @dataclass(frozen=True)
 class Block:
+    """Add or refresh the claim of `owner` (empty: the actor's own) on `network`."""
+
     chain: Chain
     network: Network
-    expires_at: float | None  # None: permanent
+    expires_at: float | None  # None: permanent; the claim's own expiry
     actor: str
     client: str
+    owner: str = ""
+
+    @property
+    def claimant(self) -> str:
+        return self.owner or self.actor
 
 
 @dataclass(frozen=True)
@@ -69,14 +122,24 @@ class BulkBlock:
     expires_at: float | None
     actor: str
     client: str
+    owner: str = ""
 
 
 @dataclass(frozen=True)
 class Unblock:
+    """Release the claim of `owner` (empty: the actor's own); with `every_claim` (owner=*, for a user with
+    override), release them all."""
+
     chain: Chain
     network: Network
     actor: str
     client: str
+    owner: str = ""
+    every_claim: bool = False
+
+    @property
+    def claimant(self) -> str:
+        return "*" if self.every_claim else self.owner or self.actor
 
 
 @dataclass(frozen=True)
@@ -109,8 +172,12 @@ class Blocked:
 
 @dataclass(frozen=True)
 class Unblocked:
+    """`deleted`: the kernel entry went (its last claim did). `released`: the caller's claim went.
+    `entry`: the entry as it is now, or as it was just before it went; None when nothing was blocked."""
+
     deleted: bool
     entry: Entry | None
+    released: bool = False
 
 
 class FirewallUnavailable(Exception):

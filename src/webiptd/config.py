@@ -32,6 +32,10 @@ DEFAULT_PATH = Path("/etc/web-ipt-d/config.yaml")
 # shell- and URL-safe alphabet so a name never needs quoting or escaping.
 CHAIN_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,28}\Z")
 USER_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
+# The owner of the one claim of a rule the worker found in a managed chain and took over. It is nobody's: any
+# release of that network by a user who may write its chain releases it too, as any such user could remove it
+# before claims. So it is no user's name.
+ADOPTED = "adopted"
 # Names iptables reserves for built-in chains and targets.
 RESERVED_CHAIN_NAMES = frozenset(
     {"INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING",
@@ -39,6 +43,11 @@ RESERVED_CHAIN_NAMES = frozenset(
 )
 FILTER_BUILTINS = ("INPUT", "FORWARD", "OUTPUT")
 TARGETS = ("DROP", "REJECT")
+MATCHES = ("source", "destination")
+# dev_valid_name() in net/core/dev.c: a name is 1 to IFNAMSIZ - 1 (15) bytes, not "." or "..", with no "/", ":" or
+# white space. We keep to what needs no quoting for iptables or nft; a trailing "+" is iptables' wildcard
+# (iptables(8), -i), which nft writes as "*".
+INTERFACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}\Z")
 BACKENDS = ("iptables", "ipset", "nftables")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
@@ -123,6 +132,8 @@ def _managed_chain_name(value: Any) -> str:
 def _user_name(value: Any) -> str:
     if not isinstance(value, str) or not USER_NAME_RE.match(value):
         raise ValueError("a user name is 1 to 64 letters, digits, '.', '-' or '_'")
+    if value == ADOPTED:
+        raise ValueError(f"{ADOPTED!r} is the owner of rules the daemon adopts; choose another user name")
     return value
 
 
@@ -131,6 +142,15 @@ def _hook(value: Any) -> str:
     if hook in RESERVED_CHAIN_NAMES and hook not in FILTER_BUILTINS:
         raise ValueError("is not a chain of the filter table; use INPUT, FORWARD, OUTPUT or a user chain")
     return hook
+
+
+def _interface(value: Any) -> str:
+    name = value[:-1] if isinstance(value, str) and value.endswith("+") else value
+    if not isinstance(value, str) or not isinstance(name, str) or len(value) > 15 or not INTERFACE_RE.match(name) \
+            or name in (".", ".."):
+        raise ValueError("expected an interface name: 1 to 15 letters, digits, '.', '-' or '_', "
+                         "or such a beginning and '+' for every name that begins so (eth+)")
+    return value
 
 
 def _chain_pattern(value: Any) -> str:
@@ -238,6 +258,10 @@ SCHEMA: Mapping[str, Option | Section] = MappingProxyType({
             "allow_from": Option([], ListOf(parse_cidr),
                                  "Client networks this user may connect from; empty means any."),
             "read_only": Option(False, _bool, "A read-only user may list and look up, never block or unblock."),
+            "override": Option(
+                False, _bool,
+                "true lets this user remove every claim on a block at once (DELETE with\n"
+                "owner=*), whoever holds them; false: a user removes only its own claims."),
         }, named="fail2ban"),
     "chains": Section(
         "The chains web-ipt-d manages. web-ipt-d is the only writer of what it makes\n"
@@ -247,9 +271,23 @@ SCHEMA: Mapping[str, Option | Section] = MappingProxyType({
                 ["INPUT"], ListOf(_hook),
                 "Built-in chains (INPUT, FORWARD, OUTPUT) or, for iptables and ipset, your\n"
                 "own chains, that get a jump to this chain at position 1. An empty list\n"
-                "hooks it nowhere (jump to it from your own rules)."),
+                "hooks it nowhere (jump to it from your own rules). Packets to containers\n"
+                "(Docker's published ports) and VMs go through FORWARD, not INPUT."),
             "target": Option("DROP", _choice(TARGETS),
-                             "What a blocked source gets: DROP (silence) or REJECT (an ICMP error)."),
+                             "What a blocked packet gets: DROP (silence) or REJECT (an ICMP error)."),
+            "match": Option(
+                "source", _choice(MATCHES),
+                "Which address of a packet a block is matched against: source (who sends it)\n"
+                "or destination (where it goes: egress to a known bad network, in a chain\n"
+                "hooked at OUTPUT or FORWARD). destination does not go with INPUT, where\n"
+                "every packet's destination is this host."),
+            "interface": Option(
+                None, _interface,
+                "Only packets on this interface go through the chain: the in-interface for\n"
+                "INPUT and FORWARD, the out-interface for OUTPUT, matched in each hook's jump.\n"
+                '"eth+" is every interface whose name begins with "eth". null: every interface.\n'
+                "Needs hooks, and only INPUT, FORWARD and OUTPUT.",
+                nullable=True),
             "backend": Option(
                 "iptables", _choice(BACKENDS),
                 "Where this chain's blocks live:\n"
@@ -367,6 +405,7 @@ class User:
     chains: tuple[str, ...]
     allow_from: tuple[Network, ...]
     read_only: bool
+    override: bool = _default("users", "override")
 
     def may_use(self, chain: str) -> bool:
         return any(fnmatch.fnmatchcase(chain, pattern) for pattern in self.chains)
@@ -387,6 +426,8 @@ class Chain:
     backend: str = _default("chains", "backend")
     maxelem: int = _default("chains", "maxelem")
     priority: int = _default("chains", "priority")
+    match: str = _default("chains", "match")
+    interface: str | None = _default("chains", "interface")
 
 
 @dataclass(frozen=True)
@@ -652,12 +693,31 @@ def _chains(r: _Reader, raw: Any) -> dict[str, Chain]:
             for i, hook in enumerate(values["hooks"]):
                 if hook not in FILTER_BUILTINS:
                     r.problem(f"{key}.hooks[{i}]", "an nftables chain hooks INPUT, FORWARD or OUTPUT", hook)
+        _check_match_and_interface(r, key, values)
         chains[name] = Chain(name=name, **values)
     for chain in chains.values():
         for hook in chain.hooks:
             if hook in chains:
                 r.problem(f"chains.{chain.name}.hooks", "a hook must not be another managed chain", hook)
     return chains
+
+
+def _check_match_and_interface(r: _Reader, key: str, values: dict[str, Any]) -> None:
+    """match: destination never with INPUT; an interface only in the jumps from built-in hooks."""
+    hooks = values["hooks"]
+    if values["match"] == "destination" and "INPUT" in hooks:
+        r.problem(f"{key}.match", "destination does not go with hook INPUT, where every packet's destination is "
+                  "this host: block sources there, or destinations at OUTPUT or FORWARD", values["match"])
+    interface = values["interface"]
+    if interface is None:
+        return
+    if not hooks:
+        r.problem(f"{key}.interface", "is matched in the jumps from the chain's hooks, and it has none; "
+                  "match the interface in your own jump instead", interface)
+    for hook in hooks:
+        if hook not in FILTER_BUILTINS:
+            r.problem(f"{key}.interface", f"needs built-in hooks: in a jump from the user chain {hook} it is "
+                      "neither an in- nor an out-interface; match it in your own jump instead", interface)
 
 
 def _check_log_file(r: _Reader, file: Path | None) -> None:

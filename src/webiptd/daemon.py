@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 STATUS_EVERY = 10.0
+# sysexits(3) EX_CONFIG: a store this release cannot use; systemd does not restart on it (RestartPreventExitStatus=).
+EXIT_STORE = 78
 RECONFIGURE_TIMEOUT = 300.0  # seconds a reload waits for the worker to apply the new chains
 
 
@@ -107,23 +109,28 @@ class Daemon:
         from webiptd.firewall.router import ByChain
         from webiptd.firewall.host import host_errors, host_warnings
         from webiptd.firewall.worker import Worker
-        from webiptd.state import Store
+        from webiptd.state import Store, StoreError
 
         limit_malloc_arenas()
         config = self.config
         log.setup(config.log, verbose_stderr=self.verbose)
         logger.info("starting web-ipt-d %s with %s", __version__, config.path)
         for chain in config.chains.values():
-            logger.info("chain %s: backend %s, target %s, hooks %s", chain.name, chain.backend, chain.target,
-                        ",".join(chain.hooks) or "none")
+            logger.info("chain %s: backend %s, target %s, hooks %s, match %s, interface %s", chain.name,
+                        chain.backend, chain.target, ",".join(chain.hooks) or "none", chain.match,
+                        chain.interface or "any")
         if config.plain_http:
             logger.warning("plain_http is on: credentials cross loopback unencrypted")
         for problem in host_errors(config.chains.values()):
             logger.error("%s", problem)
         for warning in host_warnings(config.chains.values()):
             logger.warning("%s", warning)
+        try:  # before the listeners: a store this code cannot use stops the start with one line, not a traceback
+            store = Store(config.state_dir)
+        except StoreError as exc:
+            logger.critical("%s", exc)
+            return EXIT_STORE
         socks = self.sockets if self.sockets is not None else open_listeners(config)
-        store = Store(config.state_dir)
         backend = ByChain(config.chains.values())
         worker = Worker(backend, store, config.chains.values(), kernel_check=config.limits.kernel_check)
         try:

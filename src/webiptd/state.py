@@ -1,20 +1,24 @@
 """The durable record of every block: SQLite in WAL mode at `state_dir/state.db`, written before the kernel
-is changed, and used by the firewall worker thread only."""
+is changed, and used by the firewall worker thread only. The file carries its schema version; an older one is upgraded
+at open, and a newer one is refused."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sqlite3
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
-from webiptd.commands import Entry
+from webiptd.commands import Claim, Entry
 from webiptd.net import Network, parse_stored
 
 logger = logging.getLogger(__name__)
 
-SCHEMA = """
+# The table of every release before store versions existed (version 0), to the byte: SQLite keeps the text up to the
+# `;` in sqlite_master. Later versions change it only by migration.
+BLOCKS_V0 = """
 CREATE TABLE IF NOT EXISTS blocks (
     chain      TEXT NOT NULL,
     network    TEXT NOT NULL,
@@ -28,6 +32,73 @@ CREATE TABLE IF NOT EXISTS blocks (
 """
 
 
+def _to_v1(db: sqlite3.Connection) -> None:
+    """Version 1 is version 0 with a version: a store from before versions has the table already, a new one gets it."""
+    db.execute(BLOCKS_V0)
+
+
+CLAIMS_V2 = """
+CREATE TABLE claims (
+    chain      TEXT NOT NULL,
+    network    TEXT NOT NULL,
+    owner      TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    PRIMARY KEY (chain, network, owner)
+) WITHOUT ROWID;
+"""
+
+
+def _to_v2(db: sqlite3.Connection) -> None:
+    """Version 2 adds the claims: each block of version 1 (a tombstone too) becomes one claim owned by its
+    created_by, with its times. blocks.expires_at stays, as the effective expiry of the block's claims."""
+    db.execute(CLAIMS_V2)
+    db.execute("INSERT INTO claims (chain, network, owner, created_at, expires_at) "
+               "SELECT chain, network, created_by, created_at, expires_at FROM blocks")
+
+
+# MIGRATIONS[n] takes a store from version n to n + 1, inside the one transaction of the upgrade; it runs statements
+# one by one (executescript would commit half-way). A new, empty store is version 0 and takes every step too, so every
+# migration runs on each first start, and a new store and an upgraded one cannot differ.
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_to_v1, _to_v2)
+# The version this code reads and writes, in the file's header (PRAGMA user_version).
+VERSION = len(MIGRATIONS)
+
+
+class StoreError(Exception):
+    """The store cannot be used: newer than this code, not a database, or its upgrade failed. Names the file."""
+
+
+def stored_version(path: Path) -> int | None:
+    """The schema version of the store at `path`, None when there is no file; read without writing anything.
+
+    Even opened read-only, SQLite makes the -wal and -shm files of a store in WAL mode; `immutable` reads the main
+    file alone, which holds everything when there is no WAL to replay. A WAL with frames in it (after a crash) is
+    read read-only instead: that leaves the file and the WAL as they are, and at most rebuilds the -shm index.
+    """
+    if not path.exists():
+        return None
+    try:
+        replay = os.stat(f"{path}-wal").st_size > 0
+    except FileNotFoundError:
+        replay = False
+    uri = path.absolute().as_uri() + ("?mode=ro" if replay else "?immutable=1")
+    db = sqlite3.connect(uri, uri=True)
+    try:
+        version: int = db.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        db.close()
+    return version
+
+
+def _unknown_version(path: Path, version: int) -> StoreError:
+    if version > VERSION:
+        return StoreError(f"{path}: the state store is version {version}, newer than this web-ipt-d, which knows up "
+                          f"to version {VERSION}; it is left unchanged: run the release that wrote it, or a newer one")
+    return StoreError(f"{path}: the state store has version {version}, which no web-ipt-d writes; "
+                      "it is left unchanged")
+
+
 class Loaded(NamedTuple):
     entries: list[Entry]
     tombstones: list[Entry]
@@ -38,36 +109,100 @@ class Store:
     never brings a removed block back, nor loses an acknowledged one."""
 
     def __init__(self, state_dir: Path):
+        """Open the store, made if missing, upgraded to VERSION if older; StoreError if it cannot be used."""
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = state_dir / "state.db"
-        # The worker thread owns this connection; it is created on the main thread only to fail early.
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        os.chmod(self.path, 0o600)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL fsyncs the WAL on every commit: an acknowledged block survives power loss, not only a crash.
-        self._db.execute("PRAGMA synchronous=FULL")
-        # The page cache (2 MiB by default) fills up when the start-up loads every row, and stays. Writes touch a
-        # few pages of a shallow B-tree; 256 KiB holds its inner pages at 100k rows (bench/README.md: RSS -1.9 MiB).
-        self._db.execute("PRAGMA cache_size=-256")
-        self._db.executescript(SCHEMA)
+        try:
+            # Before any connection that may write: a newer store is refused untouched.
+            found = stored_version(self.path)
+            if found is not None and not 0 <= found <= VERSION:
+                raise _unknown_version(self.path, found)
+            # The worker thread owns this connection; it is created on the main thread only to fail early.
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot open the state store: {exc}") from exc
+        try:
+            os.chmod(self.path, 0o600)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL fsyncs the WAL on every commit: an acknowledged block survives power loss, not only a crash.
+            self._db.execute("PRAGMA synchronous=FULL")
+            # The page cache (2 MiB by default) fills up when the start-up loads every row, and stays. Writes touch
+            # a few pages of a shallow B-tree; 256 KiB holds its inner pages at 100k rows (bench/README.md: RSS
+            # -1.9 MiB).
+            self._db.execute("PRAGMA cache_size=-256")
+            self._upgrade(new=found is None)
+        except BaseException as exc:
+            self._db.close()
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"{self.path}: cannot open the state store: {exc}") from exc
+            raise
+
+    def _upgrade(self, new: bool) -> None:
+        """Take the store to VERSION in one transaction: every step or none, and every row kept."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            found: int = db.execute("PRAGMA user_version").fetchone()[0]
+            if not 0 <= found <= VERSION:  # written since stored_version() looked, by another process
+                raise _unknown_version(self.path, found)
+            for version in range(found, VERSION):
+                try:
+                    MIGRATIONS[version](db)
+                except Exception as exc:
+                    raise StoreError(f"{self.path}: upgrading the state store from version {found} to {VERSION} "
+                                     f"failed in the step from {version} to {version + 1}, and it is left as it "
+                                     f"was: {exc.__class__.__name__}: {exc}") from exc
+            if found < VERSION:  # only then: setting it is a write, even to the same number
+                db.execute(f"PRAGMA user_version={VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:  # SQLite ends it by itself after some errors (SQLITE_FULL, SQLITE_IOERR)
+                db.execute("ROLLBACK")
+            raise
+        if new:
+            logger.info("made the state store %s, version %d", self.path, VERSION)
+        elif found < VERSION:
+            (rows,), = db.execute("SELECT count(*) FROM blocks")
+            logger.info("upgraded the state store %s from version %d to %d, keeping its %d blocks", self.path,
+                        found, VERSION, rows)
 
     def load(self) -> Loaded:
+        """Every block with its claims. Both tables are in (chain, network) order, so one join with a LEFT JOIN
+        walks them side by side; a block without claims (not written by this code) is its created_by's."""
         entries: list[Entry] = []
         tombstones: list[Entry] = []
         # Each row's strings are new objects; 100k copies of the same chain, target and user cost ~15 MB.
         same: dict[str, str] = {}
-        for chain, net, target, created_at, expires_at, created_by, removing in self._db.execute(
-            "SELECT chain, network, target, created_at, expires_at, created_by, removing FROM blocks"
-        ):
+        rows = self._db.execute(
+            "SELECT b.chain, b.network, b.target, b.created_at, b.expires_at, b.created_by, b.removing, "
+            "c.owner, c.created_at, c.expires_at FROM blocks b LEFT JOIN claims c "
+            "ON c.chain = b.chain AND c.network = b.network ORDER BY b.chain, b.network")
+        for (chain, net, removing), group in itertools.groupby(rows, key=lambda r: (r[0], r[1], r[6])):
+            claims: list[Claim] = []
+            for row in group:
+                target, created_at, expires_at, created_by = row[2:6]
+                if row[7] is not None:
+                    claims.append(Claim(same.setdefault(row[7], row[7]), row[8], row[9]))
             try:
                 network = parse_stored(net)
             except ValueError:
                 logger.error("ignoring unreadable row in %s: chain=%s network=%r", self.path, chain, net)
                 continue
-            entry = Entry(same.setdefault(chain, chain), network, same.setdefault(target, target), created_at,
-                          expires_at, same.setdefault(created_by, created_by))
+            chain, target, created_by = (same.setdefault(x, x) for x in (chain, target, created_by))
+            if claims:
+                entry = Entry.of(chain, network, target, created_at, created_by, claims)
+            else:
+                entry = Entry(chain, network, target, created_at, expires_at, created_by)
             (tombstones if removing else entries).append(entry)
         return Loaded(entries, tombstones)
+
+    @staticmethod
+    def _put_claims(db: sqlite3.Connection, entries: Iterable[Entry]) -> None:
+        """Make each entry's claims the stored ones."""
+        entries = list(entries)
+        db.executemany("DELETE FROM claims WHERE chain=? AND network=?", [(e.chain, str(e.network)) for e in entries])
+        db.executemany("INSERT INTO claims (chain, network, owner, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+                       [(e.chain, str(e.network), *c) for e in entries for c in e.all_claims])
 
     def write(self, puts: Iterable[Entry], removes: Iterable[Entry], purges: Iterable[Entry] = ()) -> None:
         """In one durable transaction: upsert `puts`, tombstone `removes`, delete `purges`' tombstones."""
@@ -81,13 +216,18 @@ class Store:
                 "created_by=excluded.created_by, removing=0",
                 [(e.chain, str(e.network), e.target, e.created_at, e.expires_at, e.created_by) for e in puts],
             )
+            self._put_claims(db, puts)
             db.executemany("UPDATE blocks SET removing=1 WHERE chain=? AND network=?",
                            [(e.chain, str(e.network)) for e in removes])
             db.executemany("DELETE FROM blocks WHERE chain=? AND network=? AND removing=1",
                            [(e.chain, str(e.network)) for e in purges])
+            db.executemany("DELETE FROM claims WHERE chain=? AND network=? AND NOT EXISTS "
+                           "(SELECT 1 FROM blocks b WHERE b.chain=? AND b.network=?)",
+                           [(e.chain, str(e.network)) * 2 for e in purges])
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite ends it by itself after some errors (SQLITE_FULL, SQLITE_IOERR)
+                db.execute("ROLLBACK")
             raise
 
     def restore(self, before: Iterable[tuple[tuple[str, Network], Entry | None]]) -> None:
@@ -98,6 +238,7 @@ class Store:
             for (chain, network), entry in before:
                 if entry is None:
                     db.execute("DELETE FROM blocks WHERE chain=? AND network=?", (chain, str(network)))
+                    db.execute("DELETE FROM claims WHERE chain=? AND network=?", (chain, str(network)))
                 else:
                     db.execute(
                         "INSERT OR REPLACE INTO blocks (chain, network, target, created_at, expires_at, created_by,"
@@ -105,9 +246,11 @@ class Store:
                         (entry.chain, str(entry.network), entry.target, entry.created_at, entry.expires_at,
                          entry.created_by),
                     )
+                    self._put_claims(db, [entry])
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite ends it by itself after some errors (SQLITE_FULL, SQLITE_IOERR)
+                db.execute("ROLLBACK")
             raise
 
     def close(self) -> None:

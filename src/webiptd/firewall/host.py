@@ -1,6 +1,7 @@
 """What this host offers each backend: the checks behind the start-up log's and -check_config's notes.
 
-Only reads files and looks libraries up; never loads a kernel module, a firewall library or touches a rule.
+Only reads files, lists interfaces and looks libraries up; never loads a kernel module, a firewall library or
+touches a rule.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ import importlib.util
 import os
 import platform
 import shutil
+import socket
 from pathlib import Path
 from typing import Iterable
 
-from webiptd.config import Chain
+from webiptd.config import FILTER_BUILTINS, Chain
 
 # The distribution's binding is pure Python over ctypes, so linking its directory into a venv is enough.
 VENV_LINK = ("ln -sfn \"$(/usr/bin/python3 -c 'import nftables, os; print(os.path.dirname(nftables.__file__))')\" "
@@ -56,6 +58,21 @@ def _legacy_tables() -> list[str]:
     return found
 
 
+def _interfaces() -> list[str] | None:
+    """The names of this network namespace's interfaces; None when they cannot be listed."""
+    try:
+        return [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+
+
+def _has_interface(names: list[str], interface: str) -> bool:
+    """Whether a name matches a chain's `interface`, where a trailing "+" is a prefix (iptables(8), -i)."""
+    if interface.endswith("+"):
+        return any(name.startswith(interface[:-1]) for name in names)
+    return interface in names
+
+
 def host_errors(chains: Iterable[Chain]) -> list[str]:
     """Why a backend some chain names cannot work on this host; the daemon would fail to start."""
     chains = list(chains)
@@ -90,6 +107,17 @@ def host_warnings(chains: Iterable[Chain]) -> list[str]:
     if xtables and (_module_missing("ip_tables") or _module_missing("ip6_tables")):
         warnings.append(f"chains {', '.join(xtables)} need the legacy ip_tables and ip6_tables kernel modules, "
                         "which this kernel lacks: use the nftables backend")
+    user_hooks = sorted({hook for c in chains if c.backend in ("iptables", "ipset") for hook in c.hooks
+                         if hook not in FILTER_BUILTINS})
+    if user_hooks and iptables_is_nft_variant():
+        warnings.append(f"hook chains {', '.join(user_hooks)} are looked for in the legacy tables, but this host's "
+                        "`iptables` is the nft variant: a chain that other tools make with it (Docker's DOCKER-USER) "
+                        "is not there, so nothing is hooked to it. Hook FORWARD instead (docs/docker.md)")
+    names = _interfaces()
+    for chain in chains:
+        if chain.interface is not None and names is not None and not _has_interface(names, chain.interface):
+            warnings.append(f"chain {chain.name} matches interface {chain.interface}, which this host does not have "
+                            "(yet): the chain sees no packet until it appears")
     nft = _names(chains, "nftables")
     legacy = _legacy_tables()
     if nft and not xtables and legacy:

@@ -1,5 +1,6 @@
 """The ipset backend: per chain and family, one iptables rule `-m set --match-set <chain>-v4 src -j DROP|REJECT`
-that matches a hash:net set of the blocked networks, with kernel timeouts. See ipset(8), iptables-extensions(8).
+(`dst` for a chain with `match: destination`) that matches a hash:net set of the blocked networks, with kernel
+timeouts. See ipset(8), iptables-extensions(8).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ MAX_TIMEOUT = 2_147_483
 BULK_MIN = 8192
 SWAP_NAME = "web-ipt-d-swap"  # ipset names are at most 31 characters; chain names at most 28
 TOOL_TIMEOUT = 300.0
+DIRECTION = {"source": "src", "destination": "dst"}  # a chain's match, as the set match's flag
 
 
 def set_name(chain: str, version: int) -> str:
@@ -59,18 +61,21 @@ def kernel_timeout(expires_at: float | None, now: float) -> int:
     return max(1, left)
 
 
-def _match_target(version: int, rule: iptc.Rule) -> tuple[str, str] | None:
-    """(set, target) for a rule of our match shape, `-m set --match-set SET src -j DROP|REJECT`; else None."""
-    if len(rule.matches) != 1 or rule.matches[0].name != "set" or rule.src != ANY[version]:
+def _match_target(version: int, rule: iptc.Rule) -> tuple[str, str, str] | None:
+    """(set, target, src or dst) for a rule of our match shape, `-m set --match-set SET src|dst -j DROP|REJECT`;
+    else None."""
+    if len(rule.matches) != 1 or rule.matches[0].name != "set":
+        return None
+    if rule.src != ANY[version] or rule.dst != ANY[version]:
         return None
     target = verdict(version, rule)
     if target is None:
         return None
     params = rule.matches[0].get_all_parameters()
     match_set = params.get("match-set", [])
-    if set(params) != {"match-set"} or len(match_set) != 2 or match_set[1] != "src":
+    if set(params) != {"match-set"} or len(match_set) != 2 or match_set[1] not in DIRECTION.values():
         return None
-    return match_set[0], target
+    return match_set[0], target, match_set[1]
 
 
 def _runs(ops: list[Op]) -> Iterator[list[Op]]:
@@ -228,15 +233,17 @@ class IpsetBackend:
     # -- the match rules ------------------------------------------------------------------
 
     def _ensure_rule(self, version: int, chain: Chain) -> None:
-        """One match rule with the chain's target; our per-address rules move into the set. The caller commits.
+        """One match rule with the chain's target and match; our per-address rules move into the set. The caller
+        commits.
 
-        The target belongs to the match rule, so to the whole chain: when the config changes it, the rule is
-        replaced and every entry takes the new one. Per-address rules are what a chain that used the iptables
-        backend holds: their networks go into the set (without a kernel timeout: the worker still expires
-        them on time) before the rules go, in the commit that adds the match rule, so none is unblocked on
-        the way. Rules of any other shape are left alone.
+        The target and the match (src or dst) belong to the match rule, so to the whole chain: when the config
+        changes either, the rule is replaced and every entry takes the new one. Per-address rules (`-s` or `-d`)
+        are what a chain that used the iptables backend holds: their networks go into the set (without a kernel
+        timeout: the worker still expires them on time) before the rules go, in the commit that adds the match
+        rule, so none is unblocked on the way. Rules of any other shape are left alone.
         """
         name = set_name(chain.name, version)
+        direction = DIRECTION[chain.match]
         ipt_chain = iptc.Chain(self._xt.table(version), chain.name)
         kept = False
         stale: list[iptc.Rule] = []
@@ -244,22 +251,22 @@ class IpsetBackend:
         for rule in ipt_chain.rules:
             matched = _match_target(version, rule)
             if matched is not None and matched[0] == name:
-                if not kept and matched[1] == chain.target:
+                if not kept and matched[1:] == (chain.target, direction):
                     kept = True
                 else:
                     stale.append(rule)
                 continue
-            parsed = per_address(version, rule)
-            if parsed is not None:
-                moved.append((rule, *parsed))
+            parsed = per_address(version, rule, chain.match)
+            if parsed is not None:  # `-s` or `-d`: the set takes the chain's match, as it takes its target
+                moved.append((rule, parsed[0], parsed[1]))
         if not kept:
             rule = new_rule(version)
             match = rule.create_match("set")
-            match.match_set = [name, "src"]
+            match.match_set = [name, direction]
             rule.target = rule.create_target(chain.target)
             ipt_chain.append_rule(rule)
-            logger.info("added rule %s -m set --match-set %s src -j %s (ipv%d)", chain.name, name, chain.target,
-                        version)
+            logger.info("added rule %s -m set --match-set %s %s -j %s (ipv%d)", chain.name, name, direction,
+                        chain.target, version)
         for rule in stale:
             ipt_chain.delete_rule(rule)
             logger.info("removed a stale match rule for %s from chain %s (ipv%d)", name, chain.name, version)
@@ -278,17 +285,18 @@ class IpsetBackend:
         with self._xt.lock():
             for version in VERSIONS:
                 self._xt.table(version).refresh()
-                found.update(self._targets_in(version, names))
+                found.update((key, target) for key, (target, _) in self._targets_in(version, names).items())
         return found
 
-    def _targets_in(self, version: int, names: list[str]) -> dict[tuple[str, int], str]:
-        """(chain, version) -> the target of its match rule, in the family's table as last refreshed."""
-        found: dict[tuple[str, int], str] = {}
+    def _targets_in(self, version: int, names: list[str]) -> dict[tuple[str, int], tuple[str, str]]:
+        """(chain, version) -> the target and direction (src, dst) of its match rule, in the family's table as
+        last refreshed."""
+        found: dict[tuple[str, int], tuple[str, str]] = {}
         for name in names:
             for rule in self._xt.rules(version, name):
                 matched = _match_target(version, rule)
                 if matched is not None and matched[0] == set_name(name, version):
-                    found.setdefault((name, version), matched[1])
+                    found.setdefault((name, version), matched[1:])
         return found
 
     # -- the Backend interface -----------------------------------------------------------
@@ -314,7 +322,8 @@ class IpsetBackend:
                     gone = self._xt.structure_missing(version, chain)
                     if gone is not None:
                         return gone
-                    if (chain.name, version) not in targets:
+                    found = targets.get((chain.name, version))
+                    if found is None or found[1] != DIRECTION[chain.match]:
                         return f"the match rule of chain {chain.name} (ipv{version}) is gone"
         return None
 

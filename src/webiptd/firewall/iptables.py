@@ -1,5 +1,5 @@
-"""The iptables backend: one `-s NETWORK -j DROP|REJECT` rule per block, through python-iptables (libiptc),
-each batch committed once per table under the xtables lock.
+"""The iptables backend: one `-s NETWORK -j DROP|REJECT` rule per block (`-d NETWORK` for a chain with
+`match: destination`), through python-iptables (libiptc), each batch committed once per table under the xtables lock.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Iterable, Mapping
 
 import iptc
 
-from webiptd.config import Chain
+from webiptd.config import MATCHES, Chain
 from webiptd.firewall.ops import Add, Op, apply_in_parts
 from webiptd.firewall.xtables import LOCK_PATH, VERSIONS, Xtables, new_rule, per_address
 from webiptd.net import Network
@@ -22,21 +22,54 @@ class IptablesBackend:
 
     def __init__(self, lock_path: str = LOCK_PATH):
         self._xt = Xtables(lock_path)
-        self._templates: dict[tuple[int, str], iptc.Rule] = {}
+        self._templates: dict[tuple[int, str, str], iptc.Rule] = {}
+        self._matches: dict[str, str] = {}  # chain -> its match (source, destination), as last prepared
 
-    def _rule(self, version: int, network: Network, target: str) -> iptc.Rule:
-        """The rule for `network`: one reused rule per family and target, with only its source changed.
+    def _rule(self, version: int, network: Network, target: str, match: str) -> iptc.Rule:
+        """The rule for `network`: one reused rule per family, target and match, with only its address changed.
 
         libiptc copies a rule on insert and compares on delete, so reusing one is safe; building a new
         one (python-iptables loads the target's extension each time) was a fifth of the worker's time.
         """
-        rule = self._templates.get((version, target))
+        rule = self._templates.get((version, target, match))
         if rule is None:
             rule = new_rule(version)
             rule.target = rule.create_target(target)
-            self._templates[(version, target)] = rule
-        rule.src = str(network)
+            self._templates[(version, target, match)] = rule
+        if match == "destination":
+            rule.dst = str(network)
+        else:
+            rule.src = str(network)
         return rule
+
+    def _match_of(self, chain: str, chains: Mapping[str, Chain]) -> str:
+        """The chain's match in the config; for a chain that left it, the one it had, else source."""
+        return chains[chain].match if chain in chains else self._matches.get(chain, "source")
+
+    def _turn(self, version: int, chain: Chain) -> None:
+        """Re-make the chain's rules of our other shape (`-s` in a `match: destination` chain, or `-d` in a
+        source one: what a config with the other match made) with the chain's match; the caller commits.
+
+        The new rule goes in before the old one goes, in one commit, so no packet sees neither. Like the rules
+        of our shape a start finds, they are ours: the reconcile that follows adopts the ones it did not know.
+        """
+        ipt_chain = iptc.Chain(self._xt.table(version), chain.name)
+        rules = [(rule, parsed) for rule in ipt_chain.rules
+                 if (parsed := per_address(version, rule, chain.match)) is not None]
+        have = {(network, target) for _, (network, target, match) in rules if match == chain.match}
+        turned = 0
+        for rule, (network, target, match) in rules:
+            if match == chain.match:
+                continue
+            if (network, target) not in have:  # else it is there already: only the old one goes
+                ipt_chain.append_rule(self._rule(version, network, target, chain.match))
+                have.add((network, target))
+            ipt_chain.delete_rule(rule)
+            turned += 1
+        if turned:
+            flag = "-d" if chain.match == "destination" else "-s"
+            logger.warning("re-made %d rules of chain %s (ipv%d) with %s: the chain's match is now %s", turned,
+                           chain.name, version, flag, chain.match)
 
     def expires_in_kernel(self, chain: str) -> bool:
         return False  # one rule per network has no timeout; the worker expires them
@@ -52,7 +85,9 @@ class IptablesBackend:
                 table.refresh()
                 for chain in chains:
                     self._xt.ensure_chain(version, chain)
+                    self._turn(version, chain)
                 table.commit()
+        self._matches.update((c.name, c.match) for c in chains)
 
     def read(self, chains: Iterable[str]) -> dict[tuple[str, Network], str]:
         found: dict[tuple[str, Network], str] = {}
@@ -61,11 +96,13 @@ class IptablesBackend:
             for version in VERSIONS:
                 self._xt.table(version).refresh()
                 for name in names:
+                    match = self._matches.get(name)
                     for rule in self._xt.rules(version, name):
-                        parsed = per_address(version, rule)
-                        if parsed is None:
+                        parsed = per_address(version, rule, match)
+                        if parsed is None or (match is not None and parsed[2] != match):
                             logger.warning("chain %s (ipv%d) holds a rule web-ipt-d did not make; leaving it "
-                                           "alone: src=%s target=%s", name, version, rule.src, rule.target.name)
+                                           "alone: src=%s dst=%s target=%s", name, version, rule.src, rule.dst,
+                                           rule.target.name)
                             continue
                         found[(name, parsed[0])] = parsed[1]
         return found
@@ -104,17 +141,25 @@ class IptablesBackend:
             if name in chains:
                 self._xt.ensure_chain(version, chains[name])
         for op in ops:
-            rule = self._rule(version, op.network, op.target)
+            match = self._match_of(op.chain, chains)
             chain = iptc.Chain(table, op.chain)
             if isinstance(op, Add):
-                chain.append_rule(rule)
-            else:
-                try:
-                    chain.delete_rule(rule)
-                except iptc.IPTCError:
-                    # Someone removed it behind our back; the end state is what was asked for.
-                    logger.warning("rule for %s was already gone from chain %s", op.network, op.chain)
+                chain.append_rule(self._rule(version, op.network, op.target, match))
+            elif not self._delete(chain, version, op, [match] + [m for m in MATCHES if m != match]):
+                # Someone removed it behind our back; the end state is what was asked for.
+                logger.warning("rule for %s was already gone from chain %s", op.network, op.chain)
         table.commit()
+
+    def _delete(self, chain: iptc.Chain, version: int, op: Op, matches: list[str]) -> bool:
+        """Delete the entry's rule, of the first of `matches` it has (a chain that left the config may hold
+        either); False when it has none."""
+        for match in matches:
+            try:
+                chain.delete_rule(self._rule(version, op.network, op.target, match))
+                return True
+            except iptc.IPTCError:
+                continue
+        return False
 
     def close(self) -> None:
         self._xt.close()

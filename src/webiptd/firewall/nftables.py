@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 FAMILY = "inet"
 TABLE = "web-ipt-d"
 HOOKS = {"INPUT": "input", "FORWARD": "forward", "OUTPUT": "output"}
+# A chain's `interface` is matched in the jump from its base chain: the in-interface, but the out-interface at output.
+IFNAME = {"INPUT": "iifname", "FORWARD": "iifname", "OUTPUT": "oifname"}
+FIELD = {"source": "saddr", "destination": "daddr"}  # a chain's match, as the address a rule looks up
 MAX_PREFIX = {4: 32, 6: 128}
 ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
 PROTOCOL = {4: "ip", 6: "ip6"}
@@ -82,11 +85,22 @@ def _parse_set_name(chain: str, name: str) -> SetKey | None:
     return None
 
 
-def _saddr(version: int, prefixlen: int) -> dict[str, Any]:
-    payload = {"payload": {"protocol": PROTOCOL[version], "field": "saddr"}}
+def _looked_up(version: int, prefixlen: int, match: str) -> dict[str, Any]:
+    """The packet's source or destination address, masked to `prefixlen`: what a set of that length is looked up by."""
+    payload = {"payload": {"protocol": PROTOCOL[version], "field": FIELD[match]}}
     if prefixlen == MAX_PREFIX[version]:
         return payload
     return {"&": [payload, str(NETWORK[version]((0, prefixlen)).netmask)]}
+
+
+def _jump(chain: Chain, hook: str) -> list[dict[str, Any]]:
+    """The base chain's one rule: `jump <chain>`, after `iifname`/`oifname` when the chain has an interface.
+    iptables' wildcard `eth+` is nft's `eth*` (nft(8), STRING)."""
+    jump: dict[str, Any] = {"jump": {"target": chain.name}}
+    if chain.interface is None:
+        return [jump]
+    name = chain.interface[:-1] + "*" if chain.interface.endswith("+") else chain.interface
+    return [{"match": {"op": "==", "left": {"meta": {"key": IFNAME[hook]}}, "right": name}}, jump]
 
 
 def _address(network: Network) -> str:
@@ -187,7 +201,9 @@ class NftablesBackend:
             chain f2b-web.input { type filter hook input priority <priority>; policy accept; jump f2b-web }
         }
 
-    Every rule has the chain's target, so a chain's entries all share it.
+    Every rule has the chain's target, so a chain's entries all share it. With `match: destination` the rules
+    look up `ip daddr` and `ip6 daddr`; with an `interface`, the base chains' jump is `iifname "eth0" jump f2b-web`
+    (`oifname` at output). Both are re-made with every prepare, so a reload that changes them takes effect at once.
     """
 
     name = "nftables"
@@ -291,7 +307,7 @@ class NftablesBackend:
                                       {"flush": {"chain": self._obj(name=chain.name)}}]
         for version, prefixlen in sorted(sets):
             verdict = {"drop": None} if chain.target == "DROP" else {"reject": REJECT[version]}
-            match = {"match": {"op": "==", "left": _saddr(version, prefixlen),
+            match = {"match": {"op": "==", "left": _looked_up(version, prefixlen, chain.match),
                                "right": "@" + set_name(chain.name, version, prefixlen)}}
             cmds.append({"add": {"rule": self._obj(chain=chain.name, expr=[match, verdict])}})
         for hook, nft_hook in HOOKS.items():
@@ -305,7 +321,7 @@ class NftablesBackend:
                 cmds += [{"add": {"chain": self._obj(name=name, type="filter", hook=nft_hook,
                                                      prio=chain.priority, policy="accept")}},
                          {"flush": {"chain": self._obj(name=name)}},
-                         {"add": {"rule": self._obj(chain=name, expr=[{"jump": {"target": chain.name}}])}}]
+                         {"add": {"rule": self._obj(chain=name, expr=_jump(chain, hook))}}]
         return cmds
 
     def _ensure_cmds(self, touched: Iterable[ElementKey], chains: Mapping[str, Chain],

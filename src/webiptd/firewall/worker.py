@@ -17,10 +17,10 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, overload
 
 from webiptd import log
 from webiptd.commands import (
-    Block, Blocked, BulkBlock, Command, Entry, FirewallFull, FirewallUnavailable, ListChain, Lookup, Reconfigure,
-    Unblock, Unblocked,
+    Block, Blocked, BulkBlock, Claim, Command, Entry, FirewallFull, FirewallUnavailable, ListChain, Lookup,
+    Reconfigure, Unblock, Unblocked,
 )
-from webiptd.config import Chain, Limits
+from webiptd.config import ADOPTED, Chain, Limits
 from webiptd.firewall.backend import Backend
 from webiptd.firewall.ops import Add, CapacityExceeded, Op, Remove
 from webiptd.firewall.pending import Pending
@@ -40,10 +40,18 @@ _Item = tuple[object, Pending[Any] | None]  # a command, and the answer its clie
 _Answer = tuple[Pending[Any], object, object]  # the answer, the command, and what the command returned
 
 
-def _audit(user: str, client: str, action: str, chain: str, network: Network, timeout: str, result: str) -> None:
-    """The one greppable key=value line per change."""
-    audit.info("user=%s client=%s action=%s chain=%s network=%s timeout=%s result=%s",
-               user, client, action, chain, network, timeout, result)
+def _audit(user: str, client: str, action: str, chain: str, network: Network, owner: str, timeout: str,
+           result: str) -> None:
+    """The one greppable key=value line per change; `owner` is the claim's ("*": every claim, by override)."""
+    audit.info("user=%s client=%s action=%s chain=%s network=%s owner=%s timeout=%s result=%s",
+               user, client, action, chain, network, owner, timeout, result)
+
+
+def _next_due(expires_at: float | None, claims: tuple[Claim, ...]) -> float | None:
+    """When the first of an entry's claims expires: its effective expiry when it has one claim."""
+    if not claims:
+        return expires_at
+    return min((c.expires_at for c in claims if c.expires_at is not None), default=None)
 
 
 _V6 = 1 << 136  # above an IPv6 address shifted past its prefix length
@@ -62,7 +70,9 @@ def _unpack(packed: int) -> Network:
     return compact(ipaddress.IPv4Network((address, prefixlen)))
 
 
-_Row = tuple[str, float, "float | None", str]  # target, created_at, expires_at, created_by
+# target, created_at, expires_at, created_by, and the claims only when there is more than the first claimant's one
+# (Entry.claims): most entries have one claim, and pay nothing for it.
+_Row = tuple[Any, ...]
 
 
 class _Entries:
@@ -84,10 +94,11 @@ class _Entries:
         row = None if chain is None else chain.get(_pack(key[1]))
         return None if row is None else Entry(key[0], key[1], *row)
 
-    def expires_at(self, chain: str, packed: int) -> float | None:
-        """The expiry of the entry stored under `packed`, without making it; None also when it is gone."""
+    def next_due(self, chain: str, packed: int) -> float | None:
+        """When the first claim of the entry stored under `packed` expires, without making the entry; None
+        also when it is gone."""
         row = self._chains.get(chain, {}).get(packed)
-        return None if row is None else row[2]
+        return None if row is None else _next_due(row[2], row[4] if len(row) > 4 else ())
 
     def __contains__(self, key: Key) -> bool:
         chain = self._chains.get(key[0])
@@ -105,8 +116,9 @@ class _Entries:
         if packed not in chain:
             self._count += 1
         # New float objects: the loaded ones sit among the start-up's short-lived objects (see _reconcile).
-        chain[packed] = (entry.target, entry.created_at + 0.0,
-                         None if entry.expires_at is None else entry.expires_at + 0.0, entry.created_by)
+        row: _Row = (entry.target, entry.created_at + 0.0,
+                     None if entry.expires_at is None else entry.expires_at + 0.0, entry.created_by)
+        chain[packed] = row + (entry.claims,) if entry.claims else row
 
     def __delitem__(self, key: Key) -> None:
         chain = self._chains[key[0]]
@@ -328,13 +340,15 @@ class Worker:
         while self._expiry and self._expiry[0][0] <= now:
             expires_at, _, chain, packed = heapq.heappop(self._expiry)
             # The heap is lazy: an entry whose expiry changed or that is gone has a stale heap item.
-            if self._entries.expires_at(chain, packed) == expires_at:
+            if self._entries.next_due(chain, packed) == expires_at:
                 due.append((chain, _unpack(packed)))
         return due
 
     def _schedule(self, entry: Entry) -> None:
-        if entry.expires_at is not None:
-            heapq.heappush(self._expiry, (entry.expires_at, next(self._ties), entry.chain, _pack(entry.network)))
+        """Wake up when the entry's first claim expires: the entry goes then, or only that claim."""
+        due = _next_due(entry.expires_at, entry.claims)
+        if due is not None:
+            heapq.heappush(self._expiry, (due, next(self._ties), entry.chain, _pack(entry.network)))
 
     def _take_purges(self) -> list[Entry]:
         purges, self._purge = self._purge, []
@@ -397,7 +411,8 @@ class Worker:
             case Block():
                 return self._block(batch, cmd)
             case BulkBlock():
-                return [self._block(batch, Block(cmd.chain, network, cmd.expires_at, cmd.actor, cmd.client))
+                return [self._block(batch, Block(cmd.chain, network, cmd.expires_at, cmd.actor, cmd.client,
+                                                 cmd.owner))
                         for network in cmd.networks]
             case Unblock():
                 return self._unblock(batch, cmd)
@@ -414,33 +429,65 @@ class Worker:
         raise TypeError(f"unknown command {cmd!r}")
 
     def _block(self, batch: _Batch, cmd: Block) -> Blocked:
+        """Add the claimant's claim, or refresh it: its new expiry replaces its old one, and no one else's."""
         now = self._clock()
         key: Key = (cmd.chain.name, cmd.network)
         old = batch.get(key)
-        created_at = old.created_at if old is not None else now
-        created_by = old.created_by if old is not None else cmd.actor
-        new = Entry(cmd.chain.name, cmd.network, cmd.chain.target if old is None else old.target,
-                    created_at, cmd.expires_at, created_by)
+        owner = cmd.claimant
+        if old is None:
+            new = Entry(cmd.chain.name, cmd.network, cmd.chain.target, now, cmd.expires_at, owner)
+            result = "created"
+        else:
+            mine = old.claim(owner)
+            others = [c for c in old.all_claims if c.owner != owner]
+            claim = Claim(owner, now if mine is None else mine.created_at, cmd.expires_at)
+            new = Entry.of(old.chain, old.network, old.target, old.created_at, old.created_by, others + [claim])
+            result = "claimed" if mine is None else "exists"
         batch.set(key, new)
         timeout = "permanent" if cmd.expires_at is None else str(max(0, round(cmd.expires_at - now)))
-        batch.audits.append((cmd.actor, cmd.client, "block", cmd.chain.name, cmd.network, timeout,
-                             "exists" if old is not None else "created"))
+        batch.audits.append((cmd.actor, cmd.client, "block", cmd.chain.name, cmd.network, owner, timeout, result))
         return Blocked(created=old is None, entry=new)
 
     def _unblock(self, batch: _Batch, cmd: Unblock) -> Unblocked:
+        """Release the claimant's claim (every claim with override), and the adopted one, which is nobody's;
+        the entry goes with its last claim."""
         key: Key = (cmd.chain.name, cmd.network)
         old = batch.get(key)
-        if old is not None:
+        owner = cmd.claimant
+        answer: Unblocked
+        kept = [] if old is None or cmd.every_claim else [
+            c for c in old.all_claims if c.owner not in (owner, ADOPTED)]
+        if old is None:
+            answer, result = Unblocked(deleted=False, entry=None, released=False), "absent"
+        elif not kept:
             batch.set(key, None)
-        batch.audits.append((cmd.actor, cmd.client, "unblock", cmd.chain.name, cmd.network, "-",
-                             "deleted" if old is not None else "absent"))
-        return Unblocked(deleted=old is not None, entry=old)
+            answer, result = Unblocked(deleted=True, entry=old, released=True), "deleted"
+        elif len(kept) == len(old.all_claims):
+            answer, result = Unblocked(deleted=False, entry=old, released=False), "not_held"
+        else:
+            new = Entry.of(old.chain, old.network, old.target, old.created_at, old.created_by, kept)
+            batch.set(key, new)
+            answer, result = Unblocked(deleted=False, entry=new, released=True), "released"
+        batch.audits.append((cmd.actor, cmd.client, "unblock", cmd.chain.name, cmd.network, owner, "-", result))
+        return answer
 
     def _expire(self, batch: _Batch, key: Key) -> None:
+        """Drop the claims that are due; the entry goes with its last one."""
         old = batch.get(key)
-        if old is not None and old.expires_at is not None and old.expires_at <= self._clock():
+        if old is None:
+            return
+        now = self._clock()
+        kept = [c for c in old.all_claims if c.expires_at is None or c.expires_at > now]
+        gone = [c for c in old.all_claims if c not in kept]
+        if not gone:
+            return
+        if kept:
+            batch.set(key, Entry.of(old.chain, old.network, old.target, old.created_at, old.created_by, kept))
+        else:
             batch.set(key, None)
-            batch.audits.append(("-", "-", "expire", old.chain, old.network, "-", "deleted"))
+        for i, claim in enumerate(gone, 1):
+            batch.audits.append(("-", "-", "expire", old.chain, old.network, claim.owner, "-",
+                                 "deleted" if not kept and i == len(gone) else "released"))
 
     def _list(self, batch: _Batch, chain: str) -> list[Entry]:
         view: dict[Network, Entry | None] = {e.network: e for e in self._entries.chain(chain)}
@@ -535,12 +582,25 @@ class Worker:
                 present = kernel.pop(e.key, None)
                 if present is not None:
                     ops.append(Remove(e.chain, e.network, present))
-                _audit("-", "-", "expire", e.chain, e.network, "-", "deleted")
+                for i, c in enumerate(e.all_claims, 1):
+                    _audit("-", "-", "expire", e.chain, e.network, c.owner, "-",
+                           "deleted" if i == len(e.all_claims) else "released")
                 continue
+            changed = False
+            if e.claims and any(c.expires_at is not None and c.expires_at <= now for c in e.claims):
+                # Claims that ran out while the daemon was down; a later one, or a permanent one, still holds.
+                for c in e.claims:
+                    if c.expires_at is not None and c.expires_at <= now:
+                        _audit("-", "-", "expire", e.chain, e.network, c.owner, "-", "released")
+                e = Entry.of(e.chain, e.network, e.target, e.created_at, e.created_by,
+                             [c for c in e.claims if c.expires_at is None or c.expires_at > now])
+                changed = True
             config = self._chains.get(e.chain)
             if config is not None and e.target != config.target and self._backend.shares_target(e.chain):
                 # The chain's one match rule decides for every entry: say so in the store and the API.
                 e = replace(e, target=config.target)
+                changed = True
+            if changed:
                 retargeted.append(e)
             kept.append(e)
         # The rows that stay are made in one go, while what is thrown away after (the loaded entries, the
@@ -554,14 +614,15 @@ class Worker:
             elif present != e.target:
                 ops += [Remove(e.chain, e.network, present), Add(e.chain, e.network, e.target, e.expires_at)]
         for (chain, network), target in kernel.items():
-            entry = Entry(chain, network, target, now, None, "adopted")
+            entry = Entry(chain, network, target, now, None, ADOPTED)  # one permanent claim, nobody's
             entries[entry.key] = entry
             adopted.append(entry)
         restored = sum(isinstance(op, Add) for op in ops)
         if adopted:
             logger.warning("adopted %d rules found in managed chains but not in the state store", len(adopted))
         if retargeted:
-            logger.info("%d blocks now have their chain's new target", len(retargeted))
+            logger.info("%d blocks changed while the daemon was down: their chain's new target, or expired claims",
+                        len(retargeted))
         self._store.write(adopted + retargeted, removes, [])
         if ops:
             self._backend.apply(ops, self._chains)

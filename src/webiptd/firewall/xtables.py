@@ -41,29 +41,67 @@ def new_rule(version: int) -> iptc.Rule:
 
 
 def verdict(version: int, rule: iptc.Rule) -> str | None:
-    """What both our shapes share: the rule's target (DROP, or REJECT with its default reply) when it
-    applies to any protocol, destination and interface; None for any other rule."""
+    """What all our block shapes share: the rule's target (DROP, or REJECT with its default reply) when it
+    applies to any protocol and interface; None for any other rule. Addresses are the caller's to check."""
     target: str = rule.target.name
     if target not in TARGETS or rule.in_interface or rule.out_interface:
         return None
-    if rule.protocol not in (None, "ip", "all") or rule.dst != ANY[version] or (version == 4 and rule.fragment):
+    if rule.protocol not in (None, "ip", "all") or (version == 4 and rule.fragment):
         return None
     if target == "REJECT" and rule.target.get_all_parameters().get("reject-with") != [DEFAULT_REJECT[version]]:
         return None
     return target
 
 
-def per_address(version: int, rule: iptc.Rule) -> tuple[Network, str] | None:
-    """(network, target) for a rule of the iptables backend's shape, `-s NETWORK -j DROP|REJECT`; else None."""
-    if rule.matches or rule.src.startswith("!"):
+def per_address(version: int, rule: iptc.Rule, match: str | None = None) -> tuple[Network, str, str] | None:
+    """(network, target, match) for a rule of the iptables backend's shapes, `-s NETWORK -j DROP|REJECT`
+    (match source) or `-d NETWORK -j DROP|REJECT` (destination); else None.
+
+    A rule with neither address blocks a /0 either way: it gets `match` when given, else source.
+    """
+    if rule.matches or rule.src.startswith("!") or rule.dst.startswith("!"):
         return None
     target = verdict(version, rule)
     if target is None:
         return None
+    if rule.src != ANY[version] and rule.dst != ANY[version]:
+        return None
+    if rule.dst != ANY[version]:
+        text, found = rule.dst, "destination"
+    elif rule.src != ANY[version]:
+        text, found = rule.src, "source"
+    else:
+        text, found = rule.src, match or "source"
     try:
-        return ipaddress.ip_network(rule.src, strict=True), target
+        return ipaddress.ip_network(text, strict=True), target, found
     except ValueError:
         return None
+
+
+def jump_interfaces(hook: str, interface: str | None) -> tuple[str | None, str | None]:
+    """(in, out) interface of the jump from `hook` for a chain's `interface`: `-i` from INPUT and FORWARD,
+    `-o` from OUTPUT (the config allows an interface only with these hooks)."""
+    if interface is None:
+        return None, None
+    return (None, interface) if hook == "OUTPUT" else (interface, None)
+
+
+def plain_jump(version: int, rule: iptc.Rule, chain: str) -> tuple[str | None, str | None] | None:
+    """(in, out) interface of a jump of our shape to `chain`, `-j CHAIN` with at most `-i` or `-o`; None for
+    any other rule, a jump with a match, an address, a protocol or a negated interface among them."""
+    if rule.target.name != chain or rule.matches or rule.src != ANY[version] or rule.dst != ANY[version]:
+        return None
+    if rule.protocol not in (None, "ip", "all") or (version == 4 and rule.fragment):
+        return None
+    interfaces = rule.in_interface or None, rule.out_interface or None
+    if any(i is not None and i.startswith("!") for i in interfaces):
+        return None
+    return interfaces
+
+
+def _describe(interfaces: tuple[str | None, str | None]) -> str:
+    """The interfaces of a jump as iptables writes them (" -i eth0"), for the log."""
+    return "".join(f" {flag} {name}" for flag, name in zip(("-i", "-o"), interfaces) if name is not None)
 
 
 class Xtables:
@@ -100,7 +138,12 @@ class Xtables:
         return iptc.Chain(table, chain).rules if table.is_chain(chain) else []
 
     def ensure_chain(self, version: int, chain: Chain) -> None:
-        """Create `chain` if missing and jump to it from position 1 of each of its hooks; commit is the caller's."""
+        """Create `chain` if missing and jump to it from position 1 of each of its hooks; commit is the caller's.
+
+        A jump of our shape to the chain with another interface than the config's (a reload changed it) is
+        replaced, in the same commit, so the chain is never skipped on the way. Jumps with other matches
+        are someone else's and left alone.
+        """
         table = self._tables[version]
         if not table.is_chain(chain.name):
             table.create_chain(chain.name)
@@ -111,11 +154,24 @@ class Xtables:
                              hook, version, chain.name)
                 continue
             hook_chain = iptc.Chain(table, hook)
-            if not any(rule.target.name == chain.name for rule in hook_chain.rules):
+            wanted = jump_interfaces(hook, chain.interface)
+            jumps = [(rule, found) for rule in hook_chain.rules
+                     if (found := plain_jump(version, rule, chain.name)) is not None]
+            if not any(found == wanted for _, found in jumps):
                 jump = new_rule(version)
+                if wanted[0] is not None:
+                    jump.in_interface = wanted[0]
+                if wanted[1] is not None:
+                    jump.out_interface = wanted[1]
                 jump.target = jump.create_target(chain.name)
                 hook_chain.insert_rule(jump, 0)
-                logger.info("inserted jump %s -> %s at position 1 (ipv%d)", hook, chain.name, version)
+                logger.info("inserted jump %s -> %s%s at position 1 (ipv%d)", hook, chain.name,
+                            _describe(wanted), version)
+            for rule, found in jumps:
+                if found != wanted:
+                    hook_chain.delete_rule(rule)
+                    logger.info("removed jump %s -> %s%s, which the config no longer has (ipv%d)", hook,
+                                chain.name, _describe(found), version)
 
     def structure_missing(self, version: int, chain: Chain) -> str | None:
         """What is gone of `chain` and its hook jumps in a refreshed table, or None."""
@@ -123,8 +179,11 @@ class Xtables:
         if not table.is_chain(chain.name):
             return f"chain {chain.name} (ipv{version}) is gone"
         for hook in chain.hooks:
-            if table.is_chain(hook) and not any(r.target.name == chain.name for r in iptc.Chain(table, hook).rules):
-                return f"the jump from {hook} to {chain.name} (ipv{version}) is gone"
+            if not table.is_chain(hook):
+                continue
+            wanted = jump_interfaces(hook, chain.interface)
+            if not any(plain_jump(version, r, chain.name) == wanted for r in iptc.Chain(table, hook).rules):
+                return f"the jump from {hook} to {chain.name}{_describe(wanted)} (ipv{version}) is gone"
         return None
 
     def count_rules(self, version: int, chain: str) -> int:

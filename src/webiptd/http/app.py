@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -26,6 +27,9 @@ T = TypeVar("T")
 
 MAX_TIMEOUT = 10 * 365 * 86400  # ten years; anything longer is a typo, and permanent is -1 or 0
 MAX_ITEM = 64  # characters of one bulk item: the longest IPv6 network is 43
+# A claim's owner label: fail2ban passes its jail name, a container its id. The claim's owner is then `user/label`.
+OWNER_LABEL_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
+EVERY_OWNER = "*"  # DELETE ?owner=*: every claim at once, for a user with override
 AUTH_FAILED = Reason("authentication failed: client={source} (unknown user, wrong password or bad credentials)",
                      "authentication failed {n} more times: client={source}")
 THROTTLED = Reason("throttling client={source}: too many failed logins (limits.auth_failures in limits.auth_window)",
@@ -77,13 +81,32 @@ class Request:
     body: bytes
 
 
+def parse_owner(pairs: list[tuple[str, str]], every: bool = False) -> tuple[str | None, list[tuple[str, str]]]:
+    """The `owner` label of a write's query, None when there is none, and the query's other pairs. "*" (every
+    claim) only with `every` (DELETE); whether the user may is the route's to check."""
+    owners = [v for k, v in pairs if k == "owner"]
+    rest = [(k, v) for k, v in pairs if k != "owner"]
+    if not owners:
+        return None, rest
+    if len(owners) > 1:
+        raise ValueError("give owner at most once")
+    if owners[0] == EVERY_OWNER:
+        if not every:
+            raise ValueError("owner=* (every claim) is for DELETE only")
+        return EVERY_OWNER, rest
+    if not OWNER_LABEL_RE.match(owners[0]):
+        raise ValueError("an owner label is 1 to 64 letters, digits, '.', '_', ':' or '-'")
+    return owners[0], rest
+
+
 def parse_timeout(pairs: list[tuple[str, str]]) -> int | None:
-    """The PUT query: `timeout` or its rfw alias `expire`, in seconds; -1, 0 or none is permanent."""
+    """The PUT query without its owner: `timeout` or its rfw alias `expire`, in seconds; -1, 0 or none is
+    permanent."""
     allowed = {"timeout", "expire"}
     seen = [k for k, _ in pairs]
     unknown = [k for k in seen if k not in allowed]
     if unknown:
-        raise ValueError(f"unknown query parameter {unknown[0]!r}; PUT accepts timeout (alias expire)")
+        raise ValueError(f"unknown query parameter {unknown[0]!r}; PUT accepts timeout (alias expire) and owner")
     if len(seen) > 1:
         raise ValueError("give timeout (or expire) at most once")
     if not pairs:
@@ -147,14 +170,15 @@ class App:
 
     def _chains(self, req: Request) -> Response:
         return self._no_query(req.query) or Response(200, {"chains": [
-            {"name": c.name, "target": c.target, "hooks": list(c.hooks), "backend": c.backend}
+            {"name": c.name, "target": c.target, "hooks": list(c.hooks), "backend": c.backend, "match": c.match,
+             "interface": c.interface}
             for c in req.gen.config.chains.values() if req.user.may_use(c.name)]})
 
     def _list(self, req: Request) -> Response:
         target = self._target(req)
         if isinstance(target, Response):
             return target
-        chain, _, _ = target
+        chain, _, _, _ = target
         entries = self._wait(req.gen, self.runtime.worker.submit(ListChain(chain.name)))
         if isinstance(entries, Response):
             return entries
@@ -164,7 +188,7 @@ class App:
         target = self._target(req)
         if isinstance(target, Response):
             return target
-        chain, network, _ = target
+        chain, network, _, _ = target
         assert network is not None
         found = self._wait(req.gen, self.runtime.worker.submit(Lookup(chain.name, network)))
         if isinstance(found, Response):
@@ -177,13 +201,13 @@ class App:
         target = self._target(req)
         if isinstance(target, Response):
             return target
-        chain, network, timeout = target
+        chain, network, timeout, owner = target
         assert network is not None
         refused = self._never_block(req.gen, network)
         if refused is not None:
             return refused
         expires_at = None if timeout is None else self.clock() + timeout
-        command = Block(chain, network, expires_at, req.user.name, str(req.client))
+        command = Block(chain, network, expires_at, req.user.name, str(req.client), owner)
         result = self._wait(req.gen, self.runtime.worker.submit(command))
         if isinstance(result, Response):
             return result
@@ -193,13 +217,18 @@ class App:
         target = self._target(req)
         if isinstance(target, Response):
             return target
-        chain, network, _ = target
+        chain, network, _, owner = target
         assert network is not None
-        command = Unblock(chain, network, req.user.name, str(req.client))
+        every = owner == EVERY_OWNER
+        if every and not req.user.override:
+            return error("forbidden", f"user {req.user.name!r} may not remove every claim (owner=*): it needs "
+                                      "override")
+        command = Unblock(chain, network, req.user.name, str(req.client), "" if every else owner, every)
         result = self._wait(req.gen, self.runtime.worker.submit(command))
         if isinstance(result, Response):
             return result
-        return Response(200, {"deleted": result.deleted, "entry": result.entry.to_json() if result.entry else None})
+        return Response(200, {"deleted": result.deleted, "released": result.released,
+                              "entry": result.entry.to_json() if result.entry else None})
 
     def _bulk(self, req: Request) -> Response:
         """POST /chain/<chain>: a JSON list of addresses or networks, blocked in one group commit.
@@ -209,7 +238,7 @@ class App:
         target = self._target(req)
         if isinstance(target, Response):
             return target
-        chain, _, timeout = target
+        chain, _, timeout, owner = target
         gen = req.gen
         limit = gen.config.limits.max_bulk_items
         try:
@@ -239,7 +268,8 @@ class App:
             wanted.append((i, network))
         if wanted:
             expires_at = None if timeout is None else self.clock() + timeout
-            command = BulkBlock(chain, tuple(n for _, n in wanted), expires_at, req.user.name, str(req.client))
+            command = BulkBlock(chain, tuple(n for _, n in wanted), expires_at, req.user.name, str(req.client),
+                                owner)
             # A large batch takes longer in the worker; allow it about 2 ms an item on top.
             done = self._wait(gen, self.runtime.worker.submit(command), extra_time=len(wanted) / 500)
             if isinstance(done, Response):
@@ -252,9 +282,11 @@ class App:
 
     # -- what the routes share -----------------------------------------------------------------------------
 
-    def _target(self, req: Request) -> tuple[Chain, Network | None, int | None] | Response:
-        """The chain, network and timeout a /chain/... request names, checked in a fixed order: the chain's
-        name, the network, the query, the user's rights to the chain, that it is managed, and read-only."""
+    def _target(self, req: Request) -> tuple[Chain, Network | None, int | None, str] | Response:
+        """The chain, network, timeout and claim owner a /chain/... request names, checked in a fixed order: the
+        chain's name, the network, the query, the user's rights to the chain, that it is managed, and read-only.
+
+        The owner is "" for the user's own claim, `user/label` with ?owner=label, and "*" for DELETE ?owner=*."""
         segments = req.segments
         name = segments[1]
         if not CHAIN_NAME_RE.match(name):
@@ -266,11 +298,19 @@ class App:
             except ValueError as exc:
                 return error("bad_address", str(exc))
         timeout = None
-        if req.method in ("PUT", "POST"):
+        label: str | None = None
+        if req.method in WRITES:
             try:
-                timeout = parse_timeout(req.query)
+                label, rest = parse_owner(req.query, every=req.method == "DELETE")
+                if req.method == "DELETE":
+                    if rest:
+                        raise ValueError(f"unknown query parameter {rest[0][0]!r}; DELETE accepts owner")
+                else:
+                    timeout = parse_timeout(rest)
             except ValueError as exc:
                 return error("bad_query", str(exc))
+        elif any(k == "owner" for k, _ in req.query):
+            return error("bad_query", "owner is for PUT, DELETE and POST; a lookup or a listing shows every claim")
         elif (bad := self._no_query(req.query)) is not None:
             return bad
         user = req.user
@@ -283,7 +323,8 @@ class App:
             return error("unknown_chain", f"chain {name!r} is not managed by web-ipt-d")
         if req.method in WRITES and user.read_only:
             return error("read_only", f"user {user.name!r} is read-only")
-        return chain, network, timeout
+        owner = "" if label is None else EVERY_OWNER if label == EVERY_OWNER else f"{user.name}/{label}"
+        return chain, network, timeout, owner
 
     @staticmethod
     def _never_block(gen: Generation, network: Network) -> Response | None:

@@ -22,6 +22,9 @@ PRINTABLE_RE = re.compile(r"[!-~]*\Z")
 PERCENT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
 QUERY_KEY_RE = re.compile(r"[a-z_]{1,32}\Z")
 QUERY_VALUE_RE = re.compile(r"-?[0-9]{1,12}\Z")
+# The one parameter whose value is not a number: a claim's owner label, checked by the route (OWNER_LABEL_RE in
+# http/app.py) so that its error can say what a label is. Visible ASCII only, and short.
+OWNER_VALUE_RE = re.compile(r"[!-~]{0,128}\Z")
 METHOD_RE = re.compile(r"^[A-Z]{1,16}\Z")
 REQUEST_LINE_RE = re.compile(rb"[!-~]+ [!-~]+ HTTP/1\.[0-9]\r?\n\Z")  # RFC 9112 section 3
 # RFC 9112 section 5: field-name is a token and ':' follows it at once; the value is visible ASCII, obs-text,
@@ -170,7 +173,8 @@ def parse_target(target: str) -> tuple[list[str], list[tuple[str, str]]]:
     if query:
         for item in query.split("&"):
             key, sep, value = item.partition("=")
-            if not sep or not QUERY_KEY_RE.match(key) or not QUERY_VALUE_RE.match(value):
+            value_re = OWNER_VALUE_RE if key == "owner" else QUERY_VALUE_RE
+            if not sep or not QUERY_KEY_RE.match(key) or not value_re.match(value):
                 raise ValueError(f"malformed query parameter {item[:40]!r}")
             pairs.append((key, value))
     return segments, pairs
