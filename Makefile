@@ -137,6 +137,9 @@ install-files:
 	if [ -f $(SRC)/fail2ban/action.d/web-ipt-d.conf ]; then \
 		install -D -m 0644 $(SRC)/fail2ban/action.d/web-ipt-d.conf \
 			$(DESTDIR)$(SYSCONFDIR)/fail2ban/action.d/web-ipt-d.conf; fi
+	if [ -f $(SRC)/fail2ban/action.d/web-ipt-d-multiport.conf ]; then \
+		install -D -m 0644 $(SRC)/fail2ban/action.d/web-ipt-d-multiport.conf \
+			$(DESTDIR)$(SYSCONFDIR)/fail2ban/action.d/web-ipt-d-multiport.conf; fi
 	ln -sfn $(PREFIX)/bin/web-ipt-d $(DESTDIR)$(BINDIR)/web-ipt-d
 	@# The config holds password hashes: readable by root and the service's group only.
 	install -d -m 0750 $(CONF)
@@ -178,7 +181,8 @@ endif
 	rm -f $(DESTDIR)$(UNITDIR)/web-ipt-d.socket $(DESTDIR)$(UNITDIR)/web-ipt-d.service \
 		$(DESTDIR)$(SYSUSERSDIR)/web-ipt-d.conf $(DESTDIR)$(TMPFILESDIR)/web-ipt-d.conf \
 		$(DESTDIR)$(MODULESDIR)/web-ipt-d.conf $(DESTDIR)$(SYSCONFDIR)/logrotate.d/web-ipt-d \
-		$(DESTDIR)$(SYSCONFDIR)/fail2ban/action.d/web-ipt-d.conf $(DESTDIR)$(BINDIR)/web-ipt-d
+		$(DESTDIR)$(SYSCONFDIR)/fail2ban/action.d/web-ipt-d.conf \
+		$(DESTDIR)$(SYSCONFDIR)/fail2ban/action.d/web-ipt-d-multiport.conf $(DESTDIR)$(BINDIR)/web-ipt-d
 	if [ -f $(VENV)/pyvenv.cfg ]; then rm -rf $(VENV); fi
 ifeq ($(DESTDIR),)
 	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi

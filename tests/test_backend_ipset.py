@@ -512,8 +512,8 @@ def test_ipv6_entries_of_every_prefix_length(direct: Direct) -> None:
                   Remove("f2b-direct", NET("2001:db8:ffff:2::/64"), "DROP")])
     assert set(direct.members("f2b-direct-v6")) == {"2001:db8:ffff::/48"}
     found = direct.call(lambda: direct.backend.read(["f2b-direct"]))
-    assert found == {("f2b-direct", NET("2001:db8:ffff::/48")): "DROP",
-                     ("f2b-direct", NET("203.0.113.0/24")): "DROP"}
+    assert found == {("f2b-direct", NET("2001:db8:ffff::/48"), None): "DROP",
+                     ("f2b-direct", NET("203.0.113.0/24"), None): "DROP"}
 
 
 def test_a_batch_mixing_adds_and_deletes(direct: Direct) -> None:

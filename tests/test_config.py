@@ -22,7 +22,8 @@ from tests.conftest import PKI
 from webiptd import certs
 from webiptd.passwords import context as crypt_context
 from webiptd.config import (
-    SCHEMA, TLS, Chain, Config, ConfigError, Limits, Listen, Option, Section, User, from_mapping, load, sample,
+    SCHEMA, TLS, Chain, Config, ConfigError, Limits, Listen, Option, Section, User, config_warnings, from_mapping, load,
+    sample,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -491,7 +492,7 @@ def test_duplicate_hooks_collapse_and_empty_hooks_are_allowed(tmp_path: Path, ba
     assert cfg.chains["f2b-ssh"].hooks == ()
 
 
-@pytest.mark.parametrize("target", ["ACCEPT", "drop", "RETURN", "LOG", 1])
+@pytest.mark.parametrize("target", ["accept", "drop", "RETURN", "LOG", 1])
 def test_bad_chain_target(tmp_path: Path, base: dict[str, Any], target: Any) -> None:
     base["chains"]["f2b-web"]["target"] = target
     assert has_problem(problems_of(tmp_path, base), "chains.f2b-web.target", repr(target))
@@ -700,7 +701,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path, base: dict[str, Any])
     base["users"]["admin"]["password_hash"] = "plaintext"
     base["users"]["f2b"]["allow_from"] = ["10.0.0.1/8"]
     base["chains"]["INPUT"] = {}
-    base["chains"]["f2b-web"]["target"] = "ACCEPT"
+    base["chains"]["f2b-web"]["target"] = "ALLOW"
     base["never_block"] = ["nope"]
     base["limits"]["max_connections"] = True
     base["surprise"] = 1
@@ -715,6 +716,61 @@ def test_every_problem_is_reported_at_once(tmp_path: Path, base: dict[str, Any])
     lines = str(info.value).splitlines()
     assert len(lines) == 9 and all(line.startswith(f"{tmp_path / 'config.yaml'}: ") for line in lines)
     assert info.value.path == tmp_path / "config.yaml"
+
+
+# -- allow chains ------------------------------------------------------------------------------
+
+
+def test_an_allow_chain_and_never_allow_load(tmp_path: Path, base: dict[str, Any]) -> None:
+    base["chains"]["customers"] = {"hooks": ["INPUT"], "target": "ACCEPT", "backend": "ipset"}
+    base["never_allow"] = ["0.0.0.0/1", "128.0.0.0/1", "203.0.113.0/24"]
+    cfg = load(write(tmp_path, base))
+    assert cfg.chains["customers"].target == "ACCEPT"
+    net = ipaddress.ip_network
+    # never_allow for an allow chain, never_block for a block chain; neither crosses over.
+    assert cfg.protected_by(net("203.0.113.7/32"), "ACCEPT") == net("128.0.0.0/1")
+    assert cfg.protected_by(net("127.0.0.1/32"), "ACCEPT") == net("0.0.0.0/1")
+    assert cfg.protected_by(net("::1/128"), "ACCEPT") is None
+    assert cfg.protected_by(net("127.0.0.1/32"), "DROP") == net("127.0.0.0/8")
+    assert cfg.protected_by(net("203.0.113.7/32"), "REJECT") is None
+    assert load(write(tmp_path, {**base, "never_allow": []})).never_allow == ()
+
+
+@pytest.mark.parametrize("allow, block, fragment", [
+    ({"backend": "nftables"}, {"backend": "ipset"}, "this one in nftables, priority -10"),
+    ({"backend": "iptables"}, {"backend": "nftables"}, "that one is in nftables, priority -10"),
+    ({"backend": "nftables", "priority": -20}, {"backend": "nftables"}, "this one in nftables, priority -20"),
+])
+def test_an_allow_chain_must_share_its_hooks_backend_family(tmp_path: Path, base: dict[str, Any],
+                                                             allow: dict[str, Any], block: dict[str, Any],
+                                                             fragment: str) -> None:
+    base["chains"] = {"allow": {"hooks": ["INPUT", "OUTPUT"], "target": "ACCEPT", **allow},
+                      "block": {"hooks": ["FORWARD", "INPUT"], "target": "DROP", **block}}
+    problems = problems_of(tmp_path, base)
+    assert has_problem(problems, "chains.allow.hooks", "chain block at INPUT", fragment), problems
+    assert len(problems) == 1, problems  # OUTPUT and FORWARD have no conflict
+
+
+@pytest.mark.parametrize("allow, block", [
+    ({"backend": "ipset"}, {"backend": "iptables"}),                  # both in the legacy tables
+    ({"backend": "nftables"}, {"backend": "nftables"}),
+    ({"backend": "nftables"}, {"backend": "ipset", "hooks": ["FORWARD"]}),  # not at the same hook
+])
+def test_allow_chains_that_can_overrule_their_hooks_block_chains(tmp_path: Path, base: dict[str, Any],
+                                                                  allow: dict[str, Any], block: dict[str, Any]) -> None:
+    base["chains"] = {"allow": {"hooks": ["INPUT"], "target": "ACCEPT", **allow},
+                      "block": {"hooks": ["INPUT"], "target": "DROP", **block}}
+    assert load(write(tmp_path, base)).chains["allow"].target == "ACCEPT"
+
+
+def test_a_star_user_who_may_write_an_allow_chain_is_warned_of(tmp_path: Path, base: dict[str, Any]) -> None:
+    base["chains"]["f2b-allow"] = {"hooks": ["INPUT"], "target": "ACCEPT"}
+    cfg = load(write(tmp_path, base))
+    warnings = config_warnings(cfg)
+    # admin has '*'; f2b reaches it through 'f2b-*', which is named, and reader is read-only.
+    assert len(warnings) == 1 and "f2b-allow" in warnings[0] and "admin" in warnings[0], warnings
+    base["chains"].pop("f2b-allow")
+    assert config_warnings(load(write(tmp_path, base))) == []
 
 
 # -- behaviour of the loaded values ---------------------------------------------------------

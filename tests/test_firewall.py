@@ -483,17 +483,23 @@ def test_external_iptables_writer_and_daemon_lose_nothing(running):
 
 def forms(d: Daemon, chain: str) -> dict[str, list[str]]:
     """What the kernel holds of `chain` and its hooks: for iptables and ipset, per family, the jumps to it and its
-    rules as iptables-legacy-save writes them; for nftables, the rules of it and of its base chains."""
+    rules as iptables-legacy-save writes them; for nftables, its rules and, per base chain (shared by our chains at
+    one hook and priority: `forward.-10`), the jumps to it."""
     if d.backend != "nftables":
         return {f"ipv{family}": [r for r in d.rules(family) if r.endswith(f" -j {chain}")
                                  or r.startswith(f"-A {chain} ")] for family in (4, 6)}
     found = {}
     table = json.loads(d.ns.run(["nft", "-j", "-t", "list", "table", "inet", "web-ipt-d"]).stdout)["nftables"]
-    for name in sorted(item["chain"]["name"] for item in table if "chain" in item):
-        if name == chain or name.startswith(f"{chain}."):
+    for item in sorted((item["chain"] for item in table if "chain" in item), key=lambda c: c["name"]):
+        name = item["name"]
+        if name == chain or "hook" in item:
             out = d.ns.run(["nft", "list", "chain", "inet", "web-ipt-d", name]).stdout
-            found[name] = [line.strip() for line in out.splitlines()[2:-2]
-                           if line.strip() and not line.strip().startswith("type ")]
+            lines = [line.strip() for line in out.splitlines()[2:-2]
+                     if line.strip() and not line.strip().startswith("type ")]
+            if name != chain:
+                lines = [line for line in lines if line.endswith(f"jump {chain}")]
+            if lines:
+                found[name] = lines
     return found
 
 
@@ -505,8 +511,8 @@ def expected_forms(backend: str, match: str, interface: str | None) -> dict[str,
         nft_interface = "" if interface is None else interface.replace("+", "*")
         return {"egress": [f"ip {field} & 255.254.0.0 == @egress-v4-15 drop", f"ip {field} @egress-v4 drop",
                            f"ip6 {field} & ffff:ffff:ffff:: == @egress-v6-48 drop", f"ip6 {field} @egress-v6 drop"],
-                "egress.forward": [(f'iifname "{nft_interface}" ' if interface else "") + "jump egress"],
-                "egress.output": [(f'oifname "{nft_interface}" ' if interface else "") + "jump egress"]}
+                "forward.-10": [(f'iifname "{nft_interface}" ' if interface else "") + "jump egress"],
+                "output.-10": [(f'oifname "{nft_interface}" ' if interface else "") + "jump egress"]}
     jumps = [f"-A FORWARD{f' -i {interface}' if interface else ''} -j egress",
              f"-A OUTPUT{f' -o {interface}' if interface else ''} -j egress"]
     if backend == "ipset":
@@ -552,7 +558,7 @@ def test_rules_of_both_shapes_are_ours_and_a_jump_with_another_interface_is_repl
     both(d, "-N", "egress")
     ipt(d, "-A", "egress", "-d", "203.0.113.7", "-j", "DROP")
     ipt(d, "-A", "egress", "-s", "203.0.113.8", "-j", "DROP")  # the other shape: what match: source made
-    ipt(d, "-A", "egress", "-d", "203.0.113.9", "-p", "tcp", "-j", "DROP")  # not ours
+    ipt(d, "-A", "egress", "-d", "203.0.113.9", "-p", "tcp", "--dport", "22", "-j", "DROP")  # not ours (multiport is)
     ipt(d, "-A", "egress", "-d", "203.0.113.10", "-s", "203.0.113.11", "-j", "DROP")  # not ours either
     ipt(d, "-A", "egress", "-s", "2001:db8:ffff::8", "-j", "REJECT", family=6)
     ipt(d, "-A", "OUTPUT", "-o", "wan1", "-j", "egress")  # our shape, another interface: replaced
@@ -561,7 +567,7 @@ def test_rules_of_both_shapes_are_ours_and_a_jump_with_another_interface_is_repl
     d.start()
     assert d.chain_rules("egress") == [
         "-A egress -d 203.0.113.7/32 -j DROP",
-        "-A egress -d 203.0.113.9/32 -p tcp -j DROP",
+        "-A egress -d 203.0.113.9/32 -p tcp -m tcp --dport 22 -j DROP",
         "-A egress -s 203.0.113.11/32 -d 203.0.113.10/32 -j DROP",
         "-A egress -d 203.0.113.8/32 -j DROP"]
     assert d.chain_rules("egress", 6) == ["-A egress -d 2001:db8:ffff::8/128 -j REJECT --reject-with "

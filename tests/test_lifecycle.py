@@ -491,7 +491,7 @@ def test_check_config_lists_every_problem_by_key(workdir: Path, pki: PKI, user_h
     config["tls"]["client_ca"] = str(workdir / "missing-ca.crt")
     config["never_block"] = ["127.0.0.0/8", "not-a-network"]
     config["limits"]["max_connections"] = 0
-    config["chains"]["f2b-web"]["target"] = "ACCEPT"
+    config["chains"]["f2b-web"]["target"] = "ALLOW"
     config["users"]["admin"]["read_only"] = "yes"
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")

@@ -48,3 +48,24 @@ def test_one_datagram_of_several_replies() -> None:
     assert nfgen_attrs(found[2][2]) == {1: BE32.pack(42)}
     # A header whose length is shorter than itself ends the read rather than loop on it.
     assert list(replies(NLMSGHDR.pack(0, NLMSG_ERROR, 0, 9, 0) + ack)) == []
+
+
+def test_a_port_element_carries_its_ports_in_network_order_and_its_protocol() -> None:
+    import ipaddress
+
+    from webiptd.firewall.ipset_netlink import (
+        IPSET_ATTR_DATA, IPSET_ATTR_PORT, IPSET_ATTR_PORT_TO, IPSET_ATTR_PROTO, IPSET_ATTR_TIMEOUT, IPSET_CMD_ADD,
+        Element, IpsetNetlink,
+    )
+
+    def data(element: Element) -> dict[int, bytes]:
+        raw = IpsetNetlink()._element_message(element, 1)  # packing only: no socket is opened
+        return attrs(nfgen_attrs(raw[NLMSGHDR.size:])[IPSET_ATTR_DATA])
+
+    network = ipaddress.ip_network("198.51.100.0/24")
+    ranged = data(Element(IPSET_CMD_ADD, "c-p4", network, False, 600, 6, (80, 0x1234)))
+    assert ranged[IPSET_ATTR_PORT] == b"\x00\x50" and ranged[IPSET_ATTR_PORT_TO] == b"\x12\x34"
+    assert ranged[IPSET_ATTR_PROTO] == bytes([6]) and ranged[IPSET_ATTR_TIMEOUT] == BE32.pack(600)
+    single = data(Element(IPSET_CMD_ADD, "c-p4", network, True, None, 136, (22, 22)))
+    assert IPSET_ATTR_PORT_TO not in single and single[IPSET_ATTR_PROTO] == bytes([136])
+    assert IPSET_ATTR_PORT not in data(Element(IPSET_CMD_ADD, "c-v4", network, True))

@@ -460,7 +460,8 @@ def test_put_submits_exactly_one_block(call: Client) -> None:
                                           "198.51.100.7")]
     # The very Chain value of the request's config snapshot travels with the command.
     assert call.worker.commands[0].chain is call.config.chains["f2b-web"]
-    assert r.body == {"chain": "f2b-web", "family": "ipv4", "network": "203.0.113.9/32", "target": "DROP",
+    assert r.body == {"chain": "f2b-web", "family": "ipv4", "network": "203.0.113.9/32", "proto": None, "port": None,
+                      "target": "DROP",
                       "created_at": "2023-11-14T22:13:20Z", "expires_at": "2023-11-14T22:23:20Z",
                       "created_by": "admin", "claims": [{"owner": "admin", "created_at": "2023-11-14T22:13:20Z",
                                                          "expires_at": "2023-11-14T22:23:20Z"}]}

@@ -1,7 +1,8 @@
 """The store's schema version: a new store gets the code's, an older one is upgraded in one transaction with every row
 kept, a newer one is refused and left byte for byte as it was; then the real daemon on a store of the release before
 versions (tests/fixtures/state-v0.db), and refusing a newer one. Version 1 (tests/fixtures/state-v1.db) is upgraded to
-2 the same way: every block becomes one claim owned by its created_by.
+2 the same way: every block becomes one claim owned by its created_by. Version 2 (tests/fixtures/state-v2.db, with
+claims of two owners) is upgraded to 3: every block and claim is kept, for all traffic (no protocol, no ports).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from webiptd.state import VERSION, Store, StoreError, stored_version
 
 FIXTURE = Path(__file__).with_name("fixtures") / "state-v0.db"
 FIXTURE_V1 = FIXTURE.with_name("state-v1.db")  # the same rows, as the release with store version 1 kept them
+FIXTURE_V2 = FIXTURE.with_name("state-v2.db")  # the same rows as version 2 keeps them, three with a second claim
 # The chains the fixture was made with (tests/fixtures/README.md): one on each backend.
 FIXTURE_CHAINS: dict[str, dict[str, Any]] = {
     "f2b-web": {"backend": "iptables", "target": "DROP", "hooks": ["INPUT"]},
@@ -37,7 +39,8 @@ def rows(path: Path) -> list[Row]:
     """Every row of the store at `path`, in key order, read without writing anything (after the store is closed)."""
     db = sqlite3.connect(path.absolute().as_uri() + "?immutable=1", uri=True)
     try:
-        return db.execute("SELECT * FROM blocks ORDER BY chain, network").fetchall()
+        return db.execute("SELECT chain, network, target, created_at, expires_at, created_by, removing FROM blocks "
+                          "ORDER BY chain, network").fetchall()
     finally:
         db.close()
 
@@ -46,7 +49,8 @@ def claim_rows(path: Path) -> list[Row]:
     """Every claim of the store at `path`, in key order: chain, network, owner, created_at, expires_at."""
     db = sqlite3.connect(path.absolute().as_uri() + "?immutable=1", uri=True)
     try:
-        return db.execute("SELECT * FROM claims ORDER BY chain, network, owner").fetchall()
+        return db.execute("SELECT chain, network, owner, created_at, expires_at FROM claims "
+                          "ORDER BY chain, network, owner").fetchall()
     finally:
         db.close()
 
@@ -116,17 +120,25 @@ def test_the_v1_fixture_holds_the_same_rows_with_version_1() -> None:
     assert rows(FIXTURE_V1) == rows(FIXTURE)
 
 
+def test_the_v2_fixture_holds_the_same_rows_and_three_second_claims() -> None:
+    assert stored_version(FIXTURE_V2) == 2
+    assert rows(FIXTURE_V2) == rows(FIXTURE)
+    claims = claim_rows(FIXTURE_V2)
+    assert len(claims) == 24 and sum(c[2] == "f2b/sshd" for c in claims) == 3
+
+
 # -- the store's version, without the daemon ---------------------------------------------------------
 
 
 def test_a_new_store_gets_the_codes_version_and_the_same_schema_as_an_upgraded_one(tmp_path: Path) -> None:
-    assert VERSION == 2
+    assert VERSION == 3
     Store(tmp_path / "new").close()
     assert stored_version(tmp_path / "new" / "state.db") == VERSION
     Store(v0_store(tmp_path / "old").parent).close()
     Store(v0_store(tmp_path / "v1", FIXTURE_V1).parent).close()
-    assert schema(tmp_path / "new" / "state.db") == schema(tmp_path / "old" / "state.db")
-    assert schema(tmp_path / "new" / "state.db") == schema(tmp_path / "v1" / "state.db")
+    Store(v0_store(tmp_path / "v2", FIXTURE_V2).parent).close()
+    for old in ("old", "v1", "v2"):
+        assert schema(tmp_path / "new" / "state.db") == schema(tmp_path / old / "state.db"), old
 
 
 def test_a_store_of_the_release_before_versions_is_upgraded_keeping_every_row(tmp_path: Path) -> None:
@@ -168,6 +180,28 @@ def test_every_row_becomes_one_claim_owned_by_its_created_by(tmp_path: Path, fix
         assert e.to_json()["claims"] == [{"owner": r[5], "created_at": e.to_json()["created_at"],
                                           "expires_at": e.to_json()["expires_at"]}]
     assert {e.all_claims[0].owner for e in loaded.entries} == {r[5] for r in before}
+
+
+def scope_columns(path: Path) -> set[tuple[str, str]]:
+    db = sqlite3.connect(path.absolute().as_uri() + "?immutable=1", uri=True)
+    try:
+        return set(db.execute("SELECT proto, ports FROM blocks UNION SELECT proto, ports FROM claims").fetchall())
+    finally:
+        db.close()
+
+
+def test_a_version_2_store_keeps_every_block_and_claim_for_all_traffic(tmp_path: Path) -> None:
+    path = v0_store(tmp_path / "state", FIXTURE_V2)
+    before, claims_before = rows(path), claim_rows(path)
+    store = Store(path.parent)
+    loaded = store.load()
+    store.close()
+    assert stored_version(path) == VERSION
+    assert rows(path) == before and claim_rows(path) == claims_before
+    assert scope_columns(path) == {("", "")}
+    assert len(loaded.entries) == 21 and all(e.scope is None for e in loaded.entries)
+    two = {(e.chain, str(e.network)): {c.owner for c in e.all_claims} for e in loaded.entries if len(e.all_claims) > 1}
+    assert len(two) == 3 and all("f2b/sshd" in owners for owners in two.values())
 
 
 def failing_step(db: sqlite3.Connection) -> None:
@@ -294,10 +328,12 @@ def test_the_daemon_upgraded_the_store_in_place_and_dropped_only_the_expired_row
     try:
         assert db.execute("PRAGMA user_version").fetchone() == (VERSION,)
         now = time.time()
-        assert db.execute("SELECT * FROM blocks ORDER BY chain, network").fetchall() == [
-            r for r in rows(FIXTURE) if live(r, now)]
-        assert db.execute("SELECT * FROM claims ORDER BY chain, network, owner").fetchall() == one_claim_each(
+        assert db.execute("SELECT chain, network, target, created_at, expires_at, created_by, removing FROM blocks "
+                          "ORDER BY chain, network").fetchall() == [r for r in rows(FIXTURE) if live(r, now)]
+        assert db.execute("SELECT chain, network, owner, created_at, expires_at FROM claims "
+                          "ORDER BY chain, network, owner").fetchall() == one_claim_each(
             [r for r in rows(FIXTURE) if live(r, now)])
+        assert set(db.execute("SELECT proto, ports FROM blocks UNION SELECT proto, ports FROM claims")) == {("", "")}
     finally:
         db.close()
 

@@ -132,9 +132,9 @@ def test_destdir_install_stages_a_relocated_venv(tmp_path_factory: pytest.TempPa
                        "etc/logrotate.d/web-ipt-d": 0o644, "etc/sysusers.d/web-ipt-d.conf": 0o644,
                        "etc/tmpfiles.d/web-ipt-d.conf": 0o644, "etc/modules-load.d/web-ipt-d.conf": 0o644}.items():
         assert (dest / path).stat().st_mode & 0o7777 == mode, path
-    if (REPO / "fail2ban/action.d/web-ipt-d.conf").exists():
-        assert (dest / "etc/fail2ban/action.d/web-ipt-d.conf").read_bytes() == \
-            (REPO / "fail2ban/action.d/web-ipt-d.conf").read_bytes()
+    for action in ("web-ipt-d.conf", "web-ipt-d-multiport.conf"):
+        assert (dest / "etc/fail2ban/action.d" / action).read_bytes() == \
+            (REPO / "fail2ban/action.d" / action).read_bytes()
     assert os.readlink(dest / "usr/local/sbin/web-ipt-d") == "/opt/web-ipt-d/bin/web-ipt-d"
     service = parse_unit(dest / "etc/systemd/system/web-ipt-d.service")["Service"]
     assert service["ExecStart"] == ["/opt/web-ipt-d/bin/web-ipt-d -config /etc/web-ipt-d/config.yaml"]

@@ -23,10 +23,11 @@ from webiptd.commands import (
     Block, Blocked, BulkBlock, Claim, Entry, FirewallFull, FirewallUnavailable, ListChain, Lookup, Reconfigure, Unblock,
     Unblocked,
 )
-from webiptd.config import Chain, Limits, Network
-from webiptd.firewall.ops import Add, CapacityExceeded, Op, Remove, apply_in_parts, undo
+from webiptd.config import Chain, Limits
+from webiptd.firewall.ops import Add, CapacityExceeded, Key, Op, Remove, apply_in_parts, key_of, undo
 from webiptd.firewall.router import ByChain
 from webiptd.firewall.worker import Worker, kernel_ops
+from webiptd.scope import Scope
 from webiptd.state import Loaded, Store
 
 net = ipaddress.ip_network
@@ -36,19 +37,62 @@ T0 = 1_700_000_000.0
 WAIT = 10  # seconds a test waits for a future; the worker answers in milliseconds
 
 
+def _key(key: tuple[Any, ...]) -> Key:
+    """(chain, network) is short for (chain, network, None): a block of all traffic."""
+    return (key[0], key[1], None) if len(key) == 2 else (key[0], key[1], key[2])
+
+
+class Kernel(dict[Key, str]):
+    """The recording backend's atoms, (chain, network, scope) -> target; a key may be given as (chain, network)."""
+
+    def __init__(self, items: Mapping[Any, str] | None = None):
+        super().__init__({_key(k): t for k, t in (items or {}).items()})
+
+    def __setitem__(self, key: Any, value: str) -> None:
+        super().__setitem__(_key(key), value)
+
+    def __getitem__(self, key: Any) -> str:
+        return super().__getitem__(_key(key))
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(_key(key))
+
+    def __contains__(self, key: Any) -> bool:
+        return super().__contains__(_key(key))
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return super().get(_key(key), default)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        return super().pop(_key(key), *default)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, dict) and dict(self) == {_key(k): t for k, t in other.items()}
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class RecordingBackend:
-    """An in-memory firewall: `kernel` maps (chain, network) to target; every call is recorded in order."""
+    """An in-memory firewall: `kernel` maps (chain, network, scope) to target; every call is recorded in order."""
 
     name = "recording"
 
-    def __init__(self, kernel: Mapping[tuple[str, Network], str] | None = None):
-        self.kernel: dict[tuple[str, Network], str] = dict(kernel or {})
+    def __init__(self, kernel: Mapping[Any, str] | None = None):
+        self._kernel = Kernel(kernel)
         self.calls: list[tuple[Any, ...]] = []
         self.fail_applies = 0          # how many of the next apply() calls raise
         self.anomalies: list[str] = []  # an Add of a rule already there, a Remove of one that is not
         self.closed = False
         self.kernel_timeouts = False   # True acts like a set backend whose kernel expires entries
         self.capacity: int | None = None  # like a set's maxelem: an apply that would go past it changes nothing
+
+    @property
+    def kernel(self) -> Kernel:
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, atoms: Mapping[Any, str]) -> None:
+        self._kernel = Kernel(atoms)
 
     def expires_in_kernel(self, chain: str) -> bool:
         return self.kernel_timeouts
@@ -59,7 +103,7 @@ class RecordingBackend:
     def prepare(self, chains: Iterable[Chain]) -> None:
         self.calls.append(("prepare", tuple(c.name for c in chains)))
 
-    def read(self, chains: Iterable[str]) -> dict[tuple[str, Network], str]:
+    def read(self, chains: Iterable[str]) -> dict[Key, str]:
         names = tuple(chains)
         self.calls.append(("read", names))
         return {k: t for k, t in self.kernel.items() if k[0] in names}
@@ -70,14 +114,14 @@ class RecordingBackend:
         if self.capacity is not None:
             after = set(self.kernel)
             for op in ops:
-                (after.add if isinstance(op, Add) else after.discard)((op.chain, op.network))
+                (after.add if isinstance(op, Add) else after.discard)(key_of(op))
             if len(after) > self.capacity:
                 raise CapacityExceeded("simulated: the set is full")
         if self.fail_applies:
             self.fail_applies -= 1
             raise OSError("simulated: iptc commit failed")
         for op in ops:
-            key = (op.chain, op.network)
+            key = key_of(op)
             if isinstance(op, Add):
                 if (key in self.kernel) != op.replaces:  # a new timeout replaces an entry that is there
                     self.anomalies.append(f"{'duplicate' if key in self.kernel else 'missing'} {op}")
@@ -90,7 +134,7 @@ class RecordingBackend:
     def missing(self, chains: Iterable[Chain], counts: Mapping[str, int]) -> str | None:
         self.calls.append(("missing",))
         for chain in chains:
-            held = sum(1 for c, _ in self.kernel if c == chain.name)
+            held = sum(1 for c, _, _ in self.kernel if c == chain.name)
             if held < counts.get(chain.name, 0):
                 return f"{chain.name}: {held} of {counts[chain.name]}"
         return None
@@ -169,8 +213,8 @@ def unblock(chain: Chain, network: str, actor: str = "admin", owner: str = "", e
 
 
 def entry(chain: Chain, network: str, expires_at: float | None = None, created_at: float = T0,
-          created_by: str = "admin", target: str | None = None) -> Entry:
-    return Entry(chain.name, net(network), target or chain.target, created_at, expires_at, created_by)
+          created_by: str = "admin", target: str | None = None, scope: Scope | None = None) -> Entry:
+    return Entry(chain.name, net(network), target or chain.target, created_at, expires_at, created_by, (), scope)
 
 
 # -- kernel_ops ------------------------------------------------------------------------------
@@ -644,7 +688,7 @@ def test_store_restore(tmp_path: Path) -> None:
     b_changed = entry(WEB, "203.0.113.2/32", expires_at=T0 + 500)
     c = entry(SSH, "203.0.113.3/32")
     store.write([b_changed, c], [a])
-    store.restore([(("f2b-web", a.network), a), (("f2b-web", b.network), b), (("f2b-ssh", c.network), None)])
+    store.restore([(a.key, a), (b.key, b), (("f2b-ssh", c.network, None), None)])
     loaded = store.load()
     assert sorted(loaded.entries, key=_order) == sorted([a, b], key=_order)
     assert loaded.tombstones == []
@@ -667,7 +711,7 @@ def test_store_skips_unreadable_rows(tmp_path: Path) -> None:
     store = Store(tmp_path)
     store.write([entry(WEB, "203.0.113.1/32")], [])
     with sqlite3.connect(tmp_path / "state.db") as db:
-        db.execute("INSERT INTO blocks VALUES ('f2b-web', 'garbage', 'DROP', 0, NULL, 'x', 0)")
+        db.execute("INSERT INTO blocks VALUES ('f2b-web', 'garbage', '', '', 'DROP', 0, NULL, 'x', 0)")
     assert store.load() == Loaded([entry(WEB, "203.0.113.1/32")], [])
     store.close()
 
@@ -762,7 +806,7 @@ def test_edge_networks_of_both_families_keep_every_field_through_the_worker(h: H
     assert h.run(w, unblock(WEB, "203.0.113.0/24", actor="user3")).deleted is True
     left = {str(e.network) for e in h.run(w, ListChain("f2b-web"))}
     assert left == {n for i, n in enumerate(edges) if i % 2} - {"203.0.113.0/24"}
-    assert {str(n) for (c, n) in h.backend.kernel if c == "f2b-web"} == left
+    assert {str(n) for (c, n, _) in h.backend.kernel if c == "f2b-web"} == left
 
 
 def test_entries_taken_out_behind_the_workers_back_come_back_without_a_request(h: Harness) -> None:
@@ -775,7 +819,7 @@ def test_entries_taken_out_behind_the_workers_back_come_back_without_a_request(h
     deadline = time.monotonic() + WAIT
     while ("f2b-web", net("203.0.113.2/32")) not in h.backend.kernel and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert set(h.backend.kernel) == {("f2b-web", net(n))
+    assert set(h.backend.kernel) == {("f2b-web", net(n), None)
                                      for n in ("203.0.113.1/32", "203.0.113.2/32", "2001:db8:ffff::/48")}
     assert h.stored().entries == [entry(WEB, n) for n in ("203.0.113.1/32", "203.0.113.2/32", "2001:db8:ffff::/48")]
     # Put back by a reconcile (prepare, read, apply), not by a change anyone asked for.
@@ -812,7 +856,7 @@ def test_requests_that_fit_are_not_failed_by_one_in_their_batch_that_does_not(h:
     for f in futures[2:]:
         with pytest.raises(FirewallFull):
             f.result(WAIT)
-    assert set(h.backend.kernel) == {("f2b-web", net(n)) for n in ["203.0.113.1/32"] + nets[:2]}
+    assert set(h.backend.kernel) == {("f2b-web", net(n), None) for n in ["203.0.113.1/32"] + nets[:2]}
     assert h.stored().entries == [entry(WEB, n) for n in ["203.0.113.1/32"] + nets[:2]]
     # A bulk request is one request: it fits whole or fails whole.
     bulk = w.submit(BulkBlock(WEB, (net("203.0.113.20/32"), net("203.0.113.21/32")), None, "admin", "198.51.100.9"))
@@ -975,7 +1019,7 @@ def test_the_store_round_trips_claims_and_restores_them(tmp_path: Path) -> None:
     fewer = Entry.of("f2b-web", net("203.0.113.2/32"), "DROP", T0, "a", [claim("b", None, T0 + 1)])
     store.write([fewer], [])
     assert sorted(store.load().entries, key=_order) == [one, fewer]
-    store.restore([(("f2b-web", many.network), many), (("f2b-web", one.network), None)])
+    store.restore([(many.key, many), (one.key, None)])
     assert store.load() == Loaded([many], [])
     store.write([], [many])
     store.write([], [], [many])

@@ -9,14 +9,18 @@ import sys
 from pathlib import Path
 
 from webiptd import __version__, config as config_mod
-from webiptd.config import ConfigError
+from webiptd.config import ConfigError, config_warnings
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="web-ipt-d", add_help=False, allow_abbrev=False,
-        description="A small, safe HTTPS API that blocks and unblocks source addresses in the host firewall.",
-        epilog="Without an action flag, runs the daemon. Every flag also works with two dashes.",
+        description="A small, safe HTTPS API that blocks and unblocks addresses and networks in the host firewall "
+                    "(iptables, ipset or nftables): for all traffic or some protocols and ports, coming in, going "
+                    "out or forwarded, with a claim per owner; and allow chains that let listed addresses through.",
+        epilog="Without an action flag, runs the daemon. Every flag also works with two dashes. The API: "
+               "PUT, DELETE and GET /chain/<chain>/<ipv4|ipv6>/<address>[/<prefix>][?timeout=&owner=&proto=&port=], "
+               "GET and POST /chain/<chain>, GET /chains; docs/api.md has the rest.",
     )
     p.add_argument("-config", "--config", metavar="PATH", type=Path, default=config_mod.DEFAULT_PATH,
                    help=f"the config file (default: {config_mod.DEFAULT_PATH})")
@@ -81,7 +85,7 @@ def check_config(path: Path) -> int:
     problems = host_errors(cfg.chains.values())
     for problem in problems:
         print(f"{path}: error: {problem}", file=sys.stderr)
-    for warning in host_warnings(cfg.chains.values()):
+    for warning in host_warnings(cfg.chains.values()) + config_warnings(cfg):
         print(f"{path}: warning: {warning}", file=sys.stderr)
     if problems:
         return 1

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple, Union
 
 from webiptd.config import Chain, Limits
 from webiptd.net import Network
+from webiptd.scope import Scope
 
 
 def family_name(network: Network) -> str:
@@ -49,7 +50,8 @@ def effective_expiry(claims: tuple[Claim, ...]) -> float | None:
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One blocked network in one managed chain, as stored and as reported.
+    """One blocked network in one managed chain, for all its traffic or for the `scope` (a protocol, and maybe
+    ports) only, as stored and as reported. (chain, network, scope) is its identity.
 
     `claims` is empty in the usual case of one claim, the first claimant's: (created_by, created_at, expires_at).
     Otherwise it holds every claim, sorted by owner, and expires_at is their effective expiry. `Entry.of` keeps
@@ -63,19 +65,20 @@ class Entry:
     expires_at: float | None
     created_by: str
     claims: tuple[Claim, ...] = ()
+    scope: Scope | None = None
 
     @classmethod
     def of(cls, chain: str, network: Network, target: str, created_at: float, created_by: str,
-           claims: tuple[Claim, ...] | list[Claim]) -> Entry:
+           claims: tuple[Claim, ...] | list[Claim], scope: Scope | None = None) -> Entry:
         """The entry held by `claims` (at least one), in its one canonical form."""
         ordered = tuple(sorted(claims))
         if len(ordered) == 1 and ordered[0] == (created_by, created_at, ordered[0].expires_at):
-            return cls(chain, network, target, created_at, ordered[0].expires_at, created_by)
-        return cls(chain, network, target, created_at, effective_expiry(ordered), created_by, ordered)
+            return cls(chain, network, target, created_at, ordered[0].expires_at, created_by, (), scope)
+        return cls(chain, network, target, created_at, effective_expiry(ordered), created_by, ordered, scope)
 
     @property
-    def key(self) -> tuple[str, Network]:
-        return (self.chain, self.network)
+    def key(self) -> tuple[str, Network, Scope | None]:
+        return (self.chain, self.network, self.scope)
 
     @property
     def all_claims(self) -> tuple[Claim, ...]:
@@ -89,6 +92,8 @@ class Entry:
             "chain": self.chain,
             "family": family_name(self.network),
             "network": str(self.network),
+            "proto": None if self.scope is None else self.scope.proto,
+            "port": None if self.scope is None or not self.scope.ports else self.scope.port_text,
             "target": self.target,
             "created_at": _iso(self.created_at),
             "expires_at": _iso(self.expires_at),
@@ -107,6 +112,7 @@ class Block:
     actor: str
     client: str
     owner: str = ""
+    scope: Scope | None = None
 
     @property
     def claimant(self) -> str:
@@ -123,6 +129,7 @@ class BulkBlock:
     actor: str
     client: str
     owner: str = ""
+    scope: Scope | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +143,7 @@ class Unblock:
     client: str
     owner: str = ""
     every_claim: bool = False
+    scope: Scope | None = None
 
     @property
     def claimant(self) -> str:
@@ -146,6 +154,7 @@ class Unblock:
 class Lookup:
     chain: str
     network: Network
+    scope: Scope | None = None
 
 
 @dataclass(frozen=True)

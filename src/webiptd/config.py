@@ -42,7 +42,8 @@ RESERVED_CHAIN_NAMES = frozenset(
      "ACCEPT", "DROP", "REJECT", "RETURN", "QUEUE", "LOG", "NFQUEUE"}
 )
 FILTER_BUILTINS = ("INPUT", "FORWARD", "OUTPUT")
-TARGETS = ("DROP", "REJECT")
+TARGETS = ("DROP", "REJECT", "ACCEPT")
+BLOCK_TARGETS = ("DROP", "REJECT")  # the targets of block chains; an ACCEPT chain lets its entries through
 MATCHES = ("source", "destination")
 # dev_valid_name() in net/core/dev.c: a name is 1 to IFNAMSIZ - 1 (15) bytes, not "." or "..", with no "/", ":" or
 # white space. We keep to what needs no quoting for iptables or nft; a trailing "+" is iptables' wildcard
@@ -270,11 +271,20 @@ SCHEMA: Mapping[str, Option | Section] = MappingProxyType({
             "hooks": Option(
                 ["INPUT"], ListOf(_hook),
                 "Built-in chains (INPUT, FORWARD, OUTPUT) or, for iptables and ipset, your\n"
-                "own chains, that get a jump to this chain at position 1. An empty list\n"
-                "hooks it nowhere (jump to it from your own rules). Packets to containers\n"
-                "(Docker's published ports) and VMs go through FORWARD, not INPUT."),
-            "target": Option("DROP", _choice(TARGETS),
-                             "What a blocked packet gets: DROP (silence) or REJECT (an ICMP error)."),
+                "own chains, that get a jump to this chain at the top: allow chains' jumps\n"
+                "first, then block chains', each in config order. A reload removes the\n"
+                "jumps from built-in chains a chain no longer lists. An empty list hooks it\n"
+                "nowhere (jump to it from your own rules). Packets to containers (Docker's\n"
+                "published ports) and VMs go through FORWARD, not INPUT."),
+            "target": Option(
+                "DROP", _choice(TARGETS),
+                "What a listed packet gets: DROP (silence) or REJECT (an ICMP error); or\n"
+                "ACCEPT, an allow chain: its entries are let through before any of\n"
+                "web-ipt-d's block chains at the same hook see them (\"open tcp/22 to this\n"
+                "customer for 2 hours\"). An allow chain needs every chain at its hooks on\n"
+                "the same kind of backend (iptables and ipset share the legacy tables;\n"
+                "nftables at the same priority): an accept in one table cannot overrule a\n"
+                "drop in another. never_allow applies to it, never_block does not."),
             "match": Option(
                 "source", _choice(MATCHES),
                 "Which address of a packet a block is matched against: source (who sends it)\n"
@@ -321,6 +331,11 @@ SCHEMA: Mapping[str, Option | Section] = MappingProxyType({
         ["127.0.0.0/8", "::1/128"], ListOf(parse_cidr),
         "Networks that are never blocked: a request that overlaps one gets 409.\n"
         "Put your own management and monitoring networks here."),
+    "never_allow": Option(
+        [], ListOf(parse_cidr),
+        "Networks that an allow chain (target ACCEPT) never lets through: a request\n"
+        "that overlaps one gets 409. For example the networks of known attackers,\n"
+        "or 0.0.0.0/1 and 128.0.0.0/1 against a client that allows everyone."),
     "log": Section("", {
         "file": Option(
             "/var/log/web-ipt-d/web-ipt-d.log", _path,
@@ -463,14 +478,15 @@ class Config:
     users: Mapping[str, User]
     chains: Mapping[str, Chain]
     never_block: tuple[Network, ...]
+    never_allow: tuple[Network, ...]
     log: Log
     limits: Limits
     # Built at load so a bad cert is a load error and a reload rotates it.
     ssl_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
 
-    def protected_by(self, network: Network) -> Network | None:
-        """The never_block network that `network` overlaps, if any."""
-        for protected in self.never_block:
+    def protected_by(self, network: Network, target: str = "DROP") -> Network | None:
+        """The network of never_block (never_allow for an ACCEPT chain's `target`) that `network` overlaps, if any."""
+        for protected in self.never_allow if target == "ACCEPT" else self.never_block:
             if protected.version == network.version and protected.overlaps(network):
                 return protected
         return None
@@ -699,7 +715,43 @@ def _chains(r: _Reader, raw: Any) -> dict[str, Chain]:
         for hook in chain.hooks:
             if hook in chains:
                 r.problem(f"chains.{chain.name}.hooks", "a hook must not be another managed chain", hook)
+    _check_allow_chains(r, chains)
     return chains
+
+
+def backend_family(chain: Chain) -> str:
+    """Where a chain's rules live: the legacy filter tables (iptables and ipset share them, and the jumps of one hook
+    chain run in order), or nftables' table, whose base chains at one hook run by priority."""
+    return f"nftables, priority {chain.priority}" if chain.backend == "nftables" else "the legacy iptables tables"
+
+
+def _check_allow_chains(r: _Reader, chains: Mapping[str, Chain]) -> None:
+    """An allow chain overrules the block chains at its hooks only where its jump comes first in the same chain of
+    rules: netfilter runs every table (and every nftables base chain) hooked at a point, and an accept ends only
+    the one it is in. So every chain at an allow chain's hook must be of its kind of backend."""
+    for chain in chains.values():
+        if chain.target != "ACCEPT":
+            continue
+        for hook in chain.hooks:
+            for other in chains.values():
+                if hook in other.hooks and other.target != "ACCEPT" and backend_family(other) != backend_family(chain):
+                    r.problem(f"chains.{chain.name}.hooks", f"the allow chain cannot overrule chain {other.name} at "
+                              f"{hook}: that one is in {backend_family(other)}, this one in {backend_family(chain)}, "
+                              "and an accept ends only the table (or base chain) it is in; put both on the same "
+                              "kind of backend (and priority)", hook)
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """What -check_config warns of in a config that loads: rights that are wider than they look."""
+    warnings = []
+    for chain in cfg.chains.values():
+        if chain.target != "ACCEPT":
+            continue
+        wide = sorted(u.name for u in cfg.users.values() if not u.read_only and "*" in u.chains)
+        if wide:
+            warnings.append(f"allow chain {chain.name} (target ACCEPT) is writable by {', '.join(wide)}, whose "
+                            "chains pattern is '*': such a user can let any address through; name its chains instead")
+    return warnings
 
 
 def _check_match_and_interface(r: _Reader, key: str, values: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ from typing import Callable, Iterable, NamedTuple
 
 from webiptd.commands import Claim, Entry
 from webiptd.net import Network, parse_stored
+from webiptd.scope import Scope, stored_scope
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +58,63 @@ def _to_v2(db: sqlite3.Connection) -> None:
                "SELECT chain, network, created_by, created_at, expires_at FROM blocks")
 
 
+BLOCKS_V3 = """
+CREATE TABLE blocks_v3 (
+    chain      TEXT NOT NULL,
+    network    TEXT NOT NULL,
+    proto      TEXT NOT NULL DEFAULT '',
+    ports      TEXT NOT NULL DEFAULT '',
+    target     TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    created_by TEXT NOT NULL,
+    removing   INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (chain, network, proto, ports)
+) WITHOUT ROWID;
+"""
+
+CLAIMS_V3 = """
+CREATE TABLE claims_v3 (
+    chain      TEXT NOT NULL,
+    network    TEXT NOT NULL,
+    proto      TEXT NOT NULL DEFAULT '',
+    ports      TEXT NOT NULL DEFAULT '',
+    owner      TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    PRIMARY KEY (chain, network, proto, ports, owner)
+) WITHOUT ROWID;
+"""
+
+
+def _to_v3(db: sqlite3.Connection) -> None:
+    """Version 3 scopes a block to a protocol and ports: (chain, network, proto, ports) is its key, '' and '' for
+    all traffic, which every block of version 2 is. SQLite cannot change a primary key, so both tables are made
+    anew and filled (sqlite.org/lang_altertable.html, "other kinds of table schema changes")."""
+    db.execute(BLOCKS_V3)
+    db.execute("INSERT INTO blocks_v3 (chain, network, target, created_at, expires_at, created_by, removing) "
+               "SELECT chain, network, target, created_at, expires_at, created_by, removing FROM blocks")
+    db.execute("DROP TABLE blocks")
+    db.execute("ALTER TABLE blocks_v3 RENAME TO blocks")
+    db.execute(CLAIMS_V3)
+    db.execute("INSERT INTO claims_v3 (chain, network, owner, created_at, expires_at) "
+               "SELECT chain, network, owner, created_at, expires_at FROM claims")
+    db.execute("DROP TABLE claims")
+    db.execute("ALTER TABLE claims_v3 RENAME TO claims")
+
+
+def _scope_columns(scope: Scope | None) -> tuple[str, str]:
+    return ("", "") if scope is None else (scope.proto, scope.port_text)
+
+
+def _row_key(e: Entry) -> tuple[str, str, str, str]:
+    return (e.chain, str(e.network), *_scope_columns(e.scope))
+
+
 # MIGRATIONS[n] takes a store from version n to n + 1, inside the one transaction of the upgrade; it runs statements
 # one by one (executescript would commit half-way). A new, empty store is version 0 and takes every step too, so every
 # migration runs on each first start, and a new store and an upgraded one cannot differ.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_to_v1, _to_v2)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_to_v1, _to_v2, _to_v3)
 # The version this code reads and writes, in the file's header (PRAGMA user_version).
 VERSION = len(MIGRATIONS)
 
@@ -167,32 +221,38 @@ class Store:
                         found, VERSION, rows)
 
     def load(self) -> Loaded:
-        """Every block with its claims. Both tables are in (chain, network) order, so one join with a LEFT JOIN
+        """Every block with its claims. Both tables are in key order, so one join with a LEFT JOIN
         walks them side by side; a block without claims (not written by this code) is its created_by's."""
         entries: list[Entry] = []
         tombstones: list[Entry] = []
         # Each row's strings are new objects; 100k copies of the same chain, target and user cost ~15 MB.
         same: dict[str, str] = {}
+        scopes: dict[tuple[str, str], Scope | None] = {}
         rows = self._db.execute(
-            "SELECT b.chain, b.network, b.target, b.created_at, b.expires_at, b.created_by, b.removing, "
-            "c.owner, c.created_at, c.expires_at FROM blocks b LEFT JOIN claims c "
-            "ON c.chain = b.chain AND c.network = b.network ORDER BY b.chain, b.network")
-        for (chain, net, removing), group in itertools.groupby(rows, key=lambda r: (r[0], r[1], r[6])):
+            "SELECT b.chain, b.network, b.proto, b.ports, b.removing, b.target, b.created_at, b.expires_at, "
+            "b.created_by, c.owner, c.created_at, c.expires_at FROM blocks b LEFT JOIN claims c "
+            "ON c.chain = b.chain AND c.network = b.network AND c.proto = b.proto AND c.ports = b.ports "
+            "ORDER BY b.chain, b.network, b.proto, b.ports")
+        for (chain, net, proto, ports, removing), group in itertools.groupby(rows, key=lambda r: r[:5]):
             claims: list[Claim] = []
             for row in group:
-                target, created_at, expires_at, created_by = row[2:6]
-                if row[7] is not None:
-                    claims.append(Claim(same.setdefault(row[7], row[7]), row[8], row[9]))
+                target, created_at, expires_at, created_by = row[5:9]
+                if row[9] is not None:
+                    claims.append(Claim(same.setdefault(row[9], row[9]), row[10], row[11]))
             try:
                 network = parse_stored(net)
+                if (proto, ports) not in scopes:
+                    scopes[(proto, ports)] = stored_scope(proto, ports)
             except ValueError:
-                logger.error("ignoring unreadable row in %s: chain=%s network=%r", self.path, chain, net)
+                logger.error("ignoring unreadable row in %s: chain=%s network=%r proto=%r ports=%r", self.path,
+                             chain, net, proto, ports)
                 continue
+            scope = scopes[(proto, ports)]
             chain, target, created_by = (same.setdefault(x, x) for x in (chain, target, created_by))
             if claims:
-                entry = Entry.of(chain, network, target, created_at, created_by, claims)
+                entry = Entry.of(chain, network, target, created_at, created_by, claims, scope)
             else:
-                entry = Entry(chain, network, target, created_at, expires_at, created_by)
+                entry = Entry(chain, network, target, created_at, expires_at, created_by, (), scope)
             (tombstones if removing else entries).append(entry)
         return Loaded(entries, tombstones)
 
@@ -200,51 +260,54 @@ class Store:
     def _put_claims(db: sqlite3.Connection, entries: Iterable[Entry]) -> None:
         """Make each entry's claims the stored ones."""
         entries = list(entries)
-        db.executemany("DELETE FROM claims WHERE chain=? AND network=?", [(e.chain, str(e.network)) for e in entries])
-        db.executemany("INSERT INTO claims (chain, network, owner, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
-                       [(e.chain, str(e.network), *c) for e in entries for c in e.all_claims])
+        db.executemany("DELETE FROM claims WHERE chain=? AND network=? AND proto=? AND ports=?",
+                       [_row_key(e) for e in entries])
+        db.executemany("INSERT INTO claims (chain, network, proto, ports, owner, created_at, expires_at) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       [(*_row_key(e), *c) for e in entries for c in e.all_claims])
 
     def write(self, puts: Iterable[Entry], removes: Iterable[Entry], purges: Iterable[Entry] = ()) -> None:
         """In one durable transaction: upsert `puts`, tombstone `removes`, delete `purges`' tombstones."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
+            puts = list(puts)
             db.executemany(
-                "INSERT INTO blocks (chain, network, target, created_at, expires_at, created_by, removing) "
-                "VALUES (?, ?, ?, ?, ?, ?, 0) ON CONFLICT (chain, network) DO UPDATE SET "
-                "target=excluded.target, created_at=excluded.created_at, expires_at=excluded.expires_at, "
+                "INSERT INTO blocks (chain, network, proto, ports, target, created_at, expires_at, created_by, "
+                "removing) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT (chain, network, proto, ports) DO UPDATE "
+                "SET target=excluded.target, created_at=excluded.created_at, expires_at=excluded.expires_at, "
                 "created_by=excluded.created_by, removing=0",
-                [(e.chain, str(e.network), e.target, e.created_at, e.expires_at, e.created_by) for e in puts],
+                [(*_row_key(e), e.target, e.created_at, e.expires_at, e.created_by) for e in puts],
             )
             self._put_claims(db, puts)
-            db.executemany("UPDATE blocks SET removing=1 WHERE chain=? AND network=?",
-                           [(e.chain, str(e.network)) for e in removes])
-            db.executemany("DELETE FROM blocks WHERE chain=? AND network=? AND removing=1",
-                           [(e.chain, str(e.network)) for e in purges])
-            db.executemany("DELETE FROM claims WHERE chain=? AND network=? AND NOT EXISTS "
-                           "(SELECT 1 FROM blocks b WHERE b.chain=? AND b.network=?)",
-                           [(e.chain, str(e.network)) * 2 for e in purges])
+            db.executemany("UPDATE blocks SET removing=1 WHERE chain=? AND network=? AND proto=? AND ports=?",
+                           [_row_key(e) for e in removes])
+            db.executemany("DELETE FROM blocks WHERE chain=? AND network=? AND proto=? AND ports=? AND removing=1",
+                           [_row_key(e) for e in purges])
+            db.executemany("DELETE FROM claims WHERE chain=? AND network=? AND proto=? AND ports=? AND NOT EXISTS "
+                           "(SELECT 1 FROM blocks b WHERE b.chain=? AND b.network=? AND b.proto=? AND b.ports=?)",
+                           [_row_key(e) * 2 for e in purges])
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:  # SQLite ends it by itself after some errors (SQLITE_FULL, SQLITE_IOERR)
                 db.execute("ROLLBACK")
             raise
 
-    def restore(self, before: Iterable[tuple[tuple[str, Network], Entry | None]]) -> None:
+    def restore(self, before: Iterable[tuple[tuple[str, Network, Scope | None], Entry | None]]) -> None:
         """Put rows back as they were before a batch whose kernel change failed."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            for (chain, network), entry in before:
+            for (chain, network, scope), entry in before:
                 if entry is None:
-                    db.execute("DELETE FROM blocks WHERE chain=? AND network=?", (chain, str(network)))
-                    db.execute("DELETE FROM claims WHERE chain=? AND network=?", (chain, str(network)))
+                    key = (chain, str(network), *_scope_columns(scope))
+                    db.execute("DELETE FROM blocks WHERE chain=? AND network=? AND proto=? AND ports=?", key)
+                    db.execute("DELETE FROM claims WHERE chain=? AND network=? AND proto=? AND ports=?", key)
                 else:
                     db.execute(
-                        "INSERT OR REPLACE INTO blocks (chain, network, target, created_at, expires_at, created_by,"
-                        " removing) VALUES (?, ?, ?, ?, ?, ?, 0)",
-                        (entry.chain, str(entry.network), entry.target, entry.created_at, entry.expires_at,
-                         entry.created_by),
+                        "INSERT OR REPLACE INTO blocks (chain, network, proto, ports, target, created_at, expires_at,"
+                        " created_by, removing) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
+                        (*_row_key(entry), entry.target, entry.created_at, entry.expires_at, entry.created_by),
                     )
                     self._put_claims(db, [entry])
             db.execute("COMMIT")

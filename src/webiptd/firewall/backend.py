@@ -8,8 +8,7 @@ from __future__ import annotations
 from typing import Iterable, Mapping, Protocol
 
 from webiptd.config import Chain
-from webiptd.firewall.ops import Op
-from webiptd.net import Network
+from webiptd.firewall.ops import Key, Op
 
 
 class Backend(Protocol):
@@ -24,15 +23,17 @@ class Backend(Protocol):
     def prepare(self, chains: Iterable[Chain]) -> None:
         """Create missing chains, sets and hook jumps. Idempotent; never flushes an entry."""
 
-    def read(self, chains: Iterable[str]) -> Mapping[tuple[str, Network], str]:
-        """Every entry in the managed chains: (chain, network) -> target. Foreign rules are left out."""
+    def read(self, chains: Iterable[str]) -> Mapping[Key, str]:
+        """Every atom in the managed chains: (chain, network, scope) -> target. Foreign rules are left out. What the
+        kernel holds with ports for one (chain, network, proto) comes back as one atom, the union of its ports."""
 
     def apply(self, ops: Iterable[Op], chains: Mapping[str, Chain]) -> None:
         """Apply all `ops` atomically (or undo them and raise), after re-checking what they touch."""
 
     def missing(self, chains: Iterable[Chain], counts: Mapping[str, int]) -> str | None:
-        """A cheap look, every few seconds: None while the kernel plausibly holds every entry (`counts`: how
-        many each chain has), else what is gone, in a few words; the worker then reconciles."""
+        """A cheap look, every few seconds: None while the kernel plausibly holds every atom (`counts`: how
+        many atoms each chain has; each is at least one rule or element), else what is gone, in a few words; the
+        worker then reconciles."""
 
     def close(self) -> None:
         """Release what the backend holds."""

@@ -1,4 +1,5 @@
-"""A small ipset client over one NETLINK_NETFILTER socket: add and del of hash:net entries, many to a send.
+"""A small ipset client over one NETLINK_NETFILTER socket: add and del of hash:net and hash:net,port entries, many
+to a send.
 
 The constants are from the kernel's include/uapi/linux/netfilter/ipset/ip_set.h, each checked against a 6.x kernel.
 """
@@ -9,6 +10,7 @@ import errno
 import os
 import socket
 from dataclasses import dataclass
+import struct
 from itertools import count
 from typing import NamedTuple, Sequence
 
@@ -30,6 +32,9 @@ IPSET_ATTR_SETNAME2 = IPSET_ATTR_TYPENAME  # at swap
 IPSET_ATTR_FLAGS, IPSET_ATTR_DATA = 6, 7
 # Attributes inside IPSET_ATTR_DATA
 IPSET_ATTR_IP, IPSET_ATTR_CIDR, IPSET_ATTR_TIMEOUT = 1, 3, 6
+# hash:net,port: the port (or the first of a range) and the last of a range, each a big-endian u16 the kernel wants
+# flagged NLA_F_NET_BYTEORDER; the protocol, a u8. A range add or del is one element per port in the kernel.
+IPSET_ATTR_PORT, IPSET_ATTR_PORT_TO, IPSET_ATTR_PROTO = 4, 5, 7
 IPSET_ATTR_MAXELEM, IPSET_ATTR_ELEMENTS = 19, 24
 IPSET_ATTR_IPADDR_IPV4, IPSET_ATTR_IPADDR_IPV6 = 1, 2
 IPSET_FLAG_LIST_HEADER = 1 << 2  # list a set's header without its members
@@ -54,6 +59,7 @@ ACK_BUDGET = 2048
 SEND_MAX = 256
 TIMEOUT = 10.0  # the kernel acks at once; a missing ack means the socket's state is unknown
 
+BE16 = struct.Struct(">H")
 _FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
 _ADDR_ATTR = {4: IPSET_ATTR_IPADDR_IPV4, 6: IPSET_ATTR_IPADDR_IPV6}
 
@@ -85,13 +91,20 @@ class Header:
 
 
 class Element(NamedTuple):
-    """One add or del of a set element: `timeout` None sends none (a del); 0 is permanent in a timeout set."""
+    """One add or del of a set element: `timeout` None sends none (a del); 0 is permanent in a timeout set.
+
+    A hash:net,port element has a protocol number and a port range (lo, hi): the kernel adds or deletes each port
+    of it as its own element, so such a message should not be exclusive (the kernel stops at the first port that
+    is there, or is not, having done the ones before).
+    """
 
     cmd: int  # IPSET_CMD_ADD or IPSET_CMD_DEL
     set: str
     network: Network
     exclusive: bool  # NLM_F_EXCL: report IPSET_ERR_EXIST rather than replace (add) or ignore (del)
     timeout: int | None = None
+    proto: int | None = None  # hash:net,port only, with `ports`
+    ports: tuple[int, int] | None = None
 
 
 class IpsetNetlink:
@@ -150,6 +163,12 @@ class IpsetNetlink:
         data = (attr(IPSET_ATTR_IP | NLA_F_NESTED,
                      attr(_ADDR_ATTR[version] | NLA_F_NET_BYTEORDER, network.network_address.packed))
                 + attr(IPSET_ATTR_CIDR, bytes([network.prefixlen])))
+        if element.ports is not None and element.proto is not None:
+            lo, hi = element.ports
+            data += attr(IPSET_ATTR_PORT | NLA_F_NET_BYTEORDER, BE16.pack(lo)) + attr(IPSET_ATTR_PROTO,
+                                                                                        bytes([element.proto]))
+            if hi != lo:
+                data += attr(IPSET_ATTR_PORT_TO | NLA_F_NET_BYTEORDER, BE16.pack(hi))
         if element.timeout is not None:
             data += attr(IPSET_ATTR_TIMEOUT | NLA_F_NET_BYTEORDER, BE32.pack(element.timeout))
         flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_EXCL if element.exclusive else 0)

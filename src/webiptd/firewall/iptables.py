@@ -1,20 +1,42 @@
 """The iptables backend: one `-s NETWORK -j DROP|REJECT` rule per block (`-d NETWORK` for a chain with
 `match: destination`), through python-iptables (libiptc), each batch committed once per table under the xtables lock.
+A block scoped to a protocol adds `-p PROTO`, and its ports `-m multiport --dports 22,80:90` (a rule or a few).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import iptc
 
 from webiptd.config import MATCHES, Chain
-from webiptd.firewall.ops import Add, Op, apply_in_parts
-from webiptd.firewall.xtables import LOCK_PATH, VERSIONS, Xtables, new_rule, per_address
+from webiptd.firewall.ops import Add, Key, Op, apply_in_parts
+from webiptd.firewall.xtables import LOCK_PATH, VERSIONS, Xtables, new_rule, per_address_scoped
 from webiptd.net import Network
+from webiptd.scope import PROTOCOLS, Ranges, Scope
 
 logger = logging.getLogger(__name__)
+
+# What one multiport rule holds (XT_MULTI_PORTS, iptables-extensions(8)): a port takes one place, a range two.
+MULTIPORT_PLACES = 15
+
+
+def multiport_parts(ranges: Ranges) -> list[Ranges]:
+    """`ranges` cut, in order, into the port lists of as few multiport rules as hold them; [()] for no ports
+    (one rule without multiport). Filling each rule before the next is the fewest, as the order is kept."""
+    parts: list[Ranges] = []
+    part: list[tuple[int, int]] = []
+    used = 0
+    for lo, hi in ranges:
+        places = 1 if lo == hi else 2
+        if used + places > MULTIPORT_PLACES:
+            parts.append(tuple(part))
+            part, used = [], 0
+        part.append((lo, hi))
+        used += places
+    parts.append(tuple(part))
+    return parts
 
 
 class IptablesBackend:
@@ -22,25 +44,54 @@ class IptablesBackend:
 
     def __init__(self, lock_path: str = LOCK_PATH):
         self._xt = Xtables(lock_path)
-        self._templates: dict[tuple[int, str, str], iptc.Rule] = {}
+        # (family, target, match, protocol or None, with ports) -> a rule, and its multiport match if it has one
+        self._templates: dict[tuple[int, str, str, str | None, bool], tuple[iptc.Rule, iptc.Match | None]] = {}
         self._matches: dict[str, str] = {}  # chain -> its match (source, destination), as last prepared
 
-    def _rule(self, version: int, network: Network, target: str, match: str) -> iptc.Rule:
-        """The rule for `network`: one reused rule per family, target and match, with only its address changed.
+    def _rule(self, version: int, network: Network, target: str, match: str, proto: str | None = None,
+              ports: Ranges = ()) -> iptc.Rule:
+        """The rule for `network` (and `proto`, and `ports`: at most one multiport rule's worth): one reused rule
+        per family, target, match and shape, with only its address and ports changed. Use it before the next call.
 
-        libiptc copies a rule on insert and compares on delete, so reusing one is safe; building a new
-        one (python-iptables loads the target's extension each time) was a fifth of the worker's time.
+        libiptc copies a rule on insert and compares the whole rule, matches too, on delete, so reusing one is
+        safe; building a new one (python-iptables loads the target's extension each time) was a fifth of the
+        worker's time. The multiport match is reset before its ports are set: python-iptables keeps one extension
+        module per match name, which every rule it reads points at its own buffer, and parsing goes through it;
+        without the reset a rule made after a read() got the ports of a rule read (seen here: --dports 22 written
+        for 80:90,100). The reset points it back and clears the ports of a longer list.
         """
-        rule = self._templates.get((version, target, match))
-        if rule is None:
+        key = (version, target, match, proto, bool(ports))
+        template = self._templates.get(key)
+        if template is None:
             rule = new_rule(version)
+            multiport = None
+            if proto is not None:
+                # By number: python-iptables knows no name for dccp and udplite. Before the match: multiport
+                # checks the rule's protocol.
+                rule.protocol = str(PROTOCOLS[proto])
+                if ports:
+                    multiport = rule.create_match("multiport")
             rule.target = rule.create_target(target)
-            self._templates[(version, target, match)] = rule
+            template = self._templates[key] = (rule, multiport)
+        rule, multiport = template
         if match == "destination":
             rule.dst = str(network)
         else:
             rule.src = str(network)
+        if multiport is not None:
+            multiport.reset()
+            multiport.dports = Scope(proto or "", ports).port_text
         return rule
+
+    def _rules(self, version: int, network: Network, target: str, match: str,
+               scope: Scope | None) -> Iterator[iptc.Rule]:
+        """The rules of an atom, in order (a port list over MULTIPORT_PLACES takes several); each is the
+        template of _rule(), so use one before taking the next."""
+        if scope is None:
+            yield self._rule(version, network, target, match)
+            return
+        for ports in multiport_parts(scope.ports):
+            yield self._rule(version, network, target, match, scope.proto, ports)
 
     def _match_of(self, chain: str, chains: Mapping[str, Chain]) -> str:
         """The chain's match in the config; for a chain that left it, the one it had, else source."""
@@ -52,18 +103,20 @@ class IptablesBackend:
 
         The new rule goes in before the old one goes, in one commit, so no packet sees neither. Like the rules
         of our shape a start finds, they are ours: the reconcile that follows adopts the ones it did not know.
+        A scoped rule is re-made on its own, with its own ports: the atom it is part of turns rule by rule.
         """
         ipt_chain = iptc.Chain(self._xt.table(version), chain.name)
         rules = [(rule, parsed) for rule in ipt_chain.rules
-                 if (parsed := per_address(version, rule, chain.match)) is not None]
-        have = {(network, target) for _, (network, target, match) in rules if match == chain.match}
+                 if (parsed := per_address_scoped(version, rule, chain.match)) is not None]
+        have = {(network, target, scope) for _, (network, target, match, scope) in rules if match == chain.match}
         turned = 0
-        for rule, (network, target, match) in rules:
+        for rule, (network, target, match, scope) in rules:
             if match == chain.match:
                 continue
-            if (network, target) not in have:  # else it is there already: only the old one goes
-                ipt_chain.append_rule(self._rule(version, network, target, chain.match))
-                have.add((network, target))
+            if (network, target, scope) not in have:  # else it is there already: only the old one goes
+                for new in self._rules(version, network, target, chain.match, scope):
+                    ipt_chain.append_rule(new)
+                have.add((network, target, scope))
             ipt_chain.delete_rule(rule)
             turned += 1
         if turned:
@@ -79,6 +132,7 @@ class IptablesBackend:
 
     def prepare(self, chains: Iterable[Chain]) -> None:
         chains = list(chains)
+        self._xt.configure(chains)
         with self._xt.lock():
             for version in VERSIONS:
                 table = self._xt.table(version)
@@ -89,8 +143,10 @@ class IptablesBackend:
                 table.commit()
         self._matches.update((c.name, c.match) for c in chains)
 
-    def read(self, chains: Iterable[str]) -> dict[tuple[str, Network], str]:
-        found: dict[tuple[str, Network], str] = {}
+    def read(self, chains: Iterable[str]) -> dict[Key, str]:
+        found: dict[Key, str] = {}
+        # (chain, network, proto, target) -> the ports of its multiport rules, merged into one atom below
+        ported: dict[tuple[str, Network, str, str], list[tuple[int, int]]] = {}
         names = list(chains)
         with self._xt.lock():
             for version in VERSIONS:
@@ -98,18 +154,24 @@ class IptablesBackend:
                 for name in names:
                     match = self._matches.get(name)
                     for rule in self._xt.rules(version, name):
-                        parsed = per_address(version, rule, match)
+                        parsed = per_address_scoped(version, rule, match)
                         if parsed is None or (match is not None and parsed[2] != match):
                             logger.warning("chain %s (ipv%d) holds a rule web-ipt-d did not make; leaving it "
-                                           "alone: src=%s dst=%s target=%s", name, version, rule.src, rule.dst,
-                                           rule.target.name)
+                                           "alone: src=%s dst=%s proto=%s target=%s", name, version, rule.src,
+                                           rule.dst, rule.protocol, rule.target.name)
                             continue
-                        found[(name, parsed[0])] = parsed[1]
+                        network, target, _, scope = parsed
+                        if scope is not None and scope.ports:
+                            ported.setdefault((name, network, scope.proto, target), []).extend(scope.ports)
+                        else:
+                            found[(name, network, scope)] = target
+        for (name, network, proto, target), ranges in ported.items():
+            found[(name, network, Scope.of(proto, ranges))] = target
         return found
 
     def missing(self, chains: Iterable[Chain], counts: Mapping[str, int]) -> str | None:
-        # Each entry is one rule, and the kernel never drops one by itself: fewer rules than entries means
-        # some went (rules of other shapes, left alone, can only make the count larger).
+        # Each atom is one rule or more, and the kernel never drops one by itself: fewer rules than atoms means
+        # some went (rules of other shapes, left alone, and atoms of several rules only make the count larger).
         chains = list(chains)
         with self._xt.lock():
             have = dict.fromkeys((c.name for c in chains), 0)
@@ -138,28 +200,58 @@ class IptablesBackend:
         table = self._xt.table(version)
         table.refresh()  # drops whatever a failed attempt left uncommitted
         for name in {op.chain for op in ops}:
-            if name in chains:
-                self._xt.ensure_chain(version, chains[name])
+            if name in chains:  # a chain someone removed comes back; pruning old hooks is prepare's
+                self._xt.ensure_chain(version, chains[name], prune=False)
         for op in ops:
             match = self._match_of(op.chain, chains)
             chain = iptc.Chain(table, op.chain)
             if isinstance(op, Add):
-                chain.append_rule(self._rule(version, op.network, op.target, match))
+                for rule in self._rules(version, op.network, op.target, match, op.scope):
+                    chain.append_rule(rule)
             elif not self._delete(chain, version, op, [match] + [m for m in MATCHES if m != match]):
                 # Someone removed it behind our back; the end state is what was asked for.
-                logger.warning("rule for %s was already gone from chain %s", op.network, op.chain)
+                logger.warning("rule for %s%s was already gone from chain %s", op.network,
+                               "" if op.scope is None else f" ({op.scope})", op.chain)
         table.commit()
 
     def _delete(self, chain: iptc.Chain, version: int, op: Op, matches: list[str]) -> bool:
-        """Delete the entry's rule, of the first of `matches` it has (a chain that left the config may hold
-        either); False when it has none."""
+        """Delete the atom's rules, of the first of `matches` it has any of (a chain that left the config may hold
+        either); False when it has none. A rule of the atom already gone is no error."""
         for match in matches:
-            try:
-                chain.delete_rule(self._rule(version, op.network, op.target, match))
+            rules = self._rules(version, op.network, op.target, match, op.scope)
+            deleted = sum(self._delete_rule(chain, rule) for rule in rules)
+            if op.scope is not None and op.scope.ports and deleted < len(multiport_parts(op.scope.ports)):
+                deleted += self._delete_ported(chain, version, op, match)
+            if deleted:
                 return True
-            except iptc.IPTCError:
-                continue
         return False
+
+    @staticmethod
+    def _delete_rule(chain: iptc.Chain, rule: iptc.Rule) -> bool:
+        try:
+            chain.delete_rule(rule)
+            return True
+        except iptc.IPTCError:
+            return False
+
+    def _delete_ported(self, chain: iptc.Chain, version: int, op: Op, match: str) -> int:
+        """Delete the multiport rules of the atom's network, protocol and target whose ports are all the atom's:
+        an atom read() merged from rules cut otherwise than ours (written by hand, say) is deleted whole too. The
+        worker keeps one such atom per network and protocol, so they are all this one's. A look through the
+        chain, only when the atom's own rules were not all there."""
+        assert op.scope is not None
+        atom = op.scope.ports
+        gone = 0
+        for rule in chain.rules:
+            parsed = per_address_scoped(version, rule, match)
+            if parsed is None or parsed[:3] != (op.network, op.target, match):
+                continue
+            scope = parsed[3]
+            if scope is None or scope.proto != op.scope.proto or not scope.ports:
+                continue
+            if all(any(a <= lo and hi <= b for a, b in atom) for lo, hi in scope.ports):
+                gone += self._delete_rule(chain, rule)
+        return gone
 
     def close(self) -> None:
         self._xt.close()

@@ -20,8 +20,9 @@ from webiptd.firewall.host import NFTABLES_MISSING
 from webiptd.firewall.netlink import (
     BE32, NLM_F_REQUEST, NLMSG_ERROR, error_code, message, nfgen_attrs, open_socket, replies,
 )
-from webiptd.firewall.ops import Add, CapacityExceeded, Op
+from webiptd.firewall.ops import Add, CapacityExceeded, Key, Op
 from webiptd.net import Network
+from webiptd.scope import PROTOCOL_NAMES, PROTOCOLS, Scope
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 NETWORK: dict[int, Any] = {4: ipaddress.IPv4Network, 6: ipaddress.IPv6Network}
 # What iptables' REJECT sends by default, so both backends answer alike.
 REJECT = {4: {"type": "icmp", "expr": "port-unreachable"}, 6: {"type": "icmpv6", "expr": "port-unreachable"}}
+VERDICT_TARGET = {"drop": "DROP", "reject": "REJECT", "accept": "ACCEPT"}  # a rule's verdict -> the chain's target
 DEFAULT_SIZE = Chain.maxelem
 ENOENT = os.strerror(errno.ENOENT)  # libnftables reports errors as text: "Could not process rule: <strerror>"
 ENFILE = os.strerror(errno.ENFILE)  # what the kernel answers when a set is at its size
@@ -47,16 +49,37 @@ NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_GETGEN = 16
 NFTA_GEN_ID = 1
 
-SetKey = tuple[int, int]  # (IP version, prefix length)
-ElementKey = tuple[str, int, int]  # (chain, IP version, prefix length): one set
+# The kinds of set: all traffic of a network (an atom of scope None), every port of one protocol (Scope(proto)), and
+# for some destination ports of one protocol (Scope(proto, ports)) two: a hash set of single ports, and an interval
+# (pipapo) set of the ranges wider than MAX_FLAT_RANGE. One atom of ports may have elements in both.
+ALL, PROTO, PORT, RANGE = 1, 2, 3, 4
+KIND_SUFFIX = {ALL: "", PROTO: "-proto", PORT: "-port", RANGE: "-ports"}
+SUFFIX_KIND = {suffix: kind for kind, suffix in KIND_SUFFIX.items()}
+L4PROTO = {"meta": {"key": "l4proto"}}
+DPORT = {"payload": {"protocol": "th", "field": "dport"}}  # the port field of tcp, udp, sctp, dccp and udplite alike
+# The widest range of ports kept one element a port in the hash set; a wider one is one range element in the
+# `-ports` interval (pipapo) set, whose every delete costs time that grows with the set (milliseconds at 1k
+# elements, a hash set's stays flat). At this width a range's hash elements cost about one delete from a pipapo set
+# of a hundred ranges; wider, their cost grows with the width, and each port takes a place of the set's maxelem
+# (bench/scoped_nft_direct.py --width --flat-max).
+MAX_FLAT_RANGE = 64
+
+SetKey = tuple[int, int, int]  # (IP version, prefix length, kind)
+ElementKey = tuple[str, int, int, int]  # (chain, IP version, prefix length, kind): one set
+# One element: an address (kind ALL), (address, protocol number) (PROTO), (address, protocol number, port) (PORT),
+# (address, protocol number, lo, hi) (RANGE).
+Element = str | tuple[str, int] | tuple[str, int, int] | tuple[str, int, int, int]
+PORT_KINDS = (PORT, RANGE)
 
 
 class NftablesError(RuntimeError):
     """libnftables refused a command; the text is nft's own message."""
 
 
-def set_name(chain: str, version: int, prefixlen: int) -> str:
-    """`<chain>-v4` holds hosts; `<chain>-v4-<len>` holds the networks of one shorter prefix length.
+def set_name(chain: str, version: int, prefixlen: int, kind: int = ALL) -> str:
+    """`<chain>-v4` holds hosts; `<chain>-v4-<len>` holds the networks of one shorter prefix length. Scoped
+    atoms have sets of their own, with a suffix: `-proto` (`<chain>-v4-proto`, `<chain>-v4-24-proto`) for a
+    whole protocol, `-ports` for ports of one.
 
     A hash set per prefix length, not one `flags interval` set, which nft reads back whole before each
     change (docs/backends.md has the figures) and which refuses overlapping elements, while the API lets
@@ -65,32 +88,92 @@ def set_name(chain: str, version: int, prefixlen: int) -> str:
     prefix length in use. A prefix length's set stays once made.
     """
     base = f"{chain}-v{version}"
-    return base if prefixlen == MAX_PREFIX[version] else f"{base}-{prefixlen}"
+    return (base if prefixlen == MAX_PREFIX[version] else f"{base}-{prefixlen}") + KIND_SUFFIX[kind]
 
 
-def base_chain_name(chain: str, hook: str) -> str:
-    # A config chain name never holds a dot, so these never collide with a managed chain's own name.
-    return f"{chain}.{HOOKS[hook]}"
+def base_chain_name(hook: str, priority: int) -> str:
+    """The base chain of our table at one hook and priority, shared by every chain of ours there: `input.-10`.
+    A managed chain's name never holds a dot, and the base chains of earlier releases (`<chain>.input`) end in a
+    hook's name, so it is neither."""
+    return f"{HOOKS[hook]}.{priority}"
 
 
 def _parse_set_name(chain: str, name: str) -> SetKey | None:
-    for version in (4, 6):
-        if name == f"{chain}-v{version}":
-            return version, MAX_PREFIX[version]
-    m = re.fullmatch(re.escape(chain) + r"-v([46])-(\d{1,3})", name)
-    if m:
-        version, prefixlen = int(m.group(1)), int(m.group(2))
-        if prefixlen < MAX_PREFIX[version] and str(prefixlen) == m.group(2):
-            return version, prefixlen
+    m = re.fullmatch(re.escape(chain) + r"-v([46])(?:-(\d{1,3}))?(-proto|-port|-ports)?", name)
+    if m is None:
+        return None
+    version, kind = int(m.group(1)), SUFFIX_KIND[m.group(3) or ""]
+    if m.group(2) is None:
+        return version, MAX_PREFIX[version], kind
+    prefixlen = int(m.group(2))
+    if prefixlen < MAX_PREFIX[version] and str(prefixlen) == m.group(2):
+        return version, prefixlen, kind
     return None
 
 
-def _looked_up(version: int, prefixlen: int, match: str) -> dict[str, Any]:
-    """The packet's source or destination address, masked to `prefixlen`: what a set of that length is looked up by."""
-    payload = {"payload": {"protocol": PROTOCOL[version], "field": FIELD[match]}}
-    if prefixlen == MAX_PREFIX[version]:
-        return payload
-    return {"&": [payload, str(NETWORK[version]((0, prefixlen)).netmask)]}
+def _set_type(version: int, kind: int) -> str | list[str]:
+    """A set's `type` as libnftables-json(5) shows it: the address, or a concatenation (nft(8), SETS)."""
+    if kind == ALL:
+        return ADDR_TYPE[version]
+    return [ADDR_TYPE[version], "inet_proto"] + (["inet_service"] if kind in PORT_KINDS else [])
+
+
+def _set_flags(kind: int) -> list[str]:
+    # Port ranges need an interval set; concatenated with ranges that is the pipapo set type, which refuses
+    # overlapping elements: the worker keeps one atom per (chain, network, protocol), so ours never overlap.
+    return ["interval", "timeout"] if kind == RANGE else ["timeout"]
+
+
+def _elements_of(address: str, scope: Scope | None) -> list[tuple[int, Element]]:
+    """The (kind of set, element) pairs that hold one atom: for ports, one element per port of the ranges up to
+    MAX_FLAT_RANGE ports wide, one range element per wider range."""
+    if scope is None:
+        return [(ALL, address)]
+    proto = PROTOCOLS[scope.proto]
+    if not scope.ports:
+        return [(PROTO, (address, proto))]
+    out: list[tuple[int, Element]] = []
+    for lo, hi in scope.ports:
+        if hi - lo < MAX_FLAT_RANGE:
+            out += [(PORT, (address, proto, port)) for port in range(lo, hi + 1)]
+        else:
+            out.append((RANGE, (address, proto, lo, hi)))
+    return out
+
+
+def _element_value(element: Element) -> Any:
+    """An element as libnftables-json(5) takes it: `198.51.100.0 . tcp . 80-90` is a concat with a range."""
+    if isinstance(element, str):
+        return element
+    if len(element) < 4:
+        return {"concat": list(element)}
+    address, proto, lo, hi = element
+    return {"concat": [address, proto, lo if lo == hi else {"range": [lo, hi]}]}
+
+
+def _proto_name(value: Any) -> str | None:
+    """A protocol as nft prints it (its /etc/protocols name, or its number) -> our name; None if not ours."""
+    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+        return PROTOCOL_NAMES.get(int(value))
+    return value if value in PROTOCOLS else None
+
+
+def _port_range(value: Any) -> tuple[int, int]:
+    if isinstance(value, dict) and "range" in value:
+        lo, hi = value["range"]
+        return int(lo), int(hi)
+    return int(value), int(value)
+
+
+def _looked_up(version: int, prefixlen: int, match: str, kind: int = ALL) -> dict[str, Any]:
+    """The packet's source or destination address, masked to `prefixlen`, then for a scoped set its protocol
+    (`meta l4proto`) and destination port (`th dport`): what a set of that length and kind is looked up by."""
+    address: dict[str, Any] = {"payload": {"protocol": PROTOCOL[version], "field": FIELD[match]}}
+    if prefixlen != MAX_PREFIX[version]:
+        address = {"&": [address, str(NETWORK[version]((0, prefixlen)).netmask)]}
+    if kind == ALL:
+        return address
+    return {"concat": [address, L4PROTO] + ([DPORT] if kind in PORT_KINDS else [])}
 
 
 def _jump(chain: Chain, hook: str) -> list[dict[str, Any]]:
@@ -101,6 +184,13 @@ def _jump(chain: Chain, hook: str) -> list[dict[str, Any]]:
         return [jump]
     name = chain.interface[:-1] + "*" if chain.interface.endswith("+") else chain.interface
     return [{"match": {"op": "==", "left": {"meta": {"key": IFNAME[hook]}}, "right": name}}, jump]
+
+
+def _verdict(target: str, version: int) -> dict[str, Any]:
+    """A rule's verdict: an allow chain's `accept` ends the base chain that jumped to it, before the block chains'
+    jumps that follow there."""
+    return {"accept": None} if target == "ACCEPT" else {"drop": None} if target == "DROP" else {
+        "reject": REJECT[version]}
 
 
 def _address(network: Network) -> str:
@@ -172,7 +262,8 @@ class _Layout:
         found = {}
         for name, body in self.sets.items():
             key = _parse_set_name(chain, name)
-            if key is not None and body.get("type") == ADDR_TYPE[key[0]]:
+            if key is not None and body.get("type") == _set_type(key[0], key[2]) and (
+                    key[2] not in PORT_KINDS or (key[2] == RANGE) == ("interval" in body.get("flags", ()))):
                 found[key] = name
         return found
 
@@ -187,23 +278,59 @@ class _Change:
 
 
 class NftablesBackend:
-    """The layout, for a chain f2b-web hooked at INPUT:
+    """The layout, for a chain f2b-web and an allow chain friends hooked at INPUT, both at priority -10:
 
         table inet web-ipt-d {
             set f2b-web-v4    { type ipv4_addr; size <maxelem>; flags timeout; }   # hosts (/32)
             set f2b-web-v6    { type ipv6_addr; size <maxelem>; flags timeout; }   # hosts (/128)
             set f2b-web-v4-24 { type ipv4_addr; size <maxelem>; flags timeout; }   # /24 networks, made when first used
+            set f2b-web-v4-proto {                                # scope tcp: every port of a protocol
+                type ipv4_addr . inet_proto; size <maxelem>; flags timeout;
+                elements = { 198.51.100.7 . tcp timeout 10m }
+            }
+            set f2b-web-v4-port {                                 # scope tcp/22,80:81: one element a port
+                type ipv4_addr . inet_proto . inet_service; size <maxelem>; flags timeout;
+                elements = { 198.51.100.7 . tcp . 22 timeout 10m, 198.51.100.7 . tcp . 80 timeout 10m,
+                             198.51.100.7 . tcp . 81 timeout 10m }
+            }
+            set f2b-web-v4-ports {                                # scope tcp/8000:9000: ranges wider than 64
+                type ipv4_addr . inet_proto . inet_service; size <maxelem>; flags interval, timeout;
+                elements = { 198.51.100.7 . tcp . 8000-9000 timeout 10m }
+            }
             chain f2b-web {
                 ip saddr & 255.255.255.0 == @f2b-web-v4-24 drop
                 ip saddr @f2b-web-v4 drop
+                ip saddr . meta l4proto @f2b-web-v4-proto drop
+                ip saddr . meta l4proto . th dport @f2b-web-v4-port drop
+                ip saddr . meta l4proto . th dport @f2b-web-v4-ports drop
                 ip6 saddr @f2b-web-v6 drop
             }
-            chain f2b-web.input { type filter hook input priority <priority>; policy accept; jump f2b-web }
+            chain friends { ip saddr @friends-v4 accept; ip6 saddr @friends-v6 accept }   # an allow chain
+            chain input.-10 {
+                type filter hook input priority -10; policy accept;
+                jump friends                                      # every allow chain first, in config order,
+                jump f2b-web                                      # then every block chain, in config order
+            }
         }
 
+    Each (family, prefix length, kind of atom) has a set, made when first used: `-proto` sets hold whole
+    protocols; an atom of ports is one element per port in the `-port` hash set, except each range wider than
+    MAX_FLAT_RANGE, which is one element of the `-ports` interval set (a concatenation with ranges: the kernel's
+    pipapo set type, whose every delete costs milliseconds at 10k elements, and which refuses overlapping elements;
+    the worker keeps at most one atom per (chain, network, protocol), and prefix lengths keep separate sets, so
+    ours never overlap). read() merges both into one Scope. `th dport` is the destination port of tcp, udp, sctp,
+    dccp and udplite alike: all carry it at the same offset.
+
     Every rule has the chain's target, so a chain's entries all share it. With `match: destination` the rules
-    look up `ip daddr` and `ip6 daddr`; with an `interface`, the base chains' jump is `iifname "eth0" jump f2b-web`
-    (`oifname` at output). Both are re-made with every prepare, so a reload that changes them takes effect at once.
+    look up `ip daddr` and `ip6 daddr`; with an `interface`, the jump is `iifname "eth0" jump f2b-web`
+    (`oifname` at output).
+
+    One base chain per (hook, priority), `<hook>.<priority>`, holds the jumps of every chain of ours there: an
+    `accept` ends only the base chain it is in, and another base chain at the same hook would still see the
+    packet, so an allow chain overrules the block chains only from the same base chain, ahead of their jumps
+    (config._check_allow_chains keeps an allow chain's hook to one backend family and priority). prepare re-makes
+    the base chains whole from every chain, and deletes any other base chain of the table, so a reload that
+    changes a chain's hooks, priority, interface or target takes effect at once.
     """
 
     name = "nftables"
@@ -218,6 +345,7 @@ class NftablesBackend:
         self._nft: Any = None  # the libnftables context, made by the worker thread on first use
         self._sets: dict[str, set[SetKey]] = {}  # chain -> the sets it has in the kernel, as far as we know
         self._targets: dict[str, str] = {}  # chain -> the target its rules have, since our last prepare
+        self._chains: list[Chain] = []  # every chain of ours, in config order, as the last prepare had them
         self._generation = RulesetGeneration()
         self._seen: int | None = None  # the ruleset generation our last transaction made; None: unknown
         self._checked: int | None = None  # the generation missing() last found our table whole in
@@ -271,22 +399,24 @@ class NftablesBackend:
         return layout
 
     def _verdicts(self, chain: str) -> dict[str, str]:
-        """set name -> DROP or REJECT, from the rules of `chain` (reads every set's elements: O(N))."""
+        """set name -> DROP, REJECT or ACCEPT, from the rules of `chain` (reads every set's elements: O(N))."""
         found = {}
         for item in self._list({"chain": self._obj(name=chain)}):
             expr = item.get("rule", {}).get("expr", [])
-            if len(expr) != 2 or "match" not in expr[0]:
+            if len(expr) != 2 or "match" not in expr[0] or not isinstance(expr[1], dict):
                 continue
             right = expr[0]["match"].get("right")
-            if isinstance(right, str) and right.startswith("@") and ("drop" in expr[1] or "reject" in expr[1]):
-                found[right[1:]] = "DROP" if "drop" in expr[1] else "REJECT"
+            target = next((t for verdict, t in VERDICT_TARGET.items() if verdict in expr[1]), None)
+            if isinstance(right, str) and right.startswith("@") and target is not None:
+                found[right[1:]] = target
         return found
 
-    def _elements(self, name: str) -> list[str]:
+    def _elements(self, name: str) -> list[Any]:
+        """The values of a set's elements as libnftables-json(5) shows them, without their timeouts."""
         values = []
         for item in self._list({"set": self._obj(name=name)}):
             for elem in item.get("set", {}).get("elem", []):
-                values.append(str(elem["elem"]["val"] if isinstance(elem, dict) and "elem" in elem else elem))
+                values.append(elem["elem"]["val"] if isinstance(elem, dict) and "elem" in elem else elem)
         return values
 
     # -- commands -----------------------------------------------------------------
@@ -296,49 +426,62 @@ class NftablesBackend:
         return {"family": FAMILY, "table": TABLE, **spec}
 
     def _add_set(self, chain: str, key: SetKey, size: int) -> dict[str, Any]:
-        version, prefixlen = key
-        return {"add": {"set": self._obj(name=set_name(chain, version, prefixlen), type=ADDR_TYPE[version],
-                                         flags=["timeout"], size=size)}}
+        version, prefixlen, kind = key
+        return {"add": {"set": self._obj(name=set_name(chain, *key), type=_set_type(version, kind),
+                                         flags=_set_flags(kind), size=size)}}
 
-    def _chain_cmds(self, chain: Chain, sets: Iterable[SetKey], layout: _Layout | None) -> list[dict[str, Any]]:
-        """Re-make `chain`'s rules and hook chains. Atomic with the rest of the transaction, so no packet
-        ever sees them half made; with `layout`, also drop hook chains the config no longer has."""
+    def _rule_cmds(self, chain: Chain, sets: Iterable[SetKey]) -> list[dict[str, Any]]:
+        """Re-make `chain`'s rules, one per set, with its verdict. Atomic with the rest of the transaction, so no
+        packet ever sees them half made."""
         cmds: list[dict[str, Any]] = [{"add": {"chain": self._obj(name=chain.name)}},
                                       {"flush": {"chain": self._obj(name=chain.name)}}]
-        for version, prefixlen in sorted(sets):
-            verdict = {"drop": None} if chain.target == "DROP" else {"reject": REJECT[version]}
-            match = {"match": {"op": "==", "left": _looked_up(version, prefixlen, chain.match),
-                               "right": "@" + set_name(chain.name, version, prefixlen)}}
-            cmds.append({"add": {"rule": self._obj(chain=chain.name, expr=[match, verdict])}})
-        for hook, nft_hook in HOOKS.items():
-            name = base_chain_name(chain.name, hook)
-            have = layout.chains.get(name) if layout is not None else None
-            wanted = hook in chain.hooks
-            if have is not None and (not wanted or (have.get("type"), have.get("hook"), have.get("prio"))
-                                     != ("filter", nft_hook, chain.priority)):
-                cmds.append({"delete": {"chain": self._obj(name=name)}})  # a base chain's hook cannot change
-            if wanted:
-                cmds += [{"add": {"chain": self._obj(name=name, type="filter", hook=nft_hook,
-                                                     prio=chain.priority, policy="accept")}},
-                         {"flush": {"chain": self._obj(name=name)}},
-                         {"add": {"rule": self._obj(chain=name, expr=_jump(chain, hook))}}]
+        for version, prefixlen, kind in sorted(sets):
+            match = {"match": {"op": "==", "left": _looked_up(version, prefixlen, chain.match, kind),
+                               "right": "@" + set_name(chain.name, version, prefixlen, kind)}}
+            cmds.append({"add": {"rule": self._obj(chain=chain.name, expr=[match, _verdict(chain.target, version)])}})
+        return cmds
+
+    def _base_cmds(self, chains: Iterable[Chain], layout: _Layout | None) -> list[dict[str, Any]]:
+        """Re-make the base chains whole from every chain of ours (`chains`, in config order): per (hook,
+        priority), the jumps of the allow chains first, then those of the block chains. With `layout`, also
+        delete every other base chain of our table: one whose hook or priority no chain has any more, and the
+        per-chain ones of earlier releases (`<chain>.input`), so that no jump is left twice."""
+        ordered = sorted(chains, key=lambda c: c.target != "ACCEPT")  # stable: config order within each
+        wanted: dict[str, tuple[str, int]] = {}
+        for chain in ordered:
+            for hook in chain.hooks:
+                wanted.setdefault(base_chain_name(hook, chain.priority), (hook, chain.priority))
+        cmds: list[dict[str, Any]] = []
+        if layout is not None:
+            for name, have in sorted(layout.chains.items()):
+                if "hook" in have and (name not in wanted or (have.get("type"), have.get("hook"), have.get("prio"))
+                                       != ("filter", HOOKS[wanted[name][0]], wanted[name][1])):
+                    cmds.append({"delete": {"chain": self._obj(name=name)}})  # a base chain's hook cannot change
+        # A jump needs its chain; `add` leaves one that exists as it is.
+        cmds += [{"add": {"chain": self._obj(name=c.name)}} for c in ordered if c.hooks]
+        for name, (hook, priority) in wanted.items():
+            cmds += [{"add": {"chain": self._obj(name=name, type="filter", hook=HOOKS[hook], prio=priority,
+                                                 policy="accept")}},
+                     {"flush": {"chain": self._obj(name=name)}}]
+            cmds += [{"add": {"rule": self._obj(chain=name, expr=_jump(chain, hook))}}
+                     for chain in ordered if hook in chain.hooks and chain.priority == priority]
         return cmds
 
     def _ensure_cmds(self, touched: Iterable[ElementKey], chains: Mapping[str, Chain],
                      remake: bool) -> list[dict[str, Any]]:
         """Create the sets a batch needs; with `remake` (another program changed the ruleset since our last
-        transaction), also re-make the touched chains' rules and hooks, as the iptables backend re-checks
-        its jumps: a hook deleted behind our back is back with the next change."""
-        cmds: list[dict[str, Any]] = []
-        for name in sorted({c for c, _, _ in touched}):
+        transaction), also re-make the touched chains' rules and the base chains, as the iptables backend
+        re-checks its jumps: a hook deleted behind our back is back with the next change."""
+        cmds: list[dict[str, Any]] = self._base_cmds(self._chains, None) if remake else []
+        for name in sorted({c for c, _, _, _ in touched}):
             chain = chains.get(name)
             ours = chain is not None and chain.backend == self.name
             known = self._sets.get(name, set())
-            new = sorted({(v, p) for c, v, p in touched if c == name} - known)
+            new = sorted({(v, p, k) for c, v, p, k in touched if c == name} - known)
             cmds += [self._add_set(name, key, chain.maxelem if chain is not None and ours else DEFAULT_SIZE)
                      for key in new]
             if chain is not None and ours and (remake or new):
-                cmds += self._chain_cmds(chain, known | set(new), None)
+                cmds += self._rule_cmds(chain, known | set(new))
         return cmds
 
     def _run_tracked(self, cmds: list[dict[str, Any]], before: int | None) -> int | None:
@@ -357,20 +500,25 @@ class NftablesBackend:
             logger.warning("cannot read the nftables ruleset generation (%s); re-making the chains every batch", exc)
             return None
 
-    def _element_cmds(self, changes: Mapping[ElementKey, Mapping[str, _Change]], exact: bool) -> list[dict[str, Any]]:
+    def _element_cmds(self, changes: Mapping[ElementKey, Mapping[Element, _Change]],
+                      exact: bool) -> list[dict[str, Any]]:
         """The element commands of a batch, per set.
 
         exact: trust each change's delete_first, which the worker knows. Otherwise make the final state
         whatever the kernel holds: add every touched element, delete them all, add back those that
         stay. Deleting an element the kernel no longer has (it expired there a moment ago) fails the
         whole transaction, nft 1.0.6 has no `destroy`, and an `add` of an element that exists keeps
-        its old timeout on kernels before 6.10.
+        its old timeout on kernels before 6.10. Port ranges of one address and protocol may overlap across
+        the atoms of a batch (Remove(tcp/100:300), Add(tcp/200:400)), and the `-ports` set of ranges refuses to
+        hold two overlapping elements even for a moment; so for it only the elements the worker thinks the kernel
+        holds (its atom before the batch: disjoint ranges) are added and deleted first.
         """
         cmds: list[dict[str, Any]] = []
-        for (chain, version, prefixlen), elements in changes.items():
-            obj = self._obj(name=set_name(chain, version, prefixlen))
-            delete = [a for a, c in elements.items() if c.delete_first] if exact else list(elements)
-            stay = [a if c.timeout is None else {"elem": {"val": a, "timeout": c.timeout}}
+        for (chain, version, prefixlen, kind), elements in changes.items():
+            obj = self._obj(name=set_name(chain, version, prefixlen, kind))
+            delete = [_element_value(a) for a, c in elements.items() if c.delete_first or (not exact and kind != RANGE)]
+            stay = [_element_value(a) if c.timeout is None else {"elem": {"val": _element_value(a),
+                                                                          "timeout": c.timeout}}
                     for a, c in elements.items() if c.add]
             if not exact and delete:
                 cmds.append({"add": {"element": {**obj, "elem": delete}}})
@@ -396,13 +544,16 @@ class NftablesBackend:
         cmds: list[dict[str, Any]] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}]
         known: dict[str, set[SetKey]] = {}
         for chain in chains:
-            sets = set(layout.sets_of(chain.name)) | {(4, 32), (6, 128)}
+            sets = set(layout.sets_of(chain.name)) | {(4, 32, ALL), (6, 128, ALL)}
             # `add` of an existing set keeps its elements; the kernel updates its size where it can.
             cmds += [self._add_set(chain.name, key, chain.maxelem) for key in sorted(sets)]
-            cmds += self._chain_cmds(chain, sets, layout)
+            cmds += self._rule_cmds(chain, sets)
             known[chain.name] = sets
+        # ByChain gives each backend all of its chains, so these are every chain the base chains jump to.
+        cmds += self._base_cmds(chains, layout)
         self._run(cmds)
         self._seen = None
+        self._chains = chains
         self._sets.update(known)
         self._targets.update((c.name, c.target) for c in chains)
         if not layout.exists:
@@ -415,9 +566,11 @@ class NftablesBackend:
                                    "set; `nft delete table %s %s` and a restart rebuild it", name,
                                    after.sets[name].get("size"), chain.maxelem, FAMILY, TABLE)
 
-    def read(self, chains: Iterable[str]) -> dict[tuple[str, Network], str]:
+    def read(self, chains: Iterable[str]) -> dict[Key, str]:
+        """Every atom of `chains`; the port ranges of one (chain, network, protocol) come back as one Scope."""
         layout = self._layout()
-        found: dict[tuple[str, Network], str] = {}
+        found: dict[Key, str] = {}
+        ports: dict[tuple[str, Network, str], tuple[str, list[tuple[int, int]]]] = {}  # -> (target, ranges)
         for chain in chains:
             sets = layout.sets_of(chain)
             if not sets:
@@ -427,58 +580,77 @@ class NftablesBackend:
             # (one that has left the config) keeps the rules it had.
             verdicts = ({n: self._targets[chain] for n in sets.values()} if chain in self._targets
                         else self._verdicts(chain))
-            for (version, prefixlen), name in sorted(sets.items()):
+            for (version, prefixlen, kind), name in sorted(sets.items()):
                 target = verdicts.get(name)
                 if target is None:
                     logger.warning("no rule of chain %s matches set %s; its elements block nothing", chain, name)
                     continue
                 for value in self._elements(name):
                     try:
-                        address = int.from_bytes(socket.inet_pton(AF[version], value), "big")
+                        parts = [value] if kind == ALL else value["concat"]
+                        address = int.from_bytes(socket.inet_pton(AF[version], parts[0]), "big")
                         network = NETWORK[version]((address, prefixlen))  # strict: no host bits
-                    except (OSError, ValueError):
-                        logger.warning("set %s holds %s, which is no /%d network; leaving it alone",
-                                       name, value, prefixlen)
+                        proto = None if kind == ALL else _proto_name(parts[1])
+                        if kind != ALL and (proto is None or len(parts) != (3 if kind in PORT_KINDS else 2)):
+                            raise ValueError(f"{parts[1:]} is no protocol (and port) of ours")
+                        span = _port_range(parts[2]) if kind in PORT_KINDS else None
+                    except (OSError, ValueError, TypeError, KeyError, IndexError):
+                        logger.warning("set %s holds %s, which is no /%d network%s; leaving it alone", name, value,
+                                       prefixlen, "" if kind == ALL else " with a protocol of ours")
                         continue
-                    found[(chain, network)] = target
+                    if proto is None:
+                        found[(chain, network, None)] = target
+                    elif span is None:
+                        found[(chain, network, Scope(proto))] = target
+                    else:
+                        ports.setdefault((chain, network, proto), (target, []))[1].append(span)
+        for (chain, network, proto), (target, ranges) in ports.items():
+            found[(chain, network, Scope.of(proto, ranges))] = target
         return found
 
     def missing(self, chains: Iterable[Chain], counts: Mapping[str, int]) -> str | None:
         """Nothing to look at while the ruleset generation is ours. When another program committed (say
         `nft -f /etc/nftables.conf`, which starts with `flush ruleset`), a missing set or chain is reported;
-        otherwise the rules and hooks are made again at once, in case a chain of ours was flushed."""
-        chains = [c for c in chains if counts.get(c.name)]
+        otherwise the rules and the base chains are made again at once, in case a chain of ours was flushed.
+        An atom of ports is one element or more of the `-port` and `-ports` sets, each a set of self._sets."""
+        every = list(chains)
+        hooked = self._chains or every
+        chains = [c for c in every if counts.get(c.name)]
         before = self._read_generation()
-        if not chains or (before is not None and before in (self._seen, self._checked)):
+        if not hooked or (before is not None and before in (self._seen, self._checked)):
             return None
         layout = self._layout()
+        if not chains and not layout.exists:
+            return None  # nothing lost, and nothing to put in order; the next prepare makes the table again
         for chain in chains:
-            wanted = [set_name(chain.name, v, p) for v, p in sorted(self._sets.get(chain.name, ()))]
-            wanted_chains = [chain.name] + [base_chain_name(chain.name, hook) for hook in chain.hooks]
+            wanted = [set_name(chain.name, *key) for key in sorted(self._sets.get(chain.name, ()))]
+            wanted_chains = [chain.name] + [base_chain_name(hook, chain.priority) for hook in chain.hooks]
             gone = [n for n in wanted if n not in layout.sets] + [n for n in wanted_chains if n not in layout.chains]
             if gone:
                 return f"{', '.join(gone)} gone from table {FAMILY} {TABLE}"
         cmds: list[dict[str, Any]] = []
         for chain in chains:
-            cmds += self._chain_cmds(chain, self._sets.get(chain.name, set()), layout)
+            cmds += self._rule_cmds(chain, self._sets.get(chain.name, set()))
+        # Even with no entries anywhere: the order of the jumps is what lets an allow chain overrule the others.
+        cmds += self._base_cmds(hooked, layout)
         self._checked = self._run_tracked(cmds, before)
         return None
 
     def apply(self, ops: Iterable[Op], chains: Mapping[str, Chain]) -> None:
         now = self._clock()
-        changes: dict[ElementKey, dict[str, _Change]] = {}
+        changes: dict[ElementKey, dict[Element, _Change]] = {}
         for op in ops:
             net = op.network
-            address = _address(net)
-            elements = changes.setdefault((op.chain, net.version, net.prefixlen), {})
-            # The first op on an element tells whether the kernel holds it; the last, what it ends as.
-            first = elements.get(address)
-            delete_first = first.delete_first if first is not None else (
-                not isinstance(op, Add) or op.replaces)
-            if isinstance(op, Add):
-                elements[address] = _Change(delete_first, True, _timeout(op.expires_at, now))
-            else:
-                elements[address] = _Change(delete_first, False)
+            for kind, element in _elements_of(_address(net), op.scope):
+                elements = changes.setdefault((op.chain, net.version, net.prefixlen, kind), {})
+                # The first op on an element tells whether the kernel holds it; the last, what it ends as.
+                first = elements.get(element)
+                delete_first = first.delete_first if first is not None else (
+                    not isinstance(op, Add) or op.replaces)
+                if isinstance(op, Add):
+                    elements[element] = _Change(delete_first, True, _timeout(op.expires_at, now))
+                else:
+                    elements[element] = _Change(delete_first, False)
         if not changes:
             return
         before = self._read_generation()
@@ -493,11 +665,11 @@ class NftablesBackend:
             # An element the worker thought in the kernel is not there (it expired there, or someone
             # deleted it): do the batch again without relying on what the kernel holds.
             self._apply_whatever_the_kernel_holds(ensure, changes, chains)
-        for chain, version, prefixlen in changes:
-            self._sets.setdefault(chain, set()).add((version, prefixlen))
+        for chain, version, prefixlen, kind in changes:
+            self._sets.setdefault(chain, set()).add((version, prefixlen, kind))
 
     def _apply_whatever_the_kernel_holds(self, ensure: list[dict[str, Any]],
-                                         changes: Mapping[ElementKey, Mapping[str, _Change]],
+                                         changes: Mapping[ElementKey, Mapping[Element, _Change]],
                                          chains: Mapping[str, Chain]) -> None:
         try:
             self._run(ensure + self._element_cmds(changes, exact=False))
@@ -511,11 +683,11 @@ class NftablesBackend:
         # Removing an element the kernel no longer has adds it for a moment, which a full set refuses.
         # So remove one at a time, where "not there" is as good as removed, then do the rest. If the
         # rest fails, the worker's reconcile after a failed batch puts the removed entries back.
-        for (chain, version, prefixlen), addresses in removes.items():
-            for address in addresses:
+        for (chain, version, prefixlen, kind), elements in removes.items():
+            for element in elements:
                 try:
-                    self._run([{"delete": {"element": self._obj(name=set_name(chain, version, prefixlen),
-                                                                elem=[address])}}])
+                    self._run([{"delete": {"element": self._obj(name=set_name(chain, version, prefixlen, kind),
+                                                                elem=[_element_value(element)])}}])
                 except NftablesError as missing:
                     if ENOENT not in str(missing):
                         raise
@@ -529,7 +701,7 @@ class NftablesBackend:
 
     @staticmethod
     def _full_message(changes: Mapping[ElementKey, Any], chains: Mapping[str, Chain]) -> str:
-        names = sorted({c for c, _, _ in changes})
+        names = sorted({c for c, _, _, _ in changes})
         sizes = ", ".join(f"{n} (maxelem {chains[n].maxelem if n in chains else DEFAULT_SIZE})" for n in names)
         return f"a set of chain {sizes} is full"
 

@@ -10,10 +10,18 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence, TypeVar
 
 from webiptd.net import Network
+from webiptd.scope import Scope
 
 logger = logging.getLogger(__name__)
 
 K = TypeVar("K")
+
+# What the kernel holds one object (a rule, a set element, or a few of them) for: (chain, network, scope).
+# scope None: all traffic from (or to) the network. Scope(proto): every port of one protocol. Scope(proto, ports):
+# those ports; the kernel holds at most one such atom per (chain, network, proto), the union of the ports of every
+# block of that network and protocol (the worker computes it), so a backend never has to share an element between
+# two blocks: a change of the union is a Remove of the old atom and an Add of the new one, in one apply().
+Key = tuple[str, Network, Scope | None]
 
 
 @dataclass(frozen=True)
@@ -24,6 +32,7 @@ class Add:
     network: Network
     target: str
     expires_at: float | None = None
+    scope: Scope | None = None
     # Set by the worker when the kernel holds the entry already and only its expiry changes, so a set
     # backend can replace the element rather than probe for it. Not part of equality: the same entry.
     replaces: bool = field(default=False, compare=False)
@@ -36,9 +45,14 @@ class Remove:
     chain: str
     network: Network
     target: str
+    scope: Scope | None = None
 
 
 Op = Add | Remove
+
+
+def key_of(op: Op) -> Key:
+    return (op.chain, op.network, op.scope)
 
 
 class CapacityExceeded(Exception):
@@ -47,7 +61,9 @@ class CapacityExceeded(Exception):
 
 def inverse(op: Op) -> Op:
     """The op that takes `op` back. An entry put back has no expiry: the worker's own expiry keeps its time."""
-    return Remove(op.chain, op.network, op.target) if isinstance(op, Add) else Add(op.chain, op.network, op.target)
+    if isinstance(op, Add):
+        return Remove(op.chain, op.network, op.target, op.scope)
+    return Add(op.chain, op.network, op.target, scope=op.scope)
 
 
 def undo(ops: Sequence[Op]) -> list[Op]:

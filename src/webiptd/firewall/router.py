@@ -7,8 +7,7 @@ from typing import Callable, Iterable, Mapping
 
 from webiptd.config import Chain
 from webiptd.firewall.backend import Backend, make_backend
-from webiptd.firewall.ops import Op, apply_in_parts
-from webiptd.net import Network
+from webiptd.firewall.ops import Key, Op, apply_in_parts
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +52,11 @@ class ByChain:
         for name, backend in self._backends.items():
             backend.prepare([c for c in chains if c.backend == name])
 
-    def read(self, chains: Iterable[str]) -> dict[tuple[str, Network], str]:
+    def read(self, chains: Iterable[str]) -> dict[Key, str]:
         by_backend: dict[str, list[str]] = {}
         for chain in chains:
             by_backend.setdefault(self.backend_of(chain), []).append(chain)
-        found: dict[tuple[str, Network], str] = {}
+        found: dict[Key, str] = {}
         for name, names in by_backend.items():
             found.update(self._backend(name).read(names))
         return found

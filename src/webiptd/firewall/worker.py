@@ -22,9 +22,10 @@ from webiptd.commands import (
 )
 from webiptd.config import ADOPTED, Chain, Limits
 from webiptd.firewall.backend import Backend
-from webiptd.firewall.ops import Add, CapacityExceeded, Op, Remove
+from webiptd.firewall.ops import Add, CapacityExceeded, Key, Op, Remove
 from webiptd.firewall.pending import Pending
 from webiptd.net import Network, compact
+from webiptd.scope import Scope, union
 from webiptd.state import Store
 
 logger = logging.getLogger(__name__)
@@ -35,16 +36,38 @@ MAX_QUEUE = 10_000
 HEARTBEAT = 1.0  # the longest the worker sleeps, so the watchdog can tell it is alive
 RETRY_DELAY = 1.0  # after a failed batch, due expiries wait this long before they are tried again
 
-Key = tuple[str, Network]
+_Group = tuple[str, Network, str]  # (chain, network, proto): the blocks with port lists that make one kernel atom
 _Item = tuple[object, Pending[Any] | None]  # a command, and the answer its client waits on (None: the worker's own)
 _Answer = tuple[Pending[Any], object, object]  # the answer, the command, and what the command returned
 
 
 def _audit(user: str, client: str, action: str, chain: str, network: Network, owner: str, timeout: str,
-           result: str) -> None:
-    """The one greppable key=value line per change; `owner` is the claim's ("*": every claim, by override)."""
-    audit.info("user=%s client=%s action=%s chain=%s network=%s owner=%s timeout=%s result=%s",
-               user, client, action, chain, network, owner, timeout, result)
+           result: str, scope: Scope | None) -> None:
+    """The one greppable key=value line per change; `owner` is the claim's ("*": every claim, by override);
+    `scope` is `all` (all traffic), a protocol (`tcp`) or a protocol and its ports (`tcp/22,80`)."""
+    audit.info("user=%s client=%s action=%s chain=%s network=%s owner=%s timeout=%s result=%s scope=%s",
+               user, client, action, chain, network, owner, timeout, result, "all" if scope is None else scope)
+
+
+def _has_ports(scope: Scope | None) -> bool:
+    return scope is not None and bool(scope.ports)
+
+
+def group_atom(entries: Iterable[Entry]) -> Entry | None:
+    """What the kernel holds for the blocks with port lists of one (chain, network, proto): one atom with the union of
+    their ports, until the latest of their expiries (permanent if one is), with the target of the newest of them;
+    None for no blocks. Sharing it is what lets blocks with overlapping port lists come and go independently on the
+    set backends, which cannot hold two overlapping elements (nftables) or would share one (ipset)."""
+    entries = list(entries)
+    if not entries:
+        return None
+    first = entries[0]
+    assert first.scope is not None
+    newest = max(entries, key=lambda e: e.created_at)
+    expiries = [e.expires_at for e in entries]
+    expiry = None if None in expiries else max(x for x in expiries if x is not None)
+    scope = Scope(first.scope.proto, union(e.scope for e in entries if e.scope is not None))
+    return Entry(first.chain, first.network, newest.target, 0.0, expiry, "", (), scope)
 
 
 def _next_due(expires_at: float | None, claims: tuple[Claim, ...]) -> float | None:
@@ -76,33 +99,39 @@ _Row = tuple[Any, ...]
 
 
 class _Entries:
-    """The blocks the worker knows: per chain, a dict from a packed network to the rest of the entry.
+    """The blocks the worker knows: per chain and scope, a dict from a packed network to the rest of the entry.
 
     Entries and their ipaddress networks are made when asked for, not kept: a packed row takes half the
     memory of a kept Entry with its network, which is what keeps 100k blocks under the RSS target
-    (bench/README.md).
+    (bench/README.md). The blocks with port lists are also indexed by (chain, proto, packed network), to find
+    the others that share their kernel atom.
     """
 
-    __slots__ = ("_chains", "_count")
+    __slots__ = ("_chains", "_count", "_groups")
 
     def __init__(self) -> None:
-        self._chains: dict[str, dict[int, _Row]] = {}
+        self._chains: dict[tuple[str, Scope | None], dict[int, _Row]] = {}
+        self._groups: dict[tuple[str, str, int], set[Scope]] = {}
         self._count = 0
 
     def get(self, key: Key) -> Entry | None:
-        chain = self._chains.get(key[0])
-        row = None if chain is None else chain.get(_pack(key[1]))
-        return None if row is None else Entry(key[0], key[1], *row)
+        rows = self._chains.get((key[0], key[2]))
+        row = None if rows is None else rows.get(_pack(key[1]))
+        return None if row is None else self._entry(key[0], key[1], key[2], row)
 
-    def next_due(self, chain: str, packed: int) -> float | None:
+    @staticmethod
+    def _entry(chain: str, network: Network, scope: Scope | None, row: _Row) -> Entry:
+        return Entry(chain, network, row[0], row[1], row[2], row[3], row[4] if len(row) > 4 else (), scope)
+
+    def next_due(self, chain: str, scope: Scope | None, packed: int) -> float | None:
         """When the first claim of the entry stored under `packed` expires, without making the entry; None
         also when it is gone."""
-        row = self._chains.get(chain, {}).get(packed)
+        row = self._chains.get((chain, scope), {}).get(packed)
         return None if row is None else _next_due(row[2], row[4] if len(row) > 4 else ())
 
     def __contains__(self, key: Key) -> bool:
-        chain = self._chains.get(key[0])
-        return chain is not None and _pack(key[1]) in chain
+        rows = self._chains.get((key[0], key[2]))
+        return rows is not None and _pack(key[1]) in rows
 
     def __getitem__(self, key: Key) -> Entry:
         entry = self.get(key)
@@ -111,32 +140,56 @@ class _Entries:
         return entry
 
     def __setitem__(self, key: Key, entry: Entry) -> None:
-        chain = self._chains.setdefault(key[0], {})
-        packed = _pack(key[1])
-        if packed not in chain:
+        chain, network, scope = key
+        rows = self._chains.setdefault((chain, scope), {})
+        packed = _pack(network)
+        if packed not in rows:
             self._count += 1
+            if scope is not None and scope.ports:
+                self._groups.setdefault((chain, scope.proto, packed), set()).add(scope)
         # New float objects: the loaded ones sit among the start-up's short-lived objects (see _reconcile).
         row: _Row = (entry.target, entry.created_at + 0.0,
                      None if entry.expires_at is None else entry.expires_at + 0.0, entry.created_by)
-        chain[packed] = row + (entry.claims,) if entry.claims else row
+        rows[packed] = row + (entry.claims,) if entry.claims else row
 
     def __delitem__(self, key: Key) -> None:
-        chain = self._chains[key[0]]
-        del chain[_pack(key[1])]
+        chain, network, scope = key
+        rows = self._chains[(chain, scope)]
+        packed = _pack(network)
+        del rows[packed]
         self._count -= 1
-        if not chain:
-            del self._chains[key[0]]
+        if not rows:
+            del self._chains[(chain, scope)]
+        if scope is not None and scope.ports:
+            group = self._groups[(chain, scope.proto, packed)]
+            group.discard(scope)
+            if not group:
+                del self._groups[(chain, scope.proto, packed)]
 
     def __len__(self) -> int:
         return self._count
 
     def counts(self) -> dict[str, int]:
-        """How many entries each chain has."""
-        return {name: len(rows) for name, rows in self._chains.items()}
+        """How many kernel atoms each chain has: one per block, but one per (network, proto) for the blocks with
+        port lists (see group_atom)."""
+        counts: dict[str, int] = {}
+        for (chain, scope), rows in self._chains.items():
+            if not _has_ports(scope):
+                counts[chain] = counts.get(chain, 0) + len(rows)
+        for chain, _, _ in self._groups:
+            counts[chain] = counts.get(chain, 0) + 1
+        return counts
+
+    def group(self, chain: str, network: Network, proto: str) -> list[Entry]:
+        """The blocks with port lists of `network` and `proto` in `chain`."""
+        scopes = self._groups.get((chain, proto, _pack(network)), ())
+        return [self[(chain, network, scope)] for scope in sorted(scopes)]
 
     def chain(self, name: str) -> Iterator[Entry]:
-        for packed, row in self._chains.get(name, {}).items():
-            yield Entry(name, _unpack(packed), *row)
+        for (chain, scope), rows in list(self._chains.items()):
+            if chain == name:
+                for packed, row in rows.items():
+                    yield self._entry(name, _unpack(packed), scope, row)
 
 
 @dataclass(frozen=True)
@@ -173,21 +226,50 @@ class _Batch:
 
 
 def kernel_ops(before: Entry | None, after: Entry | None, expires_in_kernel: bool = False) -> list[Op]:
-    """The backend operations that turn `before` into `after` for one key.
+    """The backend operations that turn the atom `before` into `after` for one key (for blocks with port lists,
+    one (chain, network, proto): see group_atom).
 
     Only a backend whose kernel expires entries needs to hear of a new expiry; for
     iptables the worker's own expiry is the only clock.
     """
-    if before is not None and after is not None and before.target == after.target:
+    if before is not None and after is not None and before.target == after.target and before.scope == after.scope:
         if expires_in_kernel and before.expires_at != after.expires_at:
-            return [Add(after.chain, after.network, after.target, after.expires_at, replaces=True)]
+            return [Add(after.chain, after.network, after.target, after.expires_at, after.scope, replaces=True)]
         return []
     ops: list[Op] = []
     if before is not None:
-        ops.append(Remove(before.chain, before.network, before.target))
+        ops.append(Remove(before.chain, before.network, before.target, before.scope))
     if after is not None:
-        ops.append(Add(after.chain, after.network, after.target, after.expires_at))
+        ops.append(Add(after.chain, after.network, after.target, after.expires_at, after.scope))
     return ops
+
+
+def atom_changes(entries: _Entries, changed: Mapping[Key, tuple[Entry | None, Entry | None]]
+                 ) -> list[tuple[str, Entry | None, Entry | None]]:
+    """(chain, atom before, atom after) for each kernel atom that `changed` (a batch's changes to the committed
+    `entries`) touches: a block without a port list is its own atom; the blocks with port lists of one (chain,
+    network, proto) share one."""
+    out: list[tuple[str, Entry | None, Entry | None]] = []
+    groups: dict[_Group, dict[Key, Entry | None]] = {}
+    for key, (before, after) in changed.items():
+        scope = key[2]
+        if scope is None or not scope.ports:
+            out.append((key[0], before, after))
+        else:
+            groups.setdefault((key[0], key[1], scope.proto), {})[key] = after
+    for (chain, network, proto), afters in groups.items():
+        committed = {e.key: e for e in entries.group(chain, network, proto)}
+        now = {**committed, **afters}
+        out.append((chain, group_atom(committed.values()),
+                    group_atom(e for e in now.values() if e is not None)))
+    return out
+
+
+def _listing_order(entry: Entry) -> tuple[Any, ...]:
+    """Family, network, then all traffic before a protocol, and a protocol's every port before its port lists."""
+    scope = entry.scope
+    return (entry.network.version, entry.network, scope is not None,
+            ("", ()) if scope is None else (scope.proto, scope.ports))
 
 
 class Worker:
@@ -201,9 +283,9 @@ class Worker:
         # MAX_QUEUE is checked by submit.
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._entries = _Entries()
-        # (expires_at, tie-breaker, chain, packed network): the counter keeps the comparison from reaching
+        # (expires_at, tie-breaker, chain, scope, packed network): the counter keeps the comparison from reaching
         # the chain when a bulk load gives many entries the same expiry.
-        self._expiry: list[tuple[float, int, str, int]] = []
+        self._expiry: list[tuple[float, int, str, Scope | None, int]] = []
         self._ties = itertools.count()
         self._purge: list[Entry] = []  # tombstones whose kernel removal is done
         self._retry_at = 0.0  # expiries are not tried before this (clock time) after a failed batch
@@ -338,17 +420,17 @@ class Worker:
         if now < self._retry_at:
             return due
         while self._expiry and self._expiry[0][0] <= now:
-            expires_at, _, chain, packed = heapq.heappop(self._expiry)
+            expires_at, _, chain, scope, packed = heapq.heappop(self._expiry)
             # The heap is lazy: an entry whose expiry changed or that is gone has a stale heap item.
-            if self._entries.next_due(chain, packed) == expires_at:
-                due.append((chain, _unpack(packed)))
+            if self._entries.next_due(chain, scope, packed) == expires_at:
+                due.append((chain, _unpack(packed), scope))
         return due
 
     def _schedule(self, entry: Entry) -> None:
         """Wake up when the entry's first claim expires: the entry goes then, or only that claim."""
         due = _next_due(entry.expires_at, entry.claims)
         if due is not None:
-            heapq.heappush(self._expiry, (due, next(self._ties), entry.chain, _pack(entry.network)))
+            heapq.heappush(self._expiry, (due, next(self._ties), entry.chain, entry.scope, _pack(entry.network)))
 
     def _take_purges(self) -> list[Entry]:
         purges, self._purge = self._purge, []
@@ -412,7 +494,7 @@ class Worker:
                 return self._block(batch, cmd)
             case BulkBlock():
                 return [self._block(batch, Block(cmd.chain, network, cmd.expires_at, cmd.actor, cmd.client,
-                                                 cmd.owner))
+                                                 cmd.owner, cmd.scope))
                         for network in cmd.networks]
             case Unblock():
                 return self._unblock(batch, cmd)
@@ -420,7 +502,7 @@ class Worker:
                 self._expire(batch, cmd.key)
                 return None
             case Lookup():
-                return batch.get((cmd.chain, cmd.network))
+                return batch.get((cmd.chain, cmd.network, cmd.scope))
             case ListChain():
                 return self._list(batch, cmd.chain)
             case Reconfigure():
@@ -431,27 +513,29 @@ class Worker:
     def _block(self, batch: _Batch, cmd: Block) -> Blocked:
         """Add the claimant's claim, or refresh it: its new expiry replaces its old one, and no one else's."""
         now = self._clock()
-        key: Key = (cmd.chain.name, cmd.network)
+        key: Key = (cmd.chain.name, cmd.network, cmd.scope)
         old = batch.get(key)
         owner = cmd.claimant
         if old is None:
-            new = Entry(cmd.chain.name, cmd.network, cmd.chain.target, now, cmd.expires_at, owner)
+            new = Entry(cmd.chain.name, cmd.network, cmd.chain.target, now, cmd.expires_at, owner, (), cmd.scope)
             result = "created"
         else:
             mine = old.claim(owner)
             others = [c for c in old.all_claims if c.owner != owner]
             claim = Claim(owner, now if mine is None else mine.created_at, cmd.expires_at)
-            new = Entry.of(old.chain, old.network, old.target, old.created_at, old.created_by, others + [claim])
+            new = Entry.of(old.chain, old.network, old.target, old.created_at, old.created_by, others + [claim],
+                           old.scope)
             result = "claimed" if mine is None else "exists"
         batch.set(key, new)
         timeout = "permanent" if cmd.expires_at is None else str(max(0, round(cmd.expires_at - now)))
-        batch.audits.append((cmd.actor, cmd.client, "block", cmd.chain.name, cmd.network, owner, timeout, result))
+        batch.audits.append((cmd.actor, cmd.client, "block", cmd.chain.name, cmd.network, owner, timeout, result,
+                             cmd.scope))
         return Blocked(created=old is None, entry=new)
 
     def _unblock(self, batch: _Batch, cmd: Unblock) -> Unblocked:
         """Release the claimant's claim (every claim with override), and the adopted one, which is nobody's;
         the entry goes with its last claim."""
-        key: Key = (cmd.chain.name, cmd.network)
+        key: Key = (cmd.chain.name, cmd.network, cmd.scope)
         old = batch.get(key)
         owner = cmd.claimant
         answer: Unblocked
@@ -465,10 +549,11 @@ class Worker:
         elif len(kept) == len(old.all_claims):
             answer, result = Unblocked(deleted=False, entry=old, released=False), "not_held"
         else:
-            new = Entry.of(old.chain, old.network, old.target, old.created_at, old.created_by, kept)
+            new = Entry.of(old.chain, old.network, old.target, old.created_at, old.created_by, kept, old.scope)
             batch.set(key, new)
             answer, result = Unblocked(deleted=False, entry=new, released=True), "released"
-        batch.audits.append((cmd.actor, cmd.client, "unblock", cmd.chain.name, cmd.network, owner, "-", result))
+        batch.audits.append((cmd.actor, cmd.client, "unblock", cmd.chain.name, cmd.network, owner, "-", result,
+                             cmd.scope))
         return answer
 
     def _expire(self, batch: _Batch, key: Key) -> None:
@@ -482,17 +567,18 @@ class Worker:
         if not gone:
             return
         if kept:
-            batch.set(key, Entry.of(old.chain, old.network, old.target, old.created_at, old.created_by, kept))
+            batch.set(key, Entry.of(old.chain, old.network, old.target, old.created_at, old.created_by, kept,
+                                    old.scope))
         else:
             batch.set(key, None)
         for i, claim in enumerate(gone, 1):
             batch.audits.append(("-", "-", "expire", old.chain, old.network, claim.owner, "-",
-                                 "deleted" if not kept and i == len(gone) else "released"))
+                                 "deleted" if not kept and i == len(gone) else "released", old.scope))
 
     def _list(self, batch: _Batch, chain: str) -> list[Entry]:
-        view: dict[Network, Entry | None] = {e.network: e for e in self._entries.chain(chain)}
-        view.update((k[1], e) for k, e in batch.after.items() if k[0] == chain)
-        return sorted((e for e in view.values() if e is not None), key=lambda e: (e.network.version, e.network))
+        view: dict[Key, Entry | None] = {e.key: e for e in self._entries.chain(chain)}
+        view.update((k, e) for k, e in batch.after.items() if k[0] == chain)
+        return sorted((e for e in view.values() if e is not None), key=_listing_order)
 
     def _refused(self, items: list[_Item], answers: list[_Answer], changes: int, exc: Exception) -> None:
         """The store or the kernel refused the batch, and nothing changed. Called in the except clause."""
@@ -525,6 +611,7 @@ class Worker:
         try:
             self._chains = {c.name: c for c in cmd.chains}
             self._kernel_check = cmd.kernel_check
+            self._next_check = min(self._next_check, time.monotonic() + cmd.kernel_check)
             self._reconcile()
         except Exception as exc:
             logger.exception("reconcile after reload failed")
@@ -536,7 +623,7 @@ class Worker:
         puts = [after for _, after in changed.values() if after is not None]
         removes = [before for before, after in changed.values() if after is None and before is not None]
         self._safe_write(puts, removes, self._take_purges())
-        ops = [op for (chain, _), (before, after) in changed.items()
+        ops = [op for chain, before, after in atom_changes(self._entries, changed)
                for op in kernel_ops(before, after, self._backend.expires_in_kernel(chain))]
         try:
             if ops:
@@ -568,32 +655,25 @@ class Worker:
         kernel = dict(self._backend.read(sorted(names)))
         now = self._clock()
         entries = _Entries()
-        ops: list[Op] = []
         removes: list[Entry] = []
         adopted: list[Entry] = []
-        for e in loaded.tombstones:
-            if e.key in kernel:
-                ops.append(Remove(e.chain, e.network, kernel.pop(e.key)))
         kept: list[Entry] = []
         retargeted: list[Entry] = []
         for e in loaded.entries:
             if e.expires_at is not None and e.expires_at <= now:
                 removes.append(e)
-                present = kernel.pop(e.key, None)
-                if present is not None:
-                    ops.append(Remove(e.chain, e.network, present))
                 for i, c in enumerate(e.all_claims, 1):
                     _audit("-", "-", "expire", e.chain, e.network, c.owner, "-",
-                           "deleted" if i == len(e.all_claims) else "released")
+                           "deleted" if i == len(e.all_claims) else "released", e.scope)
                 continue
             changed = False
             if e.claims and any(c.expires_at is not None and c.expires_at <= now for c in e.claims):
                 # Claims that ran out while the daemon was down; a later one, or a permanent one, still holds.
                 for c in e.claims:
                     if c.expires_at is not None and c.expires_at <= now:
-                        _audit("-", "-", "expire", e.chain, e.network, c.owner, "-", "released")
+                        _audit("-", "-", "expire", e.chain, e.network, c.owner, "-", "released", e.scope)
                 e = Entry.of(e.chain, e.network, e.target, e.created_at, e.created_by,
-                             [c for c in e.claims if c.expires_at is None or c.expires_at > now])
+                             [c for c in e.claims if c.expires_at is None or c.expires_at > now], e.scope)
                 changed = True
             config = self._chains.get(e.chain)
             if config is not None and e.target != config.target and self._backend.shares_target(e.chain):
@@ -607,14 +687,9 @@ class Worker:
         # kernel's listing, the ops) still lives: mixed in with it, they would keep its memory from going back.
         for e in kept:
             entries[e.key] = e
-        for e in kept:
-            present = kernel.pop(e.key, None)
-            if present is None:
-                ops.append(Add(e.chain, e.network, e.target, e.expires_at))
-            elif present != e.target:
-                ops += [Remove(e.chain, e.network, present), Add(e.chain, e.network, e.target, e.expires_at)]
-        for (chain, network), target in kernel.items():
-            entry = Entry(chain, network, target, now, None, ADOPTED)  # one permanent claim, nobody's
+        ops = self._kernel_diff(kept, loaded.tombstones + removes, kernel, entries)
+        for (chain, network, scope), target in kernel.items():
+            entry = Entry(chain, network, target, now, None, ADOPTED, (), scope)  # one permanent claim, nobody's
             entries[entry.key] = entry
             adopted.append(entry)
         restored = sum(isinstance(op, Add) for op in ops)
@@ -634,3 +709,46 @@ class Worker:
             self._schedule(e)
         logger.info("reconciled %d blocks: %d re-added, %d expired, %d adopted, %d removals finished",
                     len(entries), restored, len(removes), len(adopted), len(loaded.tombstones))
+
+    @staticmethod
+    def _kernel_diff(kept: list[Entry], gone: list[Entry], kernel: dict[Key, str], entries: _Entries) -> list[Op]:
+        """The ops that give the kernel the atoms of `kept` and none of `gone`'s (tombstones, expired); what they
+        leave in `kernel` is what no block accounts for (the caller adopts it)."""
+        ops: list[Op] = []
+        # The kernel's atoms with port lists, by (chain, network, proto): their ports may differ from the store's.
+        ported: dict[_Group, Key] = {(k[0], k[1], k[2].proto): k for k in kernel if k[2] is not None and k[2].ports}
+
+        def take(chain: str, atom: Entry | None, key: Key) -> None:
+            scope = key[2]
+            present_key = ported.pop((chain, key[1], scope.proto), None) if scope is not None and scope.ports else key
+            present = None if present_key is None else kernel.pop(present_key, None)
+            if present is None:
+                if atom is not None:
+                    ops.append(Add(chain, atom.network, atom.target, atom.expires_at, atom.scope))
+                return
+            assert present_key is not None
+            if atom is None:
+                ops.append(Remove(chain, present_key[1], present, present_key[2]))
+            elif present != atom.target or present_key[2] != atom.scope:
+                ops.append(Remove(chain, present_key[1], present, present_key[2]))
+                ops.append(Add(chain, atom.network, atom.target, atom.expires_at, atom.scope))
+
+        groups: set[_Group] = set()
+        for e in kept:
+            if _has_ports(e.scope):
+                assert e.scope is not None
+                groups.add((e.chain, e.network, e.scope.proto))
+            else:
+                take(e.chain, e, e.key)
+        for chain, network, proto in groups:
+            atom = group_atom(entries.group(chain, network, proto))
+            assert atom is not None
+            take(chain, atom, atom.key)
+        for e in gone:
+            if _has_ports(e.scope):
+                assert e.scope is not None
+                if (e.chain, e.network, e.scope.proto) not in groups:
+                    take(e.chain, None, e.key)
+            else:
+                take(e.chain, None, e.key)
+        return ops

@@ -21,6 +21,7 @@ from webiptd.http.responses import INTERNAL_ERROR, NOT_FOUND, UNAUTHORIZED, Resp
 from webiptd.http.wire import parse_target
 from webiptd.log import Reason
 from webiptd.net import Address, Network, client_key, parse_item, parse_segments
+from webiptd.scope import IPSET_MAX_PORTS, IPSET_PORT_PROTOCOLS, Scope, parse_scope
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -81,6 +82,18 @@ class Request:
     body: bytes
 
 
+@dataclass(frozen=True)
+class Target:
+    """What a /chain/... request names. The owner is "" for the user's own claim, `user/label` with ?owner=label,
+    and "*" for DELETE ?owner=*; the scope is None for all traffic."""
+
+    chain: Chain
+    network: Network | None
+    timeout: int | None
+    owner: str
+    scope: Scope | None
+
+
 def parse_owner(pairs: list[tuple[str, str]], every: bool = False) -> tuple[str | None, list[tuple[str, str]]]:
     """The `owner` label of a write's query, None when there is none, and the query's other pairs. "*" (every
     claim) only with `every` (DELETE); whether the user may is the route's to check."""
@@ -99,6 +112,32 @@ def parse_owner(pairs: list[tuple[str, str]], every: bool = False) -> tuple[str 
     return owners[0], rest
 
 
+def parse_scope_query(pairs: list[tuple[str, str]]) -> tuple[Scope | None, list[tuple[str, str]]]:
+    """The `proto` and `port` of a query (fail2ban's port format, see scope.parse_scope), None for all traffic, and
+    the query's other pairs."""
+    found = {name: [v for k, v in pairs if k == name] for name in ("proto", "port")}
+    for name, values in found.items():
+        if len(values) > 1:
+            raise ValueError(f"give {name} at most once")
+    rest = [(k, v) for k, v in pairs if k not in found]
+    return parse_scope(*(values[0] if values else None for values in found.values())), rest
+
+
+def scope_refusal(chain: Chain, scope: Scope | None) -> str | None:
+    """Why the chain's backend cannot hold `scope`, in a sentence; None when it can. ipset stores a port list one
+    element a port, and matches ports of tcp, udp, sctp and udplite only (ipset(8), hash:net,port)."""
+    if chain.backend != "ipset" or scope is None or not scope.ports:
+        return None
+    if scope.proto not in IPSET_PORT_PROTOCOLS:
+        return (f"chain {chain.name!r} uses the ipset backend, which matches ports of "
+                f"{', '.join(IPSET_PORT_PROTOCOLS)} only; leave port out to block every {scope.proto} port")
+    if scope.port_count > IPSET_MAX_PORTS:
+        return (f"chain {chain.name!r} uses the ipset backend, which keeps each port as an element: a block covers at "
+                f"most {IPSET_MAX_PORTS} ports there, and this one covers {scope.port_count}; leave port out to block "
+                f"every {scope.proto} port")
+    return None
+
+
 def parse_timeout(pairs: list[tuple[str, str]]) -> int | None:
     """The PUT query without its owner: `timeout` or its rfw alias `expire`, in seconds; -1, 0 or none is
     permanent."""
@@ -106,7 +145,8 @@ def parse_timeout(pairs: list[tuple[str, str]]) -> int | None:
     seen = [k for k, _ in pairs]
     unknown = [k for k in seen if k not in allowed]
     if unknown:
-        raise ValueError(f"unknown query parameter {unknown[0]!r}; PUT accepts timeout (alias expire) and owner")
+        raise ValueError(f"unknown query parameter {unknown[0]!r}; PUT accepts timeout (alias expire), owner, proto "
+                         "and port")
     if len(seen) > 1:
         raise ValueError("give timeout (or expire) at most once")
     if not pairs:
@@ -178,36 +218,36 @@ class App:
         target = self._target(req)
         if isinstance(target, Response):
             return target
-        chain, _, _, _ = target
-        entries = self._wait(req.gen, self.runtime.worker.submit(ListChain(chain.name)))
+        entries = self._wait(req.gen, self.runtime.worker.submit(ListChain(target.chain.name)))
         if isinstance(entries, Response):
             return entries
-        return Response(200, {"chain": chain.name, "entries": [e.to_json() for e in entries]})
+        return Response(200, {"chain": target.chain.name, "entries": [e.to_json() for e in entries]})
 
     def _lookup(self, req: Request) -> Response:
         target = self._target(req)
         if isinstance(target, Response):
             return target
-        chain, network, _, _ = target
+        chain, network = target.chain, target.network
         assert network is not None
-        found = self._wait(req.gen, self.runtime.worker.submit(Lookup(chain.name, network)))
+        found = self._wait(req.gen, self.runtime.worker.submit(Lookup(chain.name, network, target.scope)))
         if isinstance(found, Response):
             return found
         if found is None:
-            return error("not_blocked", f"{network} is not blocked in chain {chain.name!r}")
+            what = "" if target.scope is None else f" for {target.scope}"
+            return error("not_blocked", f"{network} is not blocked{what} in chain {chain.name!r}")
         return Response(200, found.to_json())
 
     def _block(self, req: Request) -> Response:
         target = self._target(req)
         if isinstance(target, Response):
             return target
-        chain, network, timeout, owner = target
+        chain, network, timeout = target.chain, target.network, target.timeout
         assert network is not None
-        refused = self._never_block(req.gen, network)
+        refused = self._never_block(req.gen, chain, network)
         if refused is not None:
             return refused
         expires_at = None if timeout is None else self.clock() + timeout
-        command = Block(chain, network, expires_at, req.user.name, str(req.client), owner)
+        command = Block(chain, network, expires_at, req.user.name, str(req.client), target.owner, target.scope)
         result = self._wait(req.gen, self.runtime.worker.submit(command))
         if isinstance(result, Response):
             return result
@@ -217,13 +257,13 @@ class App:
         target = self._target(req)
         if isinstance(target, Response):
             return target
-        chain, network, _, owner = target
+        chain, network, owner = target.chain, target.network, target.owner
         assert network is not None
         every = owner == EVERY_OWNER
         if every and not req.user.override:
             return error("forbidden", f"user {req.user.name!r} may not remove every claim (owner=*): it needs "
                                       "override")
-        command = Unblock(chain, network, req.user.name, str(req.client), "" if every else owner, every)
+        command = Unblock(chain, network, req.user.name, str(req.client), "" if every else owner, every, target.scope)
         result = self._wait(req.gen, self.runtime.worker.submit(command))
         if isinstance(result, Response):
             return result
@@ -238,7 +278,7 @@ class App:
         target = self._target(req)
         if isinstance(target, Response):
             return target
-        chain, _, timeout, owner = target
+        chain, timeout = target.chain, target.timeout
         gen = req.gen
         limit = gen.config.limits.max_bulk_items
         try:
@@ -261,7 +301,7 @@ class App:
             except ValueError as exc:
                 result.update(status=400, error="bad_address", message=str(exc))
                 continue
-            refused = self._never_block(gen, network)
+            refused = self._never_block(gen, chain, network)
             if refused is not None:
                 result.update(status=refused.status, **refused.body)
                 continue
@@ -269,7 +309,7 @@ class App:
         if wanted:
             expires_at = None if timeout is None else self.clock() + timeout
             command = BulkBlock(chain, tuple(n for _, n in wanted), expires_at, req.user.name, str(req.client),
-                                owner)
+                                target.owner, target.scope)
             # A large batch takes longer in the worker; allow it about 2 ms an item on top.
             done = self._wait(gen, self.runtime.worker.submit(command), extra_time=len(wanted) / 500)
             if isinstance(done, Response):
@@ -282,11 +322,9 @@ class App:
 
     # -- what the routes share -----------------------------------------------------------------------------
 
-    def _target(self, req: Request) -> tuple[Chain, Network | None, int | None, str] | Response:
-        """The chain, network, timeout and claim owner a /chain/... request names, checked in a fixed order: the
-        chain's name, the network, the query, the user's rights to the chain, that it is managed, and read-only.
-
-        The owner is "" for the user's own claim, `user/label` with ?owner=label, and "*" for DELETE ?owner=*."""
+    def _target(self, req: Request) -> Target | Response:
+        """What a /chain/... request names, checked in a fixed order: the chain's name, the network, the query, the
+        user's rights to the chain, that it is managed, read-only, and that the chain's backend can hold the scope."""
         segments = req.segments
         name = segments[1]
         if not CHAIN_NAME_RE.match(name):
@@ -299,19 +337,27 @@ class App:
                 return error("bad_address", str(exc))
         timeout = None
         label: str | None = None
-        if req.method in WRITES:
-            try:
-                label, rest = parse_owner(req.query, every=req.method == "DELETE")
+        scope: Scope | None = None
+        query = req.query
+        try:
+            if network is not None or req.method == "POST":
+                scope, query = parse_scope_query(query)
+            elif any(k in ("proto", "port") for k, _ in query):
+                raise ValueError("proto and port name one entry (or, on POST, every item's); a listing shows "
+                                 "every entry")
+            if req.method in WRITES:
+                label, rest = parse_owner(query, every=req.method == "DELETE")
                 if req.method == "DELETE":
                     if rest:
-                        raise ValueError(f"unknown query parameter {rest[0][0]!r}; DELETE accepts owner")
+                        raise ValueError(f"unknown query parameter {rest[0][0]!r}; DELETE accepts owner, proto "
+                                         "and port")
                 else:
                     timeout = parse_timeout(rest)
-            except ValueError as exc:
-                return error("bad_query", str(exc))
-        elif any(k == "owner" for k, _ in req.query):
-            return error("bad_query", "owner is for PUT, DELETE and POST; a lookup or a listing shows every claim")
-        elif (bad := self._no_query(req.query)) is not None:
+            elif any(k == "owner" for k, _ in query):
+                raise ValueError("owner is for PUT, DELETE and POST; a lookup or a listing shows every claim")
+        except ValueError as exc:
+            return error("bad_query", str(exc))
+        if req.method not in WRITES and (bad := self._no_query(query)) is not None:
             return bad
         user = req.user
         # The user's rights first: a user learns nothing about chains outside its patterns, not even
@@ -323,16 +369,20 @@ class App:
             return error("unknown_chain", f"chain {name!r} is not managed by web-ipt-d")
         if req.method in WRITES and user.read_only:
             return error("read_only", f"user {user.name!r} is read-only")
+        refusal = scope_refusal(chain, scope)
+        if refusal is not None:
+            return error("bad_query", refusal)
         owner = "" if label is None else EVERY_OWNER if label == EVERY_OWNER else f"{user.name}/{label}"
-        return chain, network, timeout, owner
+        return Target(chain, network, timeout, owner, scope)
 
     @staticmethod
-    def _never_block(gen: Generation, network: Network) -> Response | None:
-        """The 409 for a network that overlaps never_block, or None."""
-        protected = gen.config.protected_by(network)
+    def _never_block(gen: Generation, chain: Chain, network: Network) -> Response | None:
+        """The 409 for a network that overlaps never_block (never_allow, in an allow chain), or None."""
+        protected = gen.config.protected_by(network, chain.target)
         if protected is None:
             return None
-        return error("never_block", f"{network} overlaps {protected}, which is in never_block")
+        rule = "never_allow" if chain.target == "ACCEPT" else "never_block"
+        return error(rule, f"{network} overlaps {protected}, which is in {rule}")
 
     @staticmethod
     def _no_query(query: list[tuple[str, str]]) -> Response | None:

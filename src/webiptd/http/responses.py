@@ -30,6 +30,7 @@ ERRORS: dict[str, int] = {
     "not_blocked": 404,
     "method_not_allowed": 405,
     "never_block": 409,
+    "never_allow": 409,
     "too_large": 413,  # a body, or a bulk list, over its limit
     "uri_too_long": 414,
     "throttled": 429,

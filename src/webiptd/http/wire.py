@@ -25,6 +25,10 @@ QUERY_VALUE_RE = re.compile(r"-?[0-9]{1,12}\Z")
 # The one parameter whose value is not a number: a claim's owner label, checked by the route (OWNER_LABEL_RE in
 # http/app.py) so that its error can say what a label is. Visible ASCII only, and short.
 OWNER_VALUE_RE = re.compile(r"[!-~]{0,128}\Z")
+# proto and port: words, numbers, ',' and ':' (fail2ban's port list), which a client may percent-encode (%2C, %3A);
+# checked by the route (scope.parse_scope) so that its error can say what is wrong.
+SCOPE_VALUE_RE = re.compile(r"(?:[A-Za-z0-9,:._+-]|%2[Cc]|%3[Aa]){0,512}\Z")
+TEXT_VALUES = {"owner": OWNER_VALUE_RE, "proto": SCOPE_VALUE_RE, "port": SCOPE_VALUE_RE}
 METHOD_RE = re.compile(r"^[A-Z]{1,16}\Z")
 REQUEST_LINE_RE = re.compile(rb"[!-~]+ [!-~]+ HTTP/1\.[0-9]\r?\n\Z")  # RFC 9112 section 3
 # RFC 9112 section 5: field-name is a token and ':' follows it at once; the value is visible ASCII, obs-text,
@@ -173,9 +177,11 @@ def parse_target(target: str) -> tuple[list[str], list[tuple[str, str]]]:
     if query:
         for item in query.split("&"):
             key, sep, value = item.partition("=")
-            value_re = OWNER_VALUE_RE if key == "owner" else QUERY_VALUE_RE
+            value_re = TEXT_VALUES.get(key, QUERY_VALUE_RE)
             if not sep or not QUERY_KEY_RE.match(key) or not value_re.match(value):
                 raise ValueError(f"malformed query parameter {item[:40]!r}")
+            if value_re is SCOPE_VALUE_RE and "%" in value:
+                value = PERCENT_RE.sub(lambda m: chr(int(m.group(1), 16)), value)
             pairs.append((key, value))
     return segments, pairs
 
