@@ -312,7 +312,9 @@ class Reply:
         self.status = status
         self.headers = headers
         self.raw = body
-        self.json: Any = json.loads(body) if body else None
+        # JSON, except the metrics' text format (and anything else not JSON)
+        json_body = "json" in (headers.get("Content-Type") or "application/json")
+        self.json: Any = json.loads(body) if body and json_body else None
 
     def __repr__(self) -> str:
         return f"<Reply {self.status} {self.raw[:300]!r}>"

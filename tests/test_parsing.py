@@ -7,6 +7,7 @@ firewall itself is covered by the namespace tests.
 from __future__ import annotations
 
 import base64
+import json
 import ipaddress
 from concurrent.futures import Future
 from pathlib import Path
@@ -340,8 +341,10 @@ def call(tmp_path: Path) -> Client:
 def test_route_table() -> None:
     assert {key: tuple(methods) for key, methods in ROUTES.items()} == {
         ("health", 1): ("GET", "HEAD"),
+        ("openapi.json", 1): ("GET", "HEAD"),
         ("version", 1): ("GET", "HEAD"),
         ("chains", 1): ("GET", "HEAD"),
+        ("metrics", 1): ("GET", "HEAD"),
         ("chain", 2): ("GET", "HEAD", "POST"),
         ("chain", 4): ("GET", "HEAD", "PUT", "DELETE"),
         ("chain", 5): ("GET", "HEAD", "PUT", "DELETE"),
@@ -809,3 +812,28 @@ def test_override_is_a_user_key(tmp_path: Path) -> None:
            "chains": {"f2b-web": {}}}
     with pytest.raises(ConfigError, match="users.x.override"):
         from_mapping(raw, tmp_path / "config.yaml")
+
+
+def test_the_openapi_document_is_served_without_credentials(call: Client) -> None:
+    r = call("GET", "/openapi.json", user=None)
+    assert r.status == 200 and r.raw is not None and r.content_type == "application/json"
+    document = json.loads(r.raw)
+    assert document["openapi"].startswith("3.1") and "/chain/{chain}/ipv4/{address}" in document["paths"]
+    assert call("PUT", "/openapi.json", user=None).status == 405
+    assert call.worker.commands == []
+
+
+@pytest.mark.parametrize("query, pairs", [
+    ("owner=%2A", [("owner", "*")]),                   # what URL libraries send for owner=*
+    ("owner=jail%3Asshd", [("owner", "jail:sshd")]),
+    ("proto=tcp&port=22%2C80%3A90", [("proto", "tcp"), ("port", "22,80:90")]),
+    ("port=a%2Bb", [("port", "a+b")]),
+])
+def test_text_query_values_may_be_percent_encoded_and_are_decoded_once(query: str, pairs: list[Any]) -> None:
+    assert parse_target(f"/x?{query}")[1] == pairs
+
+
+@pytest.mark.parametrize("query", ["owner=%20", "owner=%7F", "owner=%0A", "owner=%", "owner=%2", "timeout=%31"])
+def test_encoded_query_values_outside_visible_ascii_are_refused(query: str) -> None:
+    with pytest.raises(ValueError):
+        parse_target(f"/x?{query}")

@@ -263,6 +263,11 @@ SCHEMA: Mapping[str, Option | Section] = MappingProxyType({
                 False, _bool,
                 "true lets this user remove every claim on a block at once (DELETE with\n"
                 "owner=*), whoever holds them; false: a user removes only its own claims."),
+            "metrics": Option(
+                False, _bool,
+                "true lets this user read GET /metrics (Prometheus' text format): counts\n"
+                "and timings of requests, entries per chain, the worker, connection slots.\n"
+                "A scraper's user needs no chains: chains: [] and metrics: true."),
         }, named="fail2ban"),
     "chains": Section(
         "The chains web-ipt-d manages. web-ipt-d is the only writer of what it makes\n"
@@ -421,6 +426,7 @@ class User:
     allow_from: tuple[Network, ...]
     read_only: bool
     override: bool = _default("users", "override")
+    metrics: bool = _default("users", "metrics")
 
     def may_use(self, chain: str) -> bool:
         return any(fnmatch.fnmatchcase(chain, pattern) for pattern in self.chains)

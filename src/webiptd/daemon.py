@@ -23,6 +23,7 @@ from webiptd.commands import Reconfigure
 from webiptd.config import Config, ConfigError
 from webiptd.http.app import App, Generation, Runtime
 from webiptd.http.server import EXPIRE_EVERY, Server
+from webiptd.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,9 @@ class Daemon:
             return EXIT_STORE
         socks = self.sockets if self.sockets is not None else open_listeners(config)
         backend = ByChain(config.chains.values())
-        worker = Worker(backend, store, config.chains.values(), kernel_check=config.limits.kernel_check)
+        metrics = Metrics()
+        worker = Worker(backend, store, config.chains.values(), kernel_check=config.limits.kernel_check,
+                        metrics=metrics)
         try:
             worker.start()
         except BaseException:
@@ -140,7 +143,7 @@ class Daemon:
             backend.close()
             raise
         release_memory()
-        runtime = Runtime(Generation(config, Authenticator(config.users)), worker)
+        runtime = Runtime(Generation(config, Authenticator(config.users)), worker, metrics=metrics)
         app = App(runtime)
         servers = [Server(sock, runtime, app) for sock in socks]
         for srv in servers:

@@ -24,6 +24,7 @@ from webiptd.config import ADOPTED, Chain, Limits
 from webiptd.firewall.backend import Backend
 from webiptd.firewall.ops import Add, CapacityExceeded, Key, Op, Remove
 from webiptd.firewall.pending import Pending
+from webiptd.metrics import Metrics
 from webiptd.net import Network, compact
 from webiptd.scope import Scope, union
 from webiptd.state import Store
@@ -169,6 +170,14 @@ class _Entries:
     def __len__(self) -> int:
         return self._count
 
+    def entry_counts(self) -> dict[str, int]:
+        """How many entries each chain has. The dicts are copied by C code, which another thread cannot change
+        half-way."""
+        counts: dict[str, int] = {}
+        for (chain, _), rows in list(self._chains.items()):
+            counts[chain] = counts.get(chain, 0) + len(rows)
+        return counts
+
     def counts(self) -> dict[str, int]:
         """How many kernel atoms each chain has: one per block, but one per (network, proto) for the blocks with
         port lists (see group_atom)."""
@@ -210,6 +219,7 @@ class _Batch:
     before: dict[Key, Entry | None] = field(default_factory=dict)
     after: dict[Key, Entry | None] = field(default_factory=dict)
     audits: list[tuple[Any, ...]] = field(default_factory=list)
+    expired: set[Key] = field(default_factory=set)  # the keys whose entries went at their expiry
     reconfigure: Reconfigure | None = None  # taken once the batch is committed
 
     def get(self, key: Key) -> Entry | None:
@@ -274,8 +284,10 @@ def _listing_order(entry: Entry) -> tuple[Any, ...]:
 
 class Worker:
     def __init__(self, backend: Backend, store: Store, chains: Iterable[Chain],
-                 clock: Callable[[], float] = time.time, kernel_check: float = Limits.kernel_check):
+                 clock: Callable[[], float] = time.time, kernel_check: float = Limits.kernel_check,
+                 metrics: Metrics | None = None):
         self._backend = backend
+        self.metrics = metrics or Metrics()
         self._store = store
         self._chains: dict[str, Chain] = {c.name: c for c in chains}
         self._clock = clock
@@ -342,6 +354,13 @@ class Worker:
     def count(self) -> int:
         return len(self._entries)
 
+    def entry_counts(self) -> dict[str, int]:
+        """Entries per chain, for a scrape from another thread: a snapshot, at a cost that does not grow with them."""
+        return self._entries.entry_counts()
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
     # -- the worker thread --------------------------------------------------------
 
     def _run(self) -> None:
@@ -396,6 +415,7 @@ class Worker:
             return
         if missing is not None:
             logger.warning("the firewall lost blocks behind our back (%s); putting them back", missing)
+            self.metrics.kernel_repairs.inc()
             self._resync = True
 
     def _next_batch(self) -> list[_Item]:
@@ -450,14 +470,19 @@ class Worker:
         """Execute the commands against one batch, commit what it changed (store, then kernel), audit it,
         take a new configuration, and answer."""
         batch = _Batch(self._entries)
+        self.metrics.batch_size.observe(len(items))
         answers = self._execute_all(batch, items)
         changes = batch.changes()
         if changes:
+            started = time.perf_counter()
             try:
                 self._commit(changes)
             except Exception as exc:
+                self.metrics.batch_failures.inc()
                 self._refused(items, answers, len(changes), exc)
                 return
+            self.metrics.commit_seconds.observe(time.perf_counter() - started)
+            self._count_changes(changes, batch.expired)
         # Every acknowledged write is audited, also one that changed nothing (a block then an unblock
         # in one batch, an unblock of an absent network).
         with log.batch():
@@ -471,6 +496,14 @@ class Worker:
                 fut.set_exception(reconfigure_error)
             else:
                 fut.set_result(result)
+
+    def _count_changes(self, changes: Mapping[Key, tuple[Entry | None, Entry | None]], expired: set[Key]) -> None:
+        metrics = self.metrics
+        for key, (before, after) in changes.items():
+            if before is None and after is not None:
+                metrics.blocks_added.labels(key[0]).inc()
+            elif after is None and before is not None:
+                (metrics.blocks_expired if key in expired else metrics.blocks_removed).labels(key[0]).inc()
 
     def _execute_all(self, batch: _Batch, items: list[_Item]) -> list[_Answer]:
         answers: list[_Answer] = []
@@ -571,6 +604,7 @@ class Worker:
                                     old.scope))
         else:
             batch.set(key, None)
+            batch.expired.add(key)
         for i, claim in enumerate(gone, 1):
             batch.audits.append(("-", "-", "expire", old.chain, old.network, claim.owner, "-",
                                  "deleted" if not kept and i == len(gone) else "released", old.scope))
@@ -649,6 +683,7 @@ class Worker:
         Rules of our shape found in a managed chain but not in the store are adopted
         as permanent blocks by `adopted`; they are never flushed.
         """
+        self.metrics.reconciles.inc()
         self._backend.prepare(self._chains.values())
         loaded = self._store.load()
         names = set(self._chains) | {e.chain for e in loaded.entries} | {e.chain for e in loaded.tombstones}

@@ -3,12 +3,16 @@ that parses, authorises and builds one command for the firewall worker."""
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
 import json
 import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
+
+import yaml
 
 from webiptd import __version__
 from webiptd.admission import Admission
@@ -20,6 +24,8 @@ from webiptd.firewall.worker import Worker
 from webiptd.http.responses import INTERNAL_ERROR, NOT_FOUND, UNAUTHORIZED, Response, error
 from webiptd.http.wire import parse_target
 from webiptd.log import Reason
+from webiptd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from webiptd.metrics import Metric, Metrics, states
 from webiptd.net import Address, Network, client_key, parse_item, parse_segments
 from webiptd.scope import IPSET_MAX_PORTS, IPSET_PORT_PROTOCOLS, Scope, parse_scope
 
@@ -41,8 +47,10 @@ NOT_ALLOWED = Reason("refused a user from client={source}: not in the user's all
 # (first path segment, number of segments) -> {method: route}. The route is App's method "_" + route.
 ROUTES: dict[tuple[str, int], dict[str, str]] = {
     ("health", 1): {"GET": "health", "HEAD": "health"},
+    ("openapi.json", 1): {"GET": "openapi", "HEAD": "openapi"},
     ("version", 1): {"GET": "version", "HEAD": "version"},
     ("chains", 1): {"GET": "chains", "HEAD": "chains"},
+    ("metrics", 1): {"GET": "metrics", "HEAD": "metrics"},
     ("chain", 2): {"GET": "list", "HEAD": "list", "POST": "bulk"},
     ("chain", 4): {"GET": "lookup", "HEAD": "lookup", "PUT": "block", "DELETE": "unblock"},
     ("chain", 5): {"GET": "lookup", "HEAD": "lookup", "PUT": "block", "DELETE": "unblock"},
@@ -61,12 +69,21 @@ class Generation:
 class Runtime:
     """The one mutable holder: the current generation (swapped whole), the throttle, admission and the worker."""
 
-    def __init__(self, generation: Generation, worker: Worker, throttle: FailureThrottle | None = None):
+    def __init__(self, generation: Generation, worker: Worker, throttle: FailureThrottle | None = None,
+                 metrics: Metrics | None = None):
         self.generation = generation
         self.worker = worker
         self.throttle = throttle or FailureThrottle()
         self.admission = Admission()
         self.stopping = False
+        self.metrics = metrics or Metrics()
+        self.metrics.watch(self._states)
+
+    def _states(self) -> Iterable[Metric]:
+        """What a scrape reads of the daemon's state (metrics.states)."""
+        worker = self.worker
+        return states(worker.entry_counts(), {c.name: c.backend for c in self.generation.config.chains.values()},
+                      worker.queue_depth(), max(0.0, time.monotonic() - worker.heartbeat), self.admission.counts())
 
 
 @dataclass(frozen=True)
@@ -159,6 +176,13 @@ def parse_timeout(pairs: list[tuple[str, str]]) -> int | None:
     return value
 
 
+@functools.cache
+def openapi_document() -> bytes:
+    """The API's OpenAPI document (the package's openapi.yaml, the one source) as JSON, made once."""
+    text = importlib.resources.files("webiptd").joinpath("openapi.yaml").read_text(encoding="utf-8")
+    return json.dumps(yaml.safe_load(text), separators=(",", ":")).encode()
+
+
 class App:
     """Turns one request into one Response. Never raises for anything a client sends."""
 
@@ -171,15 +195,19 @@ class App:
         """`client_cert_cn`: the subject CN of the client certificate the TLS handshake verified, if any.
         `body`: the request body, which only POST (bulk) uses. `generation`: the config snapshot the request
         is served under, taken once by the caller; the current one if not given."""
+        started = time.perf_counter()
+        route = ["none"]  # the route's name once known: the metrics' label
         try:
-            return self._handle(generation or self.runtime.generation, method, target, authorization, client,
-                                client_cert_cn, body)
+            response = self._handle(generation or self.runtime.generation, method, target, authorization, client,
+                                    client_cert_cn, body, route)
         except Exception:
             logger.exception("internal error on %s %s", method, target[:200])
-            return INTERNAL_ERROR
+            response = INTERNAL_ERROR
+        self.runtime.metrics.observe_request(route[0], method, response.status, time.perf_counter() - started)
+        return response
 
     def _handle(self, gen: Generation, method: str, target: str, authorization: str | None, client: Address,
-                client_cert_cn: str | None, body: bytes) -> Response:
+                client_cert_cn: str | None, body: bytes, label: list[str]) -> Response:
         if target == "/":
             return NOT_FOUND
         try:
@@ -191,9 +219,13 @@ class App:
             return NOT_FOUND
         route = routes.get(method)
         if route is None:
+            label[0] = segments[0]  # a known path (so a bounded label): chains, chain, ...
             return error("method_not_allowed", f"{method} is not allowed here", ("Allow", ", ".join(routes)))
+        label[0] = route
         if route == "health":
             return Response(200, {"status": "ok"})  # no credentials: for load balancers and monitors
+        if route == "openapi":  # no credentials: the API's shape, which the code on GitHub tells anyone anyway
+            return Response(200, {}, raw=openapi_document())
         user = self._authenticate(gen, authorization, client, client_cert_cn)
         if isinstance(user, Response):
             return user
@@ -204,6 +236,12 @@ class App:
         return handler(Request(gen, method, segments, query, user, client, body))
 
     # -- the routes ---------------------------------------------------------------------------------------
+
+    def _metrics(self, req: Request) -> Response:
+        if not req.user.metrics:
+            return error("forbidden", f"user {req.user.name!r} may not read the metrics: it needs metrics: true")
+        return self._no_query(req.query) or Response(200, {}, raw=self.runtime.metrics.render(),
+                                                     content_type=METRICS_CONTENT_TYPE)
 
     def _version(self, req: Request) -> Response:
         return self._no_query(req.query) or Response(200, {"version": __version__})
@@ -396,6 +434,7 @@ class App:
         limits = gen.config.limits
         wait = throttle.retry_after(client, self.clock())
         if wait is not None:
+            self.runtime.metrics.throttled.inc()
             return error("throttled", "too many failed logins from this address; try again later",
                          ("Retry-After", str(max(1, int(wait + 0.999)))))
         # tls.client_cert_auth: a verified certificate naming a user is enough. Credentials that are
@@ -413,6 +452,7 @@ class App:
                 events = self.runtime.admission.events
                 source = client_key(client)
                 events.event(AUTH_FAILED, source)
+                self.runtime.metrics.auth_failures.inc()
                 if throttle.record_failure(client, self.clock(), limits.auth_failures, limits.auth_window):
                     events.event(THROTTLED, source)
             return UNAUTHORIZED

@@ -10,9 +10,13 @@ REALM = 'Basic realm="web-ipt-d", charset="UTF-8"'
 
 @dataclass(frozen=True)
 class Response:
+    """A JSON answer; or, with `raw`, those bytes as `content_type` (the metrics' text format, the API's document)."""
+
     status: int
     body: Mapping[str, Any]
     headers: tuple[tuple[str, str], ...] = ()
+    raw: bytes | None = None
+    content_type: str = "application/json"
 
 
 # Each error code the API answers with, and its status: a client can rely on the code.

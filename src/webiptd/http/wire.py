@@ -22,12 +22,13 @@ PRINTABLE_RE = re.compile(r"[!-~]*\Z")
 PERCENT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
 QUERY_KEY_RE = re.compile(r"[a-z_]{1,32}\Z")
 QUERY_VALUE_RE = re.compile(r"-?[0-9]{1,12}\Z")
-# The one parameter whose value is not a number: a claim's owner label, checked by the route (OWNER_LABEL_RE in
-# http/app.py) so that its error can say what a label is. Visible ASCII only, and short.
-OWNER_VALUE_RE = re.compile(r"[!-~]{0,128}\Z")
-# proto and port: words, numbers, ',' and ':' (fail2ban's port list), which a client may percent-encode (%2C, %3A);
-# checked by the route (scope.parse_scope) so that its error can say what is wrong.
-SCOPE_VALUE_RE = re.compile(r"(?:[A-Za-z0-9,:._+-]|%2[Cc]|%3[Aa]){0,512}\Z")
+# A claim's owner label, checked by the route (OWNER_LABEL_RE in http/app.py) so that its error can say what a label
+# is. Visible ASCII, and short; a client may percent-encode any of it (URL libraries send owner=* as owner=%2A and a
+# ':' as %3A), decoded once, to visible ASCII only.
+OWNER_VALUE_RE = re.compile(r"(?:[!-$&-~]|%(?:2[1-9A-Fa-f]|[3-6][0-9A-Fa-f]|7[0-9A-Ea-e])){0,128}\Z")
+# proto and port: words, numbers, ',' and ':' (fail2ban's port list), which a client may percent-encode (%2C, %3A,
+# and %2B for a '+'); checked by the route (scope.parse_scope) so that its error can say what is wrong.
+SCOPE_VALUE_RE = re.compile(r"(?:[A-Za-z0-9,:._+-]|%2[BbCc]|%3[Aa]){0,512}\Z")
 TEXT_VALUES = {"owner": OWNER_VALUE_RE, "proto": SCOPE_VALUE_RE, "port": SCOPE_VALUE_RE}
 METHOD_RE = re.compile(r"^[A-Z]{1,16}\Z")
 REQUEST_LINE_RE = re.compile(rb"[!-~]+ [!-~]+ HTTP/1\.[0-9]\r?\n\Z")  # RFC 9112 section 3
@@ -180,7 +181,7 @@ def parse_target(target: str) -> tuple[list[str], list[tuple[str, str]]]:
             value_re = TEXT_VALUES.get(key, QUERY_VALUE_RE)
             if not sep or not QUERY_KEY_RE.match(key) or not value_re.match(value):
                 raise ValueError(f"malformed query parameter {item[:40]!r}")
-            if value_re is SCOPE_VALUE_RE and "%" in value:
+            if value_re is not QUERY_VALUE_RE and "%" in value:
                 value = PERCENT_RE.sub(lambda m: chr(int(m.group(1), 16)), value)
             pairs.append((key, value))
     return segments, pairs
@@ -201,12 +202,12 @@ def http_date() -> str:
 
 def render(response: Response, *, head_only: bool = False, close: bool = False) -> bytes:
     """A response as the bytes to send in one write: the status line, the headers in a fixed order, the JSON."""
-    body = JSON.encode(response.body).encode() + b"\n"
+    body = JSON.encode(response.body).encode() + b"\n" if response.raw is None else response.raw
     extra = "".join(f"{name}: {value}\r\n" for name, value in response.headers)
     if close:
         extra += "Connection: close\r\n"
     status_line = STATUS_LINES.get(response.status) or f"HTTP/1.1 {response.status} "
     data = (f"{status_line}\r\nServer: {SERVER}\r\nDate: {http_date()}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nCache-Control: no-store\r\n"
+            f"Content-Type: {response.content_type}\r\nContent-Length: {len(body)}\r\nCache-Control: no-store\r\n"
             f"{extra}\r\n").encode("latin-1")
     return data if head_only else data + body
