@@ -300,3 +300,32 @@ def test_check_config_warns_of_an_allow_chain_any_user_may_write(workdir: Path, 
         config["users"][user]["chains"] = ["f2b-*", "admin-list", ALLOW]
     result = check_config(workdir, config)
     assert result.returncode == 0 and ": warning: allow chain" not in result.stderr, result
+
+
+@pytest.mark.root
+@pytest.mark.backends
+def test_a_chain_that_leaves_the_config_is_unhooked_and_keeps_its_entries(daemon: Daemon) -> None:
+    """On every backend alike: a reload without the chain takes its jumps out at once (its blocks stop blocking),
+    the entries stay in the store and come back hooked with the chain; after a restart without it, too."""
+    d = daemon
+    d.start()
+    assert d.request("PUT", "/chain/f2b-ssh/ipv4/203.0.113.60").status == 201
+
+    def hooked() -> bool:
+        if d.backend == "nftables":
+            out = d.ns.run(["nft", "list", "table", "inet", "web-ipt-d"]).stdout
+            return "jump f2b-ssh" in out
+        return any(r == "-A INPUT -j f2b-ssh" for r in d.rules(4))
+
+    assert hooked()
+    kept = d.config["chains"].pop("f2b-ssh")
+    d.reload()
+    assert not hooked()
+    assert d.request("GET", "/chain/f2b-ssh").status == 404       # no longer managed through the API
+    d.stop()
+    d.start()                                                     # a start without it unhooks it too
+    assert not hooked()
+    d.config["chains"]["f2b-ssh"] = kept
+    d.reload()
+    assert hooked()
+    assert [e["network"] for e in d.request("GET", "/chain/f2b-ssh").json["entries"]] == ["203.0.113.60/32"]

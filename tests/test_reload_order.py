@@ -38,9 +38,9 @@ class HoldingBackend(RecordingBackend):
         self.entered = threading.Event()
         self.release = threading.Event()
 
-    def prepare(self, chains: Iterable[Chain]) -> None:
+    def prepare(self, chains: Iterable[Chain], retired: Iterable[str] = ()) -> None:
         chains = list(chains)
-        super().prepare(chains)
+        super().prepare(chains, retired)
         if self.hold:
             self.entered.set()
             assert self.release.wait(WAIT)

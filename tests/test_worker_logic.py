@@ -100,8 +100,9 @@ class RecordingBackend:
     def shares_target(self, chain: str) -> bool:
         return self.kernel_timeouts  # a set backend: one match rule per chain
 
-    def prepare(self, chains: Iterable[Chain]) -> None:
+    def prepare(self, chains: Iterable[Chain], retired: Iterable[str] = ()) -> None:
         self.calls.append(("prepare", tuple(c.name for c in chains)))
+        self.retired = list(retired)
 
     def read(self, chains: Iterable[str]) -> dict[Key, str]:
         names = tuple(chains)
@@ -468,14 +469,21 @@ def test_reconcile_of_a_consistent_state_changes_nothing(h: Harness) -> None:
     assert h.stored() == before
 
 
-def test_reconcile_reads_chains_that_are_only_in_the_store(h: Harness) -> None:
-    # A chain dropped from the config still has its stored blocks re-read (and kept) rather than forgotten.
+def test_a_chain_that_left_the_config_is_retired_not_forgotten(h: Harness) -> None:
+    # A chain dropped from the config: unhooked (retired), its stored blocks kept and listed again when it returns,
+    # and the kernel neither read nor changed for it meanwhile (nothing says which backend it had).
     old = Chain("old-chain", ("INPUT",), "DROP")
-    h.store.write([entry(old, "203.0.113.1/32")], [])
+    h.store.write([entry(old, "203.0.113.1/32"), entry(old, "203.0.113.2/32", expires_at=T0 + 60)], [])
     h.backend.kernel = {("old-chain", net("203.0.113.1/32")): "DROP"}
-    h.worker(chains=(WEB,))
-    assert ("read", ("f2b-web", "old-chain")) in h.backend.calls
+    w = h.worker(chains=(WEB,))
+    assert h.backend.calls[:2] == [("prepare", ("f2b-web",)), ("read", ("f2b-web",))]
+    assert h.backend.retired == ["old-chain"]
     assert h.backend.applies == []
+    assert len(h.stored().entries) == 2
+    # It returns: its blocks are put back, the one the kernel lost too.
+    h.run(w, Reconfigure((WEB, old)))
+    assert h.backend.applies[-1] == [Add("old-chain", net("203.0.113.2/32"), "DROP", T0 + 60)]
+    assert [str(e.network) for e in h.run(w, ListChain("old-chain"))] == ["203.0.113.1/32", "203.0.113.2/32"]
 
 
 def test_reconfigure_prepares_new_chains_and_reconciles(h: Harness) -> None:
@@ -489,8 +497,8 @@ def test_reconfigure_prepares_new_chains_and_reconciles(h: Harness) -> None:
 
 def test_a_failed_reconfigure_fails_only_the_reload(h: Harness) -> None:
     class FailingSecondPrepare(RecordingBackend):
-        def prepare(self, chains: Iterable[Chain]) -> None:
-            super().prepare(chains)
+        def prepare(self, chains: Iterable[Chain], retired: Iterable[str] = ()) -> None:
+            super().prepare(chains, retired)
             if sum(call[0] == "prepare" for call in self.calls) == 2:  # the reload's, after the start's
                 raise OSError("simulated: the kernel refused the new chain")
 

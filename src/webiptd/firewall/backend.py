@@ -20,8 +20,9 @@ class Backend(Protocol):
     def shares_target(self, chain: str) -> bool:
         """True when `chain`'s target applies to all its entries at once (one match rule per set)."""
 
-    def prepare(self, chains: Iterable[Chain]) -> None:
-        """Create missing chains, sets and hook jumps. Idempotent; never flushes an entry."""
+    def prepare(self, chains: Iterable[Chain], retired: Iterable[str] = ()) -> None:
+        """Create missing chains, sets and hook jumps. Idempotent; never flushes an entry. `retired`: chains that
+        have entries but left the config: their hook jumps go (their rules and sets stay, and expire as usual)."""
 
     def read(self, chains: Iterable[str]) -> Mapping[Key, str]:
         """Every atom in the managed chains: (chain, network, scope) -> target. Foreign rules are left out. What the

@@ -605,10 +605,11 @@ class IpsetBackend:
     def shares_target(self, chain: str) -> bool:
         return True
 
-    def prepare(self, chains: Iterable[Chain]) -> None:
+    def prepare(self, chains: Iterable[Chain], retired: Iterable[str] = ()) -> None:
         chains = list(chains)
-        self._xt.configure(chains)  # every chain of this backend, in config order: the order of the jumps
+        departed = self._xt.configure(chains)  # every chain of this backend, in config order: the order of the jumps
         self._prepare_chains(chains)
+        self._xt.unhook([*departed, *retired])
 
     def _prepare_chains(self, chains: Iterable[Chain]) -> None:
         """prepare() without telling Xtables the configured chains: for a few chains whose sets went missing."""

@@ -130,9 +130,9 @@ class IptablesBackend:
     def shares_target(self, chain: str) -> bool:
         return False  # each rule has its own
 
-    def prepare(self, chains: Iterable[Chain]) -> None:
+    def prepare(self, chains: Iterable[Chain], retired: Iterable[str] = ()) -> None:
         chains = list(chains)
-        self._xt.configure(chains)
+        departed = self._xt.configure(chains)
         with self._xt.lock():
             for version in VERSIONS:
                 table = self._xt.table(version)
@@ -141,6 +141,7 @@ class IptablesBackend:
                     self._xt.ensure_chain(version, chain)
                     self._turn(version, chain)
                 table.commit()
+        self._xt.unhook([*departed, *retired])  # after the lock above is let go: it takes it again
         self._matches.update((c.name, c.match) for c in chains)
 
     def read(self, chains: Iterable[str]) -> dict[Key, str]:

@@ -536,9 +536,16 @@ class NftablesBackend:
     def shares_target(self, chain: str) -> bool:
         return True
 
-    def prepare(self, chains: Iterable[Chain]) -> None:
+    def prepare(self, chains: Iterable[Chain], retired: Iterable[str] = ()) -> None:
+        # `retired` needs nothing more: the base chains are re-made from the configured chains alone.
         chains = list(chains)
         if not chains:
+            if self._chains:  # the last of our chains left the config: unhook them all
+                unhook = self._base_cmds([], self._layout())
+                if unhook:
+                    self._run(unhook)
+                    self._seen = None
+                self._chains = []
             return
         layout = self._layout()
         cmds: list[dict[str, Any]] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}]

@@ -46,11 +46,12 @@ class ByChain:
     def shares_target(self, chain: str) -> bool:
         return self._backend(self.backend_of(chain)).shares_target(chain)
 
-    def prepare(self, chains: Iterable[Chain]) -> None:
+    def prepare(self, chains: Iterable[Chain], retired: Iterable[str] = ()) -> None:
         chains = list(chains)
+        retired = list(retired)
         self.configure(chains)
         for name, backend in self._backends.items():
-            backend.prepare([c for c in chains if c.backend == name])
+            backend.prepare([c for c in chains if c.backend == name], retired)
 
     def read(self, chains: Iterable[str]) -> dict[Key, str]:
         by_backend: dict[str, list[str]] = {}

@@ -682,12 +682,16 @@ class Worker:
 
         Rules of our shape found in a managed chain but not in the store are adopted
         as permanent blocks by `adopted`; they are never flushed.
+
+        A chain that left the config (retired) is unhooked; its entries stay in the store, listed again and put back
+        when it returns, and expire on time meanwhile, but the kernel is neither read nor changed for it: after a
+        restart nothing says which backend it had. Its tombstones wait for its return.
         """
         self.metrics.reconciles.inc()
-        self._backend.prepare(self._chains.values())
         loaded = self._store.load()
-        names = set(self._chains) | {e.chain for e in loaded.entries} | {e.chain for e in loaded.tombstones}
-        kernel = dict(self._backend.read(sorted(names)))
+        names = {e.chain for e in loaded.entries} | {e.chain for e in loaded.tombstones}
+        self._backend.prepare(self._chains.values(), sorted(names - set(self._chains)))
+        kernel = dict(self._backend.read(sorted(self._chains)))
         now = self._clock()
         entries = _Entries()
         removes: list[Entry] = []
@@ -722,7 +726,10 @@ class Worker:
         # kernel's listing, the ops) still lives: mixed in with it, they would keep its memory from going back.
         for e in kept:
             entries[e.key] = e
-        ops = self._kernel_diff(kept, loaded.tombstones + removes, kernel, entries)
+        configured = self._chains
+        tombstones = [e for e in loaded.tombstones if e.chain in configured]  # the others wait for their chain
+        ops = self._kernel_diff([e for e in kept if e.chain in configured],
+                                tombstones + [e for e in removes if e.chain in configured], kernel, entries)
         for (chain, network, scope), target in kernel.items():
             entry = Entry(chain, network, target, now, None, ADOPTED, (), scope)  # one permanent claim, nobody's
             entries[entry.key] = entry
@@ -737,13 +744,13 @@ class Worker:
         if ops:
             self._backend.apply(ops, self._chains)
         # Tombstones go only once the kernel no longer has their rules.
-        self._store.write([], [], removes + loaded.tombstones)
+        self._store.write([], [], [e for e in removes if e.chain in configured] + tombstones)
         self._entries = entries
         self._expiry = []
         for e in kept:
             self._schedule(e)
         logger.info("reconciled %d blocks: %d re-added, %d expired, %d adopted, %d removals finished",
-                    len(entries), restored, len(removes), len(adopted), len(loaded.tombstones))
+                    len(entries), restored, len(removes), len(adopted), len(tombstones))
 
     @staticmethod
     def _kernel_diff(kept: list[Entry], gone: list[Entry], kernel: dict[Key, str], entries: _Entries) -> list[Op]:

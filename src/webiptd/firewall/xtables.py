@@ -242,17 +242,48 @@ class Xtables:
         # (chain, family) -> the hooks a new config took from it, whose jumps the next ensure_chain removes
         self._left: dict[tuple[str, int], set[str]] = {}
 
-    def configure(self, chains: Iterable[Chain]) -> None:
+    def configure(self, chains: Iterable[Chain]) -> list[str]:
         """Take the backend's configured chains (all of them, in config order), which the order of the jumps at
-        each hook follows; a chain another backend had is that one's no longer. Call it before ensure_chain."""
+        each hook follows; a chain another backend had is that one's no longer. Call it before ensure_chain.
+        Returns the chains this backend had and the config no longer has: unhook() them."""
         mine = {chain.name: chain for chain in chains}
         for other, configured in list(_CONFIGURED.items()):
             if other is not self:
                 for name in mine.keys() & configured.keys():
                     del configured[name]
+        departed = []
         for name, old in _CONFIGURED.get(self, {}).items():
             self._leave(old, mine.get(name))
+            if name not in mine:
+                departed.append(name)
         _CONFIGURED[self] = mine
+        return departed
+
+    def unhook(self, names: Iterable[str]) -> None:
+        """Remove our plain jumps to each of `names` (chains that left the config) from INPUT, FORWARD and OUTPUT,
+        in both families, under the lock, in one commit per family. The chains and their rules stay: their entries
+        expire as usual, and a config that brings a chain back hooks it again."""
+        names = [n for n in names if not any(n in configured for configured in _CONFIGURED.values())]
+        if not names:
+            return
+        with self.lock():
+            for version in VERSIONS:
+                table = self._tables[version]
+                table.refresh()
+                removed = False
+                for hook in FILTER_BUILTINS:
+                    if not table.is_chain(hook):
+                        continue
+                    hook_chain = iptc.Chain(table, hook)
+                    for rule in hook_chain.rules:
+                        name = rule.target.name
+                        if name in names and plain_jump(version, rule, name) is not None:
+                            hook_chain.delete_rule(rule)
+                            removed = True
+                            logger.info("removed jump %s -> %s: the chain is no longer in the config (ipv%d)",
+                                        hook, name, version)
+                if removed:
+                    table.commit()
 
     def _leave(self, old: Chain, new: Chain | None) -> None:
         if new is not None:
