@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from common import BENCH, POOLS, int_list, loadavg, machine_info  # first: it puts src/ and tests/ on sys.path
 
+import fleet as fleet_section
 import packets as packet_section
 import report
 import restore
@@ -33,6 +34,7 @@ SECTIONS = {
     "throughput": "request phases per N and client count; the start, restore and memory figures come with them",
     "restore": "start with N entries, READY=1 and RSS only (left out when throughput runs: it measures the same)",
     "packets": "iperf3 through a server's namespace at the smallest and largest N (see --packets)",
+    "fleet": "three daemons sharing a chain through Redis: propagation, catch-up, cost (bench/fleet.py; not default)",
 }
 QUICK = {"sizes": [0, 10_000], "ops": 600, "budget": 4.0, "packet_seconds": 1.0, "packet_repeats": 1}
 DEFAULTS = {"sizes": [0, 10_000, 100_000], "ops": 3000, "budget": 10.0, "packet_seconds": 3.0, "packet_repeats": 2}
@@ -96,7 +98,7 @@ def parse_args(argv: Sequence[str] | None = None, sections: Sequence[str] = ("th
     if args.src is not None and not (args.src / "webiptd" / "__init__.py").is_file():
         p.error(f"--src {args.src}: no webiptd package there")
     targets = catalog(args.baseline_iptables, args.src)
-    explicit = args.targets is not None
+    explicit = args.targets_explicit = args.targets is not None
     names = [t.strip() for t in (args.targets or ",".join(targets)).split(",") if t.strip()]
     unknown = [t for t in names if t not in targets]
     if unknown or not names:
@@ -125,6 +127,16 @@ def parse_args(argv: Sequence[str] | None = None, sections: Sequence[str] = ("th
     return args
 
 
+def fleet_args(args: argparse.Namespace) -> argparse.Namespace:
+    """bench/fleet.py's options from run.py's: the set backends among --targets (ipset by default), and with
+    --quick shorter runs (4 s paced and cost runs, 20k bans to catch up, one pair)."""
+    backends = [t for t in args.targets if t in ("ipset", "nftables")] if args.targets_explicit else ["ipset"]
+    argv = ["--backends", ",".join(backends or ["ipset"])]
+    if args.quick:
+        argv += ["--seconds", "4", "--catchup", "20000", "--cost-seconds", "4", "--pairs", "1"]
+    return fleet_section.parse_args(argv)
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -150,6 +162,7 @@ def main(argv: Sequence[str] | None = None, sections: Sequence[str] = ("throughp
     sizes: list[SizeResult] = []
     packets: list[PacketResult] = []
     packet_sizes = {"ends": sorted({args.sizes[0], args.sizes[-1]}), "all": args.sizes, "none": []}[args.packets]
+    fleet_results: dict[str, Any] | None = None
     try:
         print(f"generating the test CA and a bcrypt user in {root} ...", file=sys.stderr, flush=True)
         pki = make_bench_pki(root)
@@ -165,6 +178,8 @@ def main(argv: Sequence[str] | None = None, sections: Sequence[str] = ("throughp
                     phases.extend(got)
             if "packets" in args.sections and packet_sizes:
                 packets += packet_section.packet_stage(targets[name], pki, root, args, packet_sizes)
+        if "fleet" in args.sections:
+            fleet_results = fleet_section.section(fleet_args(args))
     except KeyboardInterrupt:
         print("interrupted; cleaning up", file=sys.stderr)
         return 130
@@ -177,7 +192,10 @@ def main(argv: Sequence[str] | None = None, sections: Sequence[str] = ("throughp
             shutil.rmtree(root, ignore_errors=True)
     machine["loadavg_end"] = loadavg()
     machine["run_s"] = time.monotonic() - started
-    print(report.markdown(phases, sizes, packets, machine, args, targets))
+    if set(args.sections) - {"fleet"}:
+        print(report.markdown(phases, sizes, packets, machine, args, targets))
+    if fleet_results is not None:
+        print("\n".join(fleet_section.tables(fleet_results)))
     if args.plot is not None and phases and plot(phases, args, args.plot):
         print(f"plot: {args.plot}", file=sys.stderr)
     if args.json:
@@ -186,7 +204,7 @@ def main(argv: Sequence[str] | None = None, sections: Sequence[str] = ("throughp
         data = {"machine": machine, "args": settings, "phases": [asdict(p) for p in phases],
                 "sizes": [asdict(s) for s in sizes], "packets": [asdict(p) for p in packets],
                 "checks": [dict(zip(("target", "measured", "result"), c))
-                           for c in report.checks(phases, sizes, packets, args)]}
+                           for c in report.checks(phases, sizes, packets, args)], "fleet": fleet_results}
         args.json.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     return 1 if any(p.errors for p in phases) else 0
 

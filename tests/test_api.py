@@ -500,7 +500,7 @@ def test_two_owners_one_delete_keeps_the_block_the_second_removes_it(on_backend:
     assert r.status == 201, r
     assert r.json["created_by"] == "f2b/sshd" and claim_owners(r) == ["f2b/sshd"]
     assert r.json["claims"][0] == {"owner": "f2b/sshd", "created_at": r.json["created_at"],
-                                   "expires_at": r.json["expires_at"]}
+                                   "expires_at": r.json["expires_at"], "node": None}
     r = d.request("PUT", path + "?owner=nginx", user="f2b")
     assert r.status == 200, r
     assert claim_owners(r) == ["f2b/nginx", "f2b/sshd"] and r.json["expires_at"] is None  # one is permanent

@@ -222,6 +222,12 @@ def test_health_and_chains(live: Daemon, tmp_path: Path) -> None:
 
 
 @pytest.mark.root
+def test_fleet_on_a_host_without_one_is_a_refusal(live: Daemon, tmp_path: Path) -> None:
+    r = web_ipt(live, tmp_path, "fleet")
+    assert r.returncode == 1 and "404 not_configured" in r.stderr, (r.stdout, r.stderr)
+
+
+@pytest.mark.root
 def test_block_show_list_unblock(live: Daemon, tmp_path: Path) -> None:
     d = live
     out = ok(web_ipt(d, tmp_path, "block", "f2b-web", "203.0.113.10", "--timeout", "1h"))

@@ -96,3 +96,26 @@ def test_find_cycle_reports_the_cycle_and_imports_are_found_at_every_depth() -> 
     source = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import x\ndef f():\n    import y\n"
     names = [alias.name for node in imports(ast.parse(source)) for alias in node.names]
     assert sorted(names) == ["TYPE_CHECKING", "x", "y"]
+
+
+def test_only_the_fleet_module_imports_redis_and_only_the_daemon_imports_it_when_a_fleet_is_configured() -> None:
+    """No fleet section, no Redis code: redis-py is imported by webiptd.fleet alone, which no module imports at
+    module level; the daemon imports it inside run(), under `if config.fleet is not None`."""
+    importers: dict[str, list[str]] = {}
+    for path in sorted((SRC / PACKAGE).rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        for node in imports(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            for name in names:
+                if name == "redis" or name.startswith("redis."):
+                    importers.setdefault("redis", []).append(module_name(path))
+                if name == "webiptd.fleet":
+                    top = node in tree.body
+                    importers.setdefault("fleet", []).append(f"{module_name(path)}{' (module level)' if top else ''}")
+    assert set(importers["redis"]) == {"webiptd.fleet"}
+    assert importers["fleet"] == ["webiptd.daemon"]
+    daemon = ast.parse((SRC / PACKAGE / "daemon.py").read_text(encoding="utf-8"))
+    guarded = [node for node in ast.walk(daemon) if isinstance(node, ast.If)
+               and ast.unparse(node.test) == "config.fleet is not None"
+               and any(isinstance(i, ast.ImportFrom) and i.module == "webiptd.fleet" for i in imports(node))]
+    assert len(guarded) == 1

@@ -345,6 +345,7 @@ def test_route_table() -> None:
         ("version", 1): ("GET", "HEAD"),
         ("chains", 1): ("GET", "HEAD"),
         ("metrics", 1): ("GET", "HEAD"),
+        ("fleet", 1): ("GET", "HEAD"),
         ("chain", 2): ("GET", "HEAD", "POST"),
         ("chain", 4): ("GET", "HEAD", "PUT", "DELETE"),
         ("chain", 5): ("GET", "HEAD", "PUT", "DELETE"),
@@ -467,7 +468,7 @@ def test_put_submits_exactly_one_block(call: Client) -> None:
                       "target": "DROP",
                       "created_at": "2023-11-14T22:13:20Z", "expires_at": "2023-11-14T22:23:20Z",
                       "created_by": "admin", "claims": [{"owner": "admin", "created_at": "2023-11-14T22:13:20Z",
-                                                         "expires_at": "2023-11-14T22:23:20Z"}]}
+                                                         "expires_at": "2023-11-14T22:23:20Z", "node": None}]}
 
 
 @pytest.mark.parametrize("query, expires_at", [
@@ -799,7 +800,7 @@ def test_delete_answers_released_and_the_entry_left(tmp_path: Path) -> None:
     r = call("DELETE", "/chain/f2b-web/ipv4/203.0.113.9?owner=sshd", user="f2b")
     assert (r.status, r.body["deleted"], r.body["released"]) == (200, False, True)
     assert r.body["entry"]["claims"] == [{"owner": "f2b/nginx", "created_at": "2023-11-14T22:13:21Z",
-                                          "expires_at": None}]
+                                          "expires_at": None, "node": None}]
     assert r.body["entry"]["created_by"] == "f2b/sshd"
 
 

@@ -3,6 +3,8 @@ kept, a newer one is refused and left byte for byte as it was; then the real dae
 versions (tests/fixtures/state-v0.db), and refusing a newer one. Version 1 (tests/fixtures/state-v1.db) is upgraded to
 2 the same way: every block becomes one claim owned by its created_by. Version 2 (tests/fixtures/state-v2.db, with
 claims of two owners) is upgraded to 3: every block and claim is kept, for all traffic (no protocol, no ports).
+Version 3 (tests/fixtures/state-v3.db, with blocks scoped to tcp ports) is upgraded to 4: every claim is this host's
+(node ''), and the fleet's outbox and cursor are new and empty.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from webiptd.state import VERSION, Store, StoreError, stored_version
 FIXTURE = Path(__file__).with_name("fixtures") / "state-v0.db"
 FIXTURE_V1 = FIXTURE.with_name("state-v1.db")  # the same rows, as the release with store version 1 kept them
 FIXTURE_V2 = FIXTURE.with_name("state-v2.db")  # the same rows as version 2 keeps them, three with a second claim
+FIXTURE_V3 = FIXTURE.with_name("state-v3.db")  # v2's rows as version 3 keeps them, and three scoped blocks
 # The chains the fixture was made with (tests/fixtures/README.md): one on each backend.
 FIXTURE_CHAINS: dict[str, dict[str, Any]] = {
     "f2b-web": {"backend": "iptables", "target": "DROP", "hooks": ["INPUT"]},
@@ -131,13 +134,14 @@ def test_the_v2_fixture_holds_the_same_rows_and_three_second_claims() -> None:
 
 
 def test_a_new_store_gets_the_codes_version_and_the_same_schema_as_an_upgraded_one(tmp_path: Path) -> None:
-    assert VERSION == 3
+    assert VERSION == 4
     Store(tmp_path / "new").close()
     assert stored_version(tmp_path / "new" / "state.db") == VERSION
     Store(v0_store(tmp_path / "old").parent).close()
     Store(v0_store(tmp_path / "v1", FIXTURE_V1).parent).close()
     Store(v0_store(tmp_path / "v2", FIXTURE_V2).parent).close()
-    for old in ("old", "v1", "v2"):
+    Store(v0_store(tmp_path / "v3", FIXTURE_V3).parent).close()
+    for old in ("old", "v1", "v2", "v3"):
         assert schema(tmp_path / "new" / "state.db") == schema(tmp_path / old / "state.db"), old
 
 
@@ -157,7 +161,7 @@ def test_a_store_of_the_release_before_versions_is_upgraded_keeping_every_row(tm
     assert claim_rows(path) == one_claim_each(before)
     assert len(loaded.entries) == 21 and [str(e.network) for e in loaded.tombstones] == ["203.0.113.77/32"]
     # Each is its created_by's one claim, with its times.
-    assert all(e.all_claims == ((e.created_by, e.created_at, e.expires_at),) for e in loaded.entries)
+    assert all(e.all_claims == ((e.created_by, e.created_at, e.expires_at, ""),) for e in loaded.entries)
     # Upgraded once: the next open finds the current version and changes nothing.
     same = files(path.parent)
     Store(path.parent).close()
@@ -178,7 +182,7 @@ def test_every_row_becomes_one_claim_owned_by_its_created_by(tmp_path: Path, fix
     for e in loaded.entries:
         r = stored[(e.chain, str(e.network))]
         assert e.to_json()["claims"] == [{"owner": r[5], "created_at": e.to_json()["created_at"],
-                                          "expires_at": e.to_json()["expires_at"]}]
+                                          "expires_at": e.to_json()["expires_at"], "node": None}]
     assert {e.all_claims[0].owner for e in loaded.entries} == {r[5] for r in before}
 
 
@@ -202,6 +206,32 @@ def test_a_version_2_store_keeps_every_block_and_claim_for_all_traffic(tmp_path:
     assert len(loaded.entries) == 21 and all(e.scope is None for e in loaded.entries)
     two = {(e.chain, str(e.network)): {c.owner for c in e.all_claims} for e in loaded.entries if len(e.all_claims) > 1}
     assert len(two) == 3 and all("f2b/sshd" in owners for owners in two.values())
+
+
+def test_the_v3_fixture_holds_v2s_rows_and_three_scoped_blocks_of_three_owners() -> None:
+    assert stored_version(FIXTURE_V3) == 3
+    assert len(rows(FIXTURE_V3)) == 24 and len(claim_rows(FIXTURE_V3)) == 33
+
+
+def test_a_version_3_store_keeps_every_claim_as_this_hosts_and_gets_an_empty_outbox(tmp_path: Path) -> None:
+    path = v0_store(tmp_path / "state", FIXTURE_V3)
+    blocks_before, claims_before = rows(path), claim_rows(path)
+    store = Store(path.parent)
+    loaded = store.load()
+    assert store.outbox_seq == 0 and store.fleet_state() == {}
+    store.close()
+    assert stored_version(path) == VERSION
+    assert rows(path) == blocks_before and claim_rows(path) == claims_before
+    db = sqlite3.connect(path.absolute().as_uri() + "?immutable=1", uri=True)
+    try:
+        assert db.execute("SELECT DISTINCT node FROM claims").fetchall() == [("",)]
+        assert db.execute("SELECT count(*) FROM outbox").fetchone() == (0,)
+    finally:
+        db.close()
+    scoped = [e for e in loaded.entries if e.scope is not None]
+    assert len(loaded.entries) == 24 and len(scoped) == 3
+    assert all(str(e.scope) == "tcp/22,80:90" and len(e.all_claims) == 3 for e in scoped)
+    assert all(not c.node for e in loaded.entries for c in e.all_claims)
 
 
 def failing_step(db: sqlite3.Connection) -> None:
@@ -310,7 +340,7 @@ def test_the_daemon_lists_every_row_of_an_upgraded_store_as_stored_and_has_it_in
     assert listed(d, chain) == expected  # created_at, expires_at and created_by included
     for network, e in listed(d, chain).items():  # each with its one claim, owned by its created_by
         assert e["claims"] == [{"owner": e["created_by"], "created_at": e["created_at"],
-                                "expires_at": e["expires_at"]}], network
+                                "expires_at": e["expires_at"], "node": None}], network
     for network in gone:
         n = ipaddress.ip_network(network)
         family = f"ipv{n.version}"

@@ -96,7 +96,10 @@ def check_config(path: Path) -> int:
     for chain in cfg.chains.values():
         where = f", priority {chain.priority}" if chain.backend == "nftables" else ""
         print(f"  chain {chain.name}: backend {chain.backend}, target {chain.target}, "
-              f"hooks {','.join(chain.hooks) or 'none'}{where}")
+              f"hooks {','.join(chain.hooks) or 'none'}{where}{', shared' if chain.shared else ''}")
+    if cfg.fleet is not None:  # not contacted: -check_config reads files only
+        print(f"  fleet: node {cfg.fleet.node}, redis {cfg.fleet.redis_display}, key prefix {cfg.fleet.key_prefix!r}, "
+              f"retention {cfg.fleet.retention} s")
     return 0
 
 

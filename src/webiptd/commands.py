@@ -28,14 +28,18 @@ def _iso(ts: float | None) -> str | None:
 
 
 class Claim(NamedTuple):
-    """One owner's hold on a blocked network: the user, or `user/label`, with its own expiry."""
+    """One owner's hold on a blocked network: the user, or `user/label`, with its own expiry. A claim from another
+    host of the fleet has that host's `node`, and its owner is `node/user[/label]`; (node, owner) is a claim's
+    identity, so a local `fw1/ops` (user fw1, label ops) is not node fw1's `fw1/ops`."""
 
     owner: str
     created_at: float
     expires_at: float | None  # None: permanent
+    node: str = ""  # "": this host's
 
     def to_json(self) -> dict[str, Any]:
-        return {"owner": self.owner, "created_at": _iso(self.created_at), "expires_at": _iso(self.expires_at)}
+        return {"owner": self.owner, "created_at": _iso(self.created_at), "expires_at": _iso(self.expires_at),
+                "node": self.node or None}
 
 
 def effective_expiry(claims: tuple[Claim, ...]) -> float | None:
@@ -71,8 +75,8 @@ class Entry:
     def of(cls, chain: str, network: Network, target: str, created_at: float, created_by: str,
            claims: tuple[Claim, ...] | list[Claim], scope: Scope | None = None) -> Entry:
         """The entry held by `claims` (at least one), in its one canonical form."""
-        ordered = tuple(sorted(claims))
-        if len(ordered) == 1 and ordered[0] == (created_by, created_at, ordered[0].expires_at):
+        ordered = tuple(sorted(claims, key=lambda c: (c.owner, c.node)))  # (owner, node) is unique
+        if len(ordered) == 1 and ordered[0] == (created_by, created_at, ordered[0].expires_at, ""):
             return cls(chain, network, target, created_at, ordered[0].expires_at, created_by, (), scope)
         return cls(chain, network, target, created_at, effective_expiry(ordered), created_by, ordered, scope)
 
@@ -84,8 +88,8 @@ class Entry:
     def all_claims(self) -> tuple[Claim, ...]:
         return self.claims or (Claim(self.created_by, self.created_at, self.expires_at),)
 
-    def claim(self, owner: str) -> Claim | None:
-        return next((c for c in self.all_claims if c.owner == owner), None)
+    def claim(self, owner: str, node: str = "") -> Claim | None:
+        return next((c for c in self.all_claims if c.owner == owner and c.node == node), None)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -170,7 +174,56 @@ class Reconfigure:
     kernel_check: float = Limits.kernel_check
 
 
-Command = Union[Block, BulkBlock, Unblock, Lookup, ListChain, Reconfigure]
+@dataclass(frozen=True)
+class RemoteChange:
+    """One event of the fleet's stream, validated: `node`'s `owner` (user[/label]; "*" with unblock: every claim)
+    blocks or unblocks `network` in `chain`. Its claim here is owned by `node/owner`."""
+
+    op: str  # "block" or "unblock"
+    chain: str
+    network: Network
+    scope: Scope | None
+    node: str
+    owner: str
+    created_at: float
+    expires_at: float | None
+    event_id: str
+
+    @property
+    def claim_owner(self) -> str:
+        return f"{self.node}/{self.owner}"
+
+
+@dataclass(frozen=True)
+class FleetApply:
+    """Apply a run of the stream's events, and move the cursor (the last id read, skipped events included) with
+    them in one transaction."""
+
+    changes: tuple[RemoteChange, ...]
+    cursor: str
+    ordinal: int  # the stream's entries-added count at the cursor, for the lag
+
+
+@dataclass(frozen=True)
+class FleetResync:
+    """Replace every remote claim of the shared chains with the snapshot's (`claims`, op block each), and follow
+    the stream from `cursor`. With `keep`, remote claims stay and only the snapshot's are added (Redis lost its
+    data: what the hosts hold is then more than what Redis knows), and every live local claim of the shared
+    chains is announced again."""
+
+    claims: tuple[RemoteChange, ...]
+    cursor: str
+    ordinal: int
+    keep: bool = False
+
+
+@dataclass(frozen=True)
+class FleetApplied:
+    applied: int  # events that changed a claim
+    skipped: int  # events refused here (a chain this host does not share), or that changed nothing
+
+
+Command = Union[Block, BulkBlock, Unblock, Lookup, ListChain, Reconfigure, FleetApply, FleetResync]
 
 
 @dataclass(frozen=True)

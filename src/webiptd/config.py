@@ -12,7 +12,9 @@ import logging
 import os
 import re
 import ssl
+import socket
 import sys
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -32,6 +34,8 @@ DEFAULT_PATH = Path("/etc/web-ipt-d/config.yaml")
 # shell- and URL-safe alphabet so a name never needs quoting or escaping.
 CHAIN_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,28}\Z")
 USER_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
+# A claim's owner label: fail2ban passes its jail name, a container its id. The claim's owner is then `user/label`.
+OWNER_LABEL_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
 # The owner of the one claim of a rule the worker found in a managed chain and took over. It is nobody's: any
 # release of that network by a user who may write its chain releases it too, as any such user could remove it
 # before claims. So it is no user's name.
@@ -138,6 +142,61 @@ def _user_name(value: Any) -> str:
     return value
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix", "sentinel")
+NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+# The node of events that other Redis clients add to the stream (no `node` field): no host may take the name.
+PRODUCER_NODE = "redis"
+
+
+def _redis_url(value: Any) -> str:
+    """A Redis URL redis-py can use, checked without connecting. Its problems never show it (a password)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError("a Redis URL is a string")
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ValueError("a Redis URL starts with " + ", ".join(f"{s}://" for s in REDIS_SCHEMES))
+    if any(c.isspace() for c in value):
+        raise ValueError("a Redis URL has no white space")
+    if parts.scheme == "unix":
+        if not parts.path.startswith("/"):
+            raise ValueError("unix:// needs an absolute socket path")
+        return value
+    hosts = parts.netloc.rpartition("@")[2]
+    if not hosts:
+        raise ValueError("the Redis URL names no host")
+    for host in hosts.split(","):
+        name, _, port = host.rpartition(":") if "]" not in host.rpartition(":")[2] else (host, "", "")
+        if not name:
+            name, port = host, ""
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError("the Redis URL's port is not a number from 1 to 65535")
+        if "," in hosts and parts.scheme != "sentinel":
+            raise ValueError("only sentinel:// lists several hosts")
+    path = [p for p in parts.path.split("/") if p]
+    if parts.scheme == "sentinel":
+        if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+            raise ValueError("sentinel:// needs /<service name>[/<db number>] after the hosts")
+    elif len(path) > 1 or (path and not path[0].isdigit()):
+        raise ValueError("the Redis URL's path is a database number (/0)")
+    return value
+
+
+def _node_name(value: Any) -> str:
+    if not isinstance(value, str) or not NODE_RE.match(value):
+        raise ValueError("a node name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    if value == PRODUCER_NODE:
+        raise ValueError(f"{PRODUCER_NODE!r} names the events other Redis clients add; give this host another name")
+    return value
+
+
+def _key_prefix(value: Any) -> str:
+    if (not isinstance(value, str) or not 1 <= len(value) <= 64 or not value.isprintable()
+            or any(c in value for c in " *?[]\\")):
+        raise ValueError("a key prefix is 1 to 64 printable characters without spaces or the glob characters "
+                         "*?[]\\ (it goes into ACL key patterns)")
+    return value
+
+
 def _hook(value: Any) -> str:
     hook = _chain_name(value)
     if hook in RESERVED_CHAIN_NAMES and hook not in FILTER_BUILTINS:
@@ -213,6 +272,7 @@ class Section:
     help: str
     options: Mapping[str, Option]
     named: str = ""  # users, chains: the one name the sample shows
+    optional: bool = False  # absent means off (fleet): the sample shows it commented out
 
 
 # Radicale's DEFAULT_CONFIG_SCHEMA in shape: the loader, the dataclass defaults, -write_config and etc/config.yaml
@@ -331,6 +391,11 @@ SCHEMA: Mapping[str, Option | Section] = MappingProxyType({
                 "nftables only: the priority of the base chains. The usual filter chains\n"
                 "are at 0, so the default -10 sees packets before them.",
                 commented=True),
+            "shared": Option(
+                False, _bool,
+                "true shares this chain's blocks with every host of the fleet (the fleet\n"
+                "section): a block or unblock here reaches the others through Redis, and\n"
+                "theirs reach this host. Each host names the chains it shares."),
         }, named="f2b-web"),
     "never_block": Option(
         ["127.0.0.0/8", "::1/128"], ListOf(parse_cidr),
@@ -341,6 +406,24 @@ SCHEMA: Mapping[str, Option | Section] = MappingProxyType({
         "Networks that an allow chain (target ACCEPT) never lets through: a request\n"
         "that overlaps one gets 409. For example the networks of known attackers,\n"
         "or 0.0.0.0/1 and 128.0.0.0/1 against a client that allows everyone."),
+    "fleet": Section(
+        "Hosts that share the blocks of their `shared: true` chains through a Redis\n"
+        "stream (docs/fleet.md). Without this section no Redis code runs. Changing it\n"
+        "takes a restart.", {
+            "redis": Option(
+                None, _redis_url,
+                "redis://[user:password@]host:port/db, rediss:// for TLS, unix:///path?db=N,\n"
+                "or sentinel://[user:password@]host:port[,host:port]/service[/db]",
+                example="redis://fw1:secret@10.0.0.5:6379/0", required="is required", secret=True),
+            "redis_ca": Option(None, _path, "CA file for rediss:// (null: the system's CAs)", nullable=True),
+            "node": Option(None, _node_name, "this host's name in the fleet, unique per host; null: the host name",
+                           nullable=True, example="fw1"),
+            "key_prefix": Option("web-ipt-d:", _key_prefix, "every Redis key web-ipt-d touches starts with this"),
+            "retention": Option(
+                604800, _int_range(60, 31_536_000),
+                "seconds of events kept in the stream for hosts that were down to catch up;\n"
+                "a host down longer resyncs from the snapshot"),
+        }, optional=True),
     "log": Section("", {
         "file": Option(
             "/var/log/web-ipt-d/web-ipt-d.log", _path,
@@ -449,6 +532,22 @@ class Chain:
     priority: int = _default("chains", "priority")
     match: str = _default("chains", "match")
     interface: str | None = _default("chains", "interface")
+    shared: bool = _default("chains", "shared")
+
+
+@dataclass(frozen=True)
+class Fleet:
+    redis: str = field(repr=False)  # may hold a password: never in a repr, a log or a problem
+    redis_ca: Path | None
+    node: str
+    key_prefix: str
+    retention: int
+
+    @property
+    def redis_display(self) -> str:
+        """The URL without its credentials, for logs and GET /fleet."""
+        parts = urllib.parse.urlsplit(self.redis)
+        return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query=""))
 
 
 @dataclass(frozen=True)
@@ -487,6 +586,7 @@ class Config:
     never_allow: tuple[Network, ...]
     log: Log
     limits: Limits
+    fleet: Fleet | None = None
     # Built at load so a bad cert is a load error and a reload rotates it.
     ssl_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
 
@@ -622,10 +722,11 @@ def from_mapping(raw: Any, path: Path) -> Config:
     log = Log(**_read_section(r, "log", top.get("log")))
     _check_log_file(r, log.file)
     limits = Limits(**_read_section(r, "limits", top.get("limits")))
+    fleet = _fleet(r, top.get("fleet"), chains)
     if r.problems:
         raise ConfigError(path, r.problems)
     return Config(path=path, tls=tls, users=MappingProxyType(users), chains=MappingProxyType(chains), log=log,
-                  limits=limits, ssl_context=ssl_context, **values)
+                  limits=limits, fleet=fleet, ssl_context=ssl_context, **values)
 
 
 def _read_section(r: _Reader, section: str, raw: Any) -> dict[str, Any]:
@@ -690,6 +791,36 @@ def _tls(r: _Reader, body: dict[str, Any], plain_http: bool) -> tuple[TLS | None
     except (ssl.SSLError, OSError, ValueError) as exc:
         r.problem("tls.cert", f"certificate and key do not load together: {exc}", f"{tls.cert}, {tls.key}")
         return tls, None
+
+
+def _fleet(r: _Reader, raw: Any, chains: Mapping[str, Chain]) -> Fleet | None:
+    """The fleet section; None when absent, and then no chain may be shared."""
+    if raw is None:
+        for chain in chains.values():
+            if chain.shared:
+                r.problem(f"chains.{chain.name}.shared", "needs the fleet section (the Redis to share through)",
+                          show=False)
+        return None
+    values = _read_section(r, "fleet", raw)
+    if values["node"] is None:
+        try:
+            values["node"] = _node_name(socket.gethostname().partition(".")[0])
+        except ValueError as exc:
+            r.problem("fleet.node", f"the host name does not make a node name ({exc}); set fleet.node", show=False)
+    ca = values["redis_ca"]
+    if ca is not None:
+        if not os.access(ca, os.R_OK):
+            r.problem("fleet.redis_ca", "file is missing or unreadable", str(ca))
+        else:
+            try:
+                ssl.create_default_context(cafile=str(ca))
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                r.problem("fleet.redis_ca", f"does not load as PEM CA certificates: {exc}", str(ca))
+        if values["redis"] is not None and not values["redis"].startswith("rediss://"):
+            r.problem("fleet.redis_ca", "applies only to a rediss:// URL (TLS)", show=False)
+    if values["redis"] is None or any(p.startswith("fleet.") for p in r.problems):
+        return None
+    return Fleet(**values)
 
 
 def _check_state_dir(r: _Reader, state_dir: Path) -> None:
@@ -804,11 +935,12 @@ def sample() -> str:
         if isinstance(node, Option):
             lines += _sample_option(name, node, "")
             continue
-        lines += _comment(node.help, "") + [f"{name}:"]
-        if node.named:
-            lines.append(f"  {node.named}:")
+        section = [f"{name}:"] + ([f"  {node.named}:"] if node.named else [])
         for key, opt in node.options.items():
-            lines += _sample_option(key, opt, "    " if node.named else "  ")
+            section += _sample_option(key, opt, "    " if node.named else "  ")
+        if node.optional:  # commented out whole: the section's absence is the default
+            section = [f"# {line}" for line in section]
+        lines += _comment(node.help, "") + section
     return "\n".join(lines) + "\n"
 
 

@@ -135,7 +135,7 @@ class Daemon:
         backend = ByChain(config.chains.values())
         metrics = Metrics()
         worker = Worker(backend, store, config.chains.values(), kernel_check=config.limits.kernel_check,
-                        metrics=metrics)
+                        metrics=metrics, node=None if config.fleet is None else config.fleet.node)
         try:
             worker.start()
         except BaseException:
@@ -155,8 +155,16 @@ class Daemon:
         for sig in (signal.SIGHUP, *STOP_SIGNALS):
             signal.signal(sig, lambda *_: None)  # the wakeup fd carries the signal number
 
+        fleet = None
+        if config.fleet is not None:
+            from webiptd.fleet import FleetNode  # only with a fleet: no redis import otherwise
+            fleet = FleetNode(config.fleet, worker, store.path, lambda: runtime.generation.config)  # sends nothing
+            runtime.fleet_status, runtime.fleet_line = fleet.status, fleet.status_line
+            metrics.watch(fleet.collect)
         systemd.notify("READY=1", f"STATUS={self._status(runtime)}")
         logger.info("ready: %d blocks in %d chains", worker.count, len(config.chains))
+        if fleet is not None:  # after READY: the start never waits for Redis
+            fleet.start()
         watchdog = systemd.watchdog_interval()
         tick = min(watchdog or STATUS_EVERY, 1.0)
         last_status = time.monotonic()
@@ -179,6 +187,8 @@ class Daemon:
                     systemd.notify(f"STATUS={self._status(runtime)}")
                     last_status = now
         finally:
+            if fleet is not None:
+                fleet.stop()
             self._stop(runtime, servers, store, backend)
             signal.set_wakeup_fd(-1)
             os.close(wake_r)
@@ -190,6 +200,8 @@ class Daemon:
         gen = runtime.generation
         text = (f"{runtime.worker.count} blocks in {len(gen.config.chains)} chains, "
                 f"{len(runtime.admission)} connections")
+        if runtime.fleet_line is not None:
+            text = f"{text}, {runtime.fleet_line()}"
         return f"{text}; {note}" if note else text
 
     def _reload(self, runtime: Runtime) -> None:
@@ -202,9 +214,10 @@ class Daemon:
                 logger.error("reload refused, still serving the previous config: %s: %s", exc.path, problem)
             systemd.notify("READY=1", f"STATUS={self._status(runtime, 'reload FAILED, serving the previous config')}")
             return
-        for key in ("listen", "state_dir"):
+        for key in ("listen", "state_dir", "fleet"):
             if getattr(new, key) != getattr(old, key):
                 logger.warning("%s changed; that takes a restart, the old value stays in force", key)
+        new = dataclasses.replace(new, fleet=old.fleet)
         if new.plain_http != old.plain_http:
             logger.warning("plain_http changed; that takes a restart, the old value stays in force")
             new = dataclasses.replace(new, plain_http=old.plain_http, tls=old.tls, ssl_context=old.ssl_context)

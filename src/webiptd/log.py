@@ -60,7 +60,15 @@ class _StreamHandler(_FlushOncePerBatch, logging.StreamHandler):
 
 
 class _FileHandler(_FlushOncePerBatch, logging.handlers.WatchedFileHandler):
-    pass
+    """Inside `batch()`, the file is checked for a rotation (a stat(2)) once, at the batch's first record, not at
+    each: the lines of one batch go to one file either way."""
+
+    def reopenIfNeeded(self) -> None:
+        if getattr(_deferring, "active", False):
+            if getattr(_deferring, "checked", False):
+                return
+            _deferring.checked = True
+        super().reopenIfNeeded()
 
 
 @contextlib.contextmanager
@@ -71,6 +79,7 @@ def batch() -> Iterator[None]:
     were about a quarter of the worker's time (bench/README.md).
     """
     _deferring.active = True
+    _deferring.checked = False
     try:
         yield
     finally:

@@ -68,8 +68,10 @@ def parse_segments(family: str, address: str, prefix: str | None) -> Network:
         length = int(prefix)
         if not 1 <= length <= max_len:
             raise ValueError(f"prefix length must be 1 to {max_len} for {family}")
+    # The address as an int, and the family's class: ip_network((addr, length)) parses the address's text again.
+    network_class = ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network
     try:
-        return compact(ipaddress.ip_network((addr, length), strict=True))
+        return compact(network_class((int(addr), length), strict=True))
     except ValueError:
         proper = ipaddress.ip_network((addr, length), strict=False)
         raise ValueError(f"{address}/{length} has host bits set; did you mean {proper}?") from None

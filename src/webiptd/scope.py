@@ -7,7 +7,10 @@ import functools
 import re
 import socket
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:
+    from webiptd.config import Chain
 
 # The protocols a scoped block names, with their numbers (/etc/protocols; IANA). All of them carry ports at the same
 # place of their header, which is what iptables' multiport, ipset's hash:net,port and nft's `th dport` look at.
@@ -155,3 +158,18 @@ def stored_scope(proto: str, ports: str) -> Scope | None:
     if scope.port_text != ports or not all(0 <= lo <= hi <= MAX_PORT for lo, hi in scope.ports):
         raise ValueError(f"ports {ports!r} are not in their stored form")
     return scope
+
+
+def scope_refusal(chain: Chain, scope: Scope | None) -> str | None:
+    """Why the chain's backend cannot hold `scope`, in a sentence; None when it can. ipset stores a port list one
+    element a port, and matches ports of tcp, udp, sctp and udplite only (ipset(8), hash:net,port)."""
+    if chain.backend != "ipset" or scope is None or not scope.ports:
+        return None
+    if scope.proto not in IPSET_PORT_PROTOCOLS:
+        return (f"chain {chain.name!r} uses the ipset backend, which matches ports of "
+                f"{', '.join(IPSET_PORT_PROTOCOLS)} only; leave port out to block every {scope.proto} port")
+    if scope.port_count > IPSET_MAX_PORTS:
+        return (f"chain {chain.name!r} uses the ipset backend, which keeps each port as an element: a block covers at "
+                f"most {IPSET_MAX_PORTS} ports there, and this one covers {scope.port_count}; leave port out to block "
+                f"every {scope.proto} port")
+    return None

@@ -9,7 +9,7 @@ import logging
 import os
 import sqlite3
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable, Mapping, NamedTuple
 
 from webiptd.commands import Claim, Entry
 from webiptd.net import Network, parse_stored
@@ -103,6 +103,51 @@ def _to_v3(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE claims_v3 RENAME TO claims")
 
 
+CLAIMS_V4 = """
+CREATE TABLE claims_v4 (
+    chain      TEXT NOT NULL,
+    network    TEXT NOT NULL,
+    proto      TEXT NOT NULL DEFAULT '',
+    ports      TEXT NOT NULL DEFAULT '',
+    node       TEXT NOT NULL DEFAULT '',
+    owner      TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    PRIMARY KEY (chain, network, proto, ports, node, owner)
+) WITHOUT ROWID;
+"""
+
+# What a host of the fleet has to publish: each row one event, as JSON, written in the transaction of the change it
+# reports. AUTOINCREMENT: a seq is never used twice, also after the table was empty, because the fleet remembers
+# the last seq each host published.
+OUTBOX_V4 = """
+CREATE TABLE outbox (
+    seq   INTEGER PRIMARY KEY AUTOINCREMENT,
+    event TEXT NOT NULL
+);
+"""
+
+# The follower's place in the stream (cursor, ordinal) and when it last resynced; written with what it applied.
+FLEET_V4 = """
+CREATE TABLE fleet (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+def _to_v4(db: sqlite3.Connection) -> None:
+    """Version 4 is the fleet's: a claim has the node it came from ('' for this host's own, which every claim of
+    version 3 is), part of its key; and the outbox and the follower's cursor."""
+    db.execute(CLAIMS_V4)
+    db.execute("INSERT INTO claims_v4 (chain, network, proto, ports, owner, created_at, expires_at) "
+               "SELECT chain, network, proto, ports, owner, created_at, expires_at FROM claims")
+    db.execute("DROP TABLE claims")
+    db.execute("ALTER TABLE claims_v4 RENAME TO claims")
+    db.execute(OUTBOX_V4)
+    db.execute(FLEET_V4)
+
+
 def _scope_columns(scope: Scope | None) -> tuple[str, str]:
     return ("", "") if scope is None else (scope.proto, scope.port_text)
 
@@ -114,7 +159,7 @@ def _row_key(e: Entry) -> tuple[str, str, str, str]:
 # MIGRATIONS[n] takes a store from version n to n + 1, inside the one transaction of the upgrade; it runs statements
 # one by one (executescript would commit half-way). A new, empty store is version 0 and takes every step too, so every
 # migration runs on each first start, and a new store and an upgraded one cannot differ.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_to_v1, _to_v2, _to_v3)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_to_v1, _to_v2, _to_v3, _to_v4)
 # The version this code reads and writes, in the file's header (PRAGMA user_version).
 VERSION = len(MIGRATIONS)
 
@@ -185,6 +230,8 @@ class Store:
             # -1.9 MiB).
             self._db.execute("PRAGMA cache_size=-256")
             self._upgrade(new=found is None)
+            row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'").fetchone()
+            self.outbox_seq: int = 0 if row is None else row[0]  # the last outbox row's seq
         except BaseException as exc:
             self._db.close()
             if isinstance(exc, sqlite3.Error):
@@ -230,7 +277,7 @@ class Store:
         scopes: dict[tuple[str, str], Scope | None] = {}
         rows = self._db.execute(
             "SELECT b.chain, b.network, b.proto, b.ports, b.removing, b.target, b.created_at, b.expires_at, "
-            "b.created_by, c.owner, c.created_at, c.expires_at FROM blocks b LEFT JOIN claims c "
+            "b.created_by, c.owner, c.created_at, c.expires_at, c.node FROM blocks b LEFT JOIN claims c "
             "ON c.chain = b.chain AND c.network = b.network AND c.proto = b.proto AND c.ports = b.ports "
             "ORDER BY b.chain, b.network, b.proto, b.ports")
         for (chain, net, proto, ports, removing), group in itertools.groupby(rows, key=lambda r: r[:5]):
@@ -238,7 +285,8 @@ class Store:
             for row in group:
                 target, created_at, expires_at, created_by = row[5:9]
                 if row[9] is not None:
-                    claims.append(Claim(same.setdefault(row[9], row[9]), row[10], row[11]))
+                    claims.append(Claim(same.setdefault(row[9], row[9]), row[10], row[11],
+                                        same.setdefault(row[12], row[12])))
             try:
                 network = parse_stored(net)
                 if (proto, ports) not in scopes:
@@ -257,29 +305,42 @@ class Store:
         return Loaded(entries, tombstones)
 
     @staticmethod
-    def _put_claims(db: sqlite3.Connection, entries: Iterable[Entry]) -> None:
-        """Make each entry's claims the stored ones."""
+    def _put_claims(db: sqlite3.Connection, entries: Iterable[Entry],
+                    keys: list[tuple[str, str, str, str]] | None = None) -> None:
+        """Make each entry's claims the stored ones; `keys`: their _row_key()s, when the caller has them."""
         entries = list(entries)
-        db.executemany("DELETE FROM claims WHERE chain=? AND network=? AND proto=? AND ports=?",
-                       [_row_key(e) for e in entries])
-        db.executemany("INSERT INTO claims (chain, network, proto, ports, owner, created_at, expires_at) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       [(*_row_key(e), *c) for e in entries for c in e.all_claims])
+        keys = [_row_key(e) for e in entries] if keys is None else keys
+        db.executemany("DELETE FROM claims WHERE chain=? AND network=? AND proto=? AND ports=?", keys)
+        db.executemany("INSERT INTO claims (chain, network, proto, ports, owner, created_at, expires_at, node) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       [(*key, *c) for key, e in zip(keys, entries) for c in e.all_claims])
 
-    def write(self, puts: Iterable[Entry], removes: Iterable[Entry], purges: Iterable[Entry] = ()) -> None:
-        """In one durable transaction: upsert `puts`, tombstone `removes`, delete `purges`' tombstones."""
+    def write(self, puts: Iterable[Entry], removes: Iterable[Entry], purges: Iterable[Entry] = (),
+              outbox: Iterable[str] = (), fleet: Mapping[str, str] | None = None,
+              published: int | None = None) -> None:
+        """In one durable transaction: upsert `puts`, tombstone `removes`, delete `purges`' tombstones; add the
+        `outbox` events (JSON), set the `fleet` keys, and drop the outbox rows up to `published`."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
+            outbox = list(outbox)
+            if outbox:
+                db.executemany("INSERT INTO outbox (event) VALUES (?)", [(e,) for e in outbox])
+                self.outbox_seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'").fetchone()[0]
+            if fleet:
+                db.executemany("INSERT OR REPLACE INTO fleet (key, value) VALUES (?, ?)", list(fleet.items()))
+            if published is not None:
+                db.execute("DELETE FROM outbox WHERE seq <= ?", (published,))
             puts = list(puts)
+            keys = [_row_key(e) for e in puts]  # str(network) costs: once an entry
             db.executemany(
                 "INSERT INTO blocks (chain, network, proto, ports, target, created_at, expires_at, created_by, "
                 "removing) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT (chain, network, proto, ports) DO UPDATE "
                 "SET target=excluded.target, created_at=excluded.created_at, expires_at=excluded.expires_at, "
                 "created_by=excluded.created_by, removing=0",
-                [(*_row_key(e), e.target, e.created_at, e.expires_at, e.created_by) for e in puts],
+                [(*key, e.target, e.created_at, e.expires_at, e.created_by) for key, e in zip(keys, puts)],
             )
-            self._put_claims(db, puts)
+            self._put_claims(db, puts, keys)
             db.executemany("UPDATE blocks SET removing=1 WHERE chain=? AND network=? AND proto=? AND ports=?",
                            [_row_key(e) for e in removes])
             db.executemany("DELETE FROM blocks WHERE chain=? AND network=? AND proto=? AND ports=? AND removing=1",
@@ -293,11 +354,20 @@ class Store:
                 db.execute("ROLLBACK")
             raise
 
-    def restore(self, before: Iterable[tuple[tuple[str, Network, Scope | None], Entry | None]]) -> None:
-        """Put rows back as they were before a batch whose kernel change failed."""
+    def restore(self, before: Iterable[tuple[tuple[str, Network, Scope | None], Entry | None]],
+                outbox_after: int = 0, fleet: Mapping[str, str | None] | None = None) -> None:
+        """Put rows back as they were before a batch whose kernel change failed: the outbox rows after
+        `outbox_after` go (their changes never were), and the `fleet` keys take their old values (None: none)."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
+            db.execute("DELETE FROM outbox WHERE seq > ?", (outbox_after,))
+            self.outbox_seq = outbox_after
+            for name, value in (fleet or {}).items():
+                if value is None:
+                    db.execute("DELETE FROM fleet WHERE key = ?", (name,))
+                else:
+                    db.execute("INSERT OR REPLACE INTO fleet (key, value) VALUES (?, ?)", (name, value))
             for (chain, network, scope), entry in before:
                 if entry is None:
                     key = (chain, str(network), *_scope_columns(scope))
@@ -315,6 +385,25 @@ class Store:
             if db.in_transaction:  # SQLite ends it by itself after some errors (SQLITE_FULL, SQLITE_IOERR)
                 db.execute("ROLLBACK")
             raise
+
+    def fleet_state(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT key, value FROM fleet"))
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class OutboxReader:
+    """A read-only connection to the store for the fleet's publisher thread: WAL lets it read while the worker
+    writes, and it never takes the write lock."""
+
+    def __init__(self, path: Path):
+        self._db = sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True, isolation_level=None,
+                                   check_same_thread=False)
+
+    def rows(self, after: int, upto: int, limit: int) -> list[tuple[int, str]]:
+        return self._db.execute("SELECT seq, event FROM outbox WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                                (after, upto, limit)).fetchall()
 
     def close(self) -> None:
         self._db.close()

@@ -125,6 +125,7 @@ def parser() -> argparse.ArgumentParser:
     p = command("list", "every entry of a chain", cmd_list)
     p.add_argument("chain")
     command("chains", "the chains you may use", cmd_chains)
+    command("fleet", "this host's place in the fleet: Redis connected, lag, outbox, last resync", cmd_fleet)
     p = command("import", "block every address of a blocklist (one a line, '#' comments; or a JSON list)",
                 cmd_import)
     p.add_argument("chain")
@@ -255,6 +256,17 @@ def cmd_chains(api: Api, args: argparse.Namespace) -> int:
         output.as_json(doc)
     else:
         output.chains(doc)
+    return OK
+
+
+def cmd_fleet(api: Api, args: argparse.Namespace) -> int:
+    _, doc = api.call("GET", ["fleet"])
+    if args.json:
+        output.as_json(doc)
+    else:
+        output.table(("KEY", "VALUE"), [[key, "-" if value is None else ", ".join(value) if isinstance(value, list)
+                                         else str(value).lower() if isinstance(value, bool) else str(value)]
+                                        for key, value in doc.items()])
     return OK
 
 

@@ -22,7 +22,9 @@ def scope_text(entry: dict[str, Any]) -> str:
 
 def claims_text(entry: dict[str, Any]) -> str:
     claims = entry.get("claims") or []
-    return ",".join(str(c.get("owner")) for c in claims) or str(entry.get("created_by") or "")
+    # A claim of another host of the fleet says so: its owner `fw2/ops` may also be a local user's label.
+    return ",".join(str(c.get("owner")) + (" (fleet)" if c.get("node") else "") for c in claims) or str(
+        entry.get("created_by") or "")
 
 
 def entry_row(entry: dict[str, Any]) -> list[str]:

@@ -8,17 +8,19 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import itertools
+import json
 import logging
 import queue
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Iterator, Mapping, overload
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, overload
 
 from webiptd import log
 from webiptd.commands import (
-    Block, Blocked, BulkBlock, Claim, Command, Entry, FirewallFull, FirewallUnavailable, ListChain, Lookup,
-    Reconfigure, Unblock, Unblocked,
+    Block, Blocked, BulkBlock, Claim, Command, Entry, FirewallFull, FirewallUnavailable, FleetApplied, FleetApply,
+    FleetResync, ListChain, Lookup, Reconfigure, RemoteChange, Unblock, Unblocked,
 )
 from webiptd.config import ADOPTED, Chain, Limits
 from webiptd.firewall.backend import Backend
@@ -78,6 +80,10 @@ def _next_due(expires_at: float | None, claims: tuple[Claim, ...]) -> float | No
     return min((c.expires_at for c in claims if c.expires_at is not None), default=None)
 
 
+def _remote_claims(claims: tuple[Claim, ...]) -> int:
+    return sum(1 for c in claims if c.node)
+
+
 _V6 = 1 << 136  # above an IPv6 address shifted past its prefix length
 
 
@@ -108,12 +114,13 @@ class _Entries:
     the others that share their kernel atom.
     """
 
-    __slots__ = ("_chains", "_count", "_groups")
+    __slots__ = ("_chains", "_count", "_groups", "remote")
 
     def __init__(self) -> None:
         self._chains: dict[tuple[str, Scope | None], dict[int, _Row]] = {}
         self._groups: dict[tuple[str, str, int], set[Scope]] = {}
         self._count = 0
+        self.remote = 0  # claims from other hosts of the fleet
 
     def get(self, key: Key) -> Entry | None:
         rows = self._chains.get((key[0], key[2]))
@@ -144,10 +151,15 @@ class _Entries:
         chain, network, scope = key
         rows = self._chains.setdefault((chain, scope), {})
         packed = _pack(network)
-        if packed not in rows:
+        old = rows.get(packed)
+        if old is None:
             self._count += 1
             if scope is not None and scope.ports:
                 self._groups.setdefault((chain, scope.proto, packed), set()).add(scope)
+        elif len(old) > 4:
+            self.remote -= _remote_claims(old[4])
+        if entry.claims:
+            self.remote += _remote_claims(entry.claims)
         # New float objects: the loaded ones sit among the start-up's short-lived objects (see _reconcile).
         row: _Row = (entry.target, entry.created_at + 0.0,
                      None if entry.expires_at is None else entry.expires_at + 0.0, entry.created_by)
@@ -157,7 +169,9 @@ class _Entries:
         chain, network, scope = key
         rows = self._chains[(chain, scope)]
         packed = _pack(network)
-        del rows[packed]
+        old = rows.pop(packed)
+        if len(old) > 4:
+            self.remote -= _remote_claims(old[4])
         self._count -= 1
         if not rows:
             del self._chains[(chain, scope)]
@@ -221,6 +235,8 @@ class _Batch:
     audits: list[tuple[Any, ...]] = field(default_factory=list)
     expired: set[Key] = field(default_factory=set)  # the keys whose entries went at their expiry
     reconfigure: Reconfigure | None = None  # taken once the batch is committed
+    outbox: list[str] = field(default_factory=list)  # the fleet's events of this batch's local changes (JSON)
+    fleet: dict[str, str] = field(default_factory=dict)  # the follower's cursor, when the batch applies the stream
 
     def get(self, key: Key) -> Entry | None:
         return self.after[key] if key in self.after else self.entries.get(key)
@@ -285,8 +301,17 @@ def _listing_order(entry: Entry) -> tuple[Any, ...]:
 class Worker:
     def __init__(self, backend: Backend, store: Store, chains: Iterable[Chain],
                  clock: Callable[[], float] = time.time, kernel_check: float = Limits.kernel_check,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, node: str | None = None):
         self._backend = backend
+        # The fleet: this host's node name, None without a fleet. Local changes of shared chains go to the outbox;
+        # `outbox_committed` is the last outbox row whose change the kernel took (the publisher publishes up to it),
+        # `published` the last one the publisher got into Redis (the worker then deletes the rows).
+        self._node = node
+        self.outbox_committed = store.outbox_seq
+        self.published = 0
+        self._trimmed = 0
+        self.on_outbox: Callable[[], None] = lambda: None
+        self._fleet_state = store.fleet_state()
         self.metrics = metrics or Metrics()
         self._store = store
         self._chains: dict[str, Chain] = {c.name: c for c in chains}
@@ -331,6 +356,10 @@ class Worker:
     def submit(self, command: ListChain) -> Pending[list[Entry]]: ...
     @overload
     def submit(self, command: Reconfigure) -> Pending[None]: ...
+    @overload
+    def submit(self, command: FleetApply) -> Pending[FleetApplied]: ...
+    @overload
+    def submit(self, command: FleetResync) -> Pending[FleetApplied]: ...
 
     def submit(self, command: Command) -> Pending[Any]:
         """Queue `command`; its Pending answers with what the command's type says, or raises FirewallUnavailable."""
@@ -361,6 +390,14 @@ class Worker:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def remote_claims(self) -> int:
+        return self._entries.remote
+
+    def fleet_state(self) -> dict[str, str]:
+        """The follower's cursor as committed: a copy, for other threads."""
+        return dict(self._fleet_state)
+
     # -- the worker thread --------------------------------------------------------
 
     def _run(self) -> None:
@@ -389,6 +426,8 @@ class Worker:
             items += [(_Expire(key), None) for key in self._due()]
             if items:
                 self._process(items)
+            elif self.published > self._trimmed:
+                self._trim_outbox()
             if stop:
                 if self._purge:
                     self._safe_write([], [], self._take_purges())
@@ -452,13 +491,25 @@ class Worker:
         if due is not None:
             heapq.heappush(self._expiry, (due, next(self._ties), entry.chain, entry.scope, _pack(entry.network)))
 
+    def _trim_outbox(self) -> None:
+        """Delete the outbox rows the publisher got into Redis (a write of its own when the worker is idle)."""
+        published = self.published
+        try:
+            self._store.write([], [], [], fleet={"published": str(published)}, published=published)
+            self._fleet_state["published"] = str(published)
+        except Exception:
+            logger.exception("could not delete published events from the outbox")
+            return
+        self._trimmed = published
+
     def _take_purges(self) -> list[Entry]:
         purges, self._purge = self._purge, []
         return purges
 
-    def _safe_write(self, puts: list[Entry], removes: list[Entry], purges: list[Entry]) -> None:
+    def _safe_write(self, puts: list[Entry], removes: list[Entry], purges: list[Entry], outbox: Sequence[str] = (),
+                    fleet: Mapping[str, str] | None = None, published: int | None = None) -> None:
         try:
-            self._store.write(puts, removes, purges)
+            self._store.write(puts, removes, purges, outbox, fleet, published)
         except Exception:
             logger.exception("could not write the state store")
             self._purge.extend(purges)
@@ -473,10 +524,10 @@ class Worker:
         self.metrics.batch_size.observe(len(items))
         answers = self._execute_all(batch, items)
         changes = batch.changes()
-        if changes:
+        if changes or batch.outbox or batch.fleet:
             started = time.perf_counter()
             try:
-                self._commit(changes)
+                self._commit(changes, batch)
             except Exception as exc:
                 self.metrics.batch_failures.inc()
                 self._refused(items, answers, len(changes), exc)
@@ -499,11 +550,18 @@ class Worker:
 
     def _count_changes(self, changes: Mapping[Key, tuple[Entry | None, Entry | None]], expired: set[Key]) -> None:
         metrics = self.metrics
-        for key, (before, after) in changes.items():
+        added: dict[str, int] = {}
+        removed: dict[tuple[bool, str], int] = {}
+        for key, (before, after) in changes.items():  # counted first: a label lookup costs more than a count
             if before is None and after is not None:
-                metrics.blocks_added.labels(key[0]).inc()
+                added[key[0]] = added.get(key[0], 0) + 1
             elif after is None and before is not None:
-                (metrics.blocks_expired if key in expired else metrics.blocks_removed).labels(key[0]).inc()
+                gone = (key in expired, key[0])
+                removed[gone] = removed.get(gone, 0) + 1
+        for chain, n in added.items():
+            metrics.blocks_added.labels(chain).inc(n)
+        for (at_expiry, chain), n in removed.items():
+            (metrics.blocks_expired if at_expiry else metrics.blocks_removed).labels(chain).inc(n)
 
     def _execute_all(self, batch: _Batch, items: list[_Item]) -> list[_Answer]:
         answers: list[_Answer] = []
@@ -541,6 +599,10 @@ class Worker:
             case Reconfigure():
                 batch.reconfigure = cmd
                 return None
+            case FleetApply():
+                return self._fleet_apply(batch, cmd)
+            case FleetResync():
+                return self._fleet_resync(batch, cmd)
         raise TypeError(f"unknown command {cmd!r}")
 
     def _block(self, batch: _Batch, cmd: Block) -> Blocked:
@@ -552,13 +614,16 @@ class Worker:
         if old is None:
             new = Entry(cmd.chain.name, cmd.network, cmd.chain.target, now, cmd.expires_at, owner, (), cmd.scope)
             result = "created"
+            claim = Claim(owner, now, cmd.expires_at)
         else:
             mine = old.claim(owner)
-            others = [c for c in old.all_claims if c.owner != owner]
+            others = [c for c in old.all_claims if c.node or c.owner != owner]
             claim = Claim(owner, now if mine is None else mine.created_at, cmd.expires_at)
             new = Entry.of(old.chain, old.network, old.target, old.created_at, old.created_by, others + [claim],
                            old.scope)
             result = "claimed" if mine is None else "exists"
+        if new != old and self._shares(cmd.chain.name):
+            self._announce(batch, "block", key, owner, claim)
         batch.set(key, new)
         timeout = "permanent" if cmd.expires_at is None else str(max(0, round(cmd.expires_at - now)))
         batch.audits.append((cmd.actor, cmd.client, "block", cmd.chain.name, cmd.network, owner, timeout, result,
@@ -573,7 +638,11 @@ class Worker:
         owner = cmd.claimant
         answer: Unblocked
         kept = [] if old is None or cmd.every_claim else [
-            c for c in old.all_claims if c.owner not in (owner, ADOPTED)]
+            c for c in old.all_claims if c.node or c.owner not in (owner, ADOPTED)]
+        if self._shares(cmd.chain.name) and (cmd.every_claim or (old is not None and len(kept) < len(old.all_claims)
+                                                                 and old.claim(owner) is not None)):
+            # An override goes to every host, also when this one has nothing: another may.
+            self._announce(batch, "unblock", key, owner, None)
         if old is None:
             answer, result = Unblocked(deleted=False, entry=None, released=False), "absent"
         elif not kept:
@@ -588,6 +657,117 @@ class Worker:
         batch.audits.append((cmd.actor, cmd.client, "unblock", cmd.chain.name, cmd.network, owner, "-", result,
                              cmd.scope))
         return answer
+
+    def _shares(self, chain: str) -> bool:
+        config = self._chains.get(chain)
+        return self._node is not None and config is not None and config.shared
+
+    def _announce(self, batch: _Batch, op: str, key: Key, owner: str, claim: Claim | None) -> None:
+        """Put the fleet's event of a local change in the batch's outbox rows."""
+        chain, network, scope = key
+        event: dict[str, Any] = {"op": op, "chain": chain, "network": str(network), "owner": owner,
+                                 "node": self._node, "id": str(uuid.uuid4())}
+        if scope is not None:
+            event["proto"] = scope.proto
+            if scope.ports:
+                event["port"] = scope.port_text
+        if claim is not None:
+            event["created_at"] = repr(claim.created_at)
+            if claim.expires_at is not None:
+                event["expires_at"] = repr(claim.expires_at)
+        batch.outbox.append(json.dumps(event, separators=(",", ":")))
+
+    def _fleet_apply(self, batch: _Batch, cmd: FleetApply) -> FleetApplied:
+        """Apply the stream's events (validated by the follower) as claims of their nodes, in order; a chain this
+        host does not share (a reload since the follower looked) skips its events."""
+        applied = skipped = 0
+        now = self._clock()
+        for change in cmd.changes:
+            if self._shares(change.chain) and self._remote(batch, change, now):
+                applied += 1
+            else:
+                skipped += 1
+        batch.fleet.update(cursor=cmd.cursor, ordinal=str(cmd.ordinal))
+        return FleetApplied(applied, skipped)
+
+    def _remote(self, batch: _Batch, change: RemoteChange, now: float) -> bool:
+        """One remote event against the batch; whether it changed a claim."""
+        config = self._chains[change.chain]
+        key: Key = (change.chain, change.network, change.scope)
+        old = batch.get(key)
+        owner = change.claim_owner
+        new: Entry | None
+        if change.op == "block":
+            if change.expires_at is not None and change.expires_at <= now:
+                return False  # expired on its way here
+            claim = Claim(owner, change.created_at, change.expires_at, change.node)
+            if old is None:
+                new = Entry.of(change.chain, change.network, config.target, change.created_at, owner, [claim],
+                               change.scope)
+                result = "created"
+            else:
+                mine = old.claim(owner, change.node)
+                others = [c for c in old.all_claims if (c.owner, c.node) != (owner, change.node)]
+                new = Entry.of(old.chain, old.network, old.target, old.created_at, old.created_by, others + [claim],
+                               old.scope)
+                result = "claimed" if mine is None else "exists"
+            timeout = "permanent" if change.expires_at is None else str(max(0, round(change.expires_at - now)))
+        else:
+            if old is None:
+                return False
+            every = change.owner == "*"
+            kept = [] if every else [c for c in old.all_claims if (c.owner, c.node) != (owner, change.node)]
+            if len(kept) == len(old.all_claims):
+                return False
+            new = None if not kept else Entry.of(old.chain, old.network, old.target, old.created_at,
+                                                 old.created_by, kept, old.scope)
+            result, timeout = "deleted" if new is None else "released", "-"
+            if every:
+                owner = "*"
+        if new == old:
+            return False
+        batch.set(key, new)
+        batch.audits.append((f"fleet:{change.node}", "redis", change.op, change.chain, change.network, owner,
+                             timeout, result, change.scope))
+        return True
+
+    def _fleet_resync(self, batch: _Batch, cmd: FleetResync) -> FleetApplied:
+        """Make the remote claims of the shared chains the snapshot's (with `keep`, add the snapshot's to them and
+        announce every local claim again), and follow from the snapshot's id."""
+        now = self._clock()
+        wanted: dict[Key, dict[tuple[str, str], Claim]] = {}
+        for change in cmd.claims:
+            if not self._shares(change.chain) or (change.expires_at is not None and change.expires_at <= now):
+                continue
+            owner = change.claim_owner
+            wanted.setdefault((change.chain, change.network, change.scope), {})[(owner, change.node)] = Claim(
+                owner, change.created_at, change.expires_at, change.node)
+        changed = 0
+        for name in [n for n in self._chains if self._shares(n)]:
+            for entry in self._list(batch, name):
+                claims = wanted.pop(entry.key, {})
+                if cmd.keep:
+                    mine = {(c.owner, c.node): c for c in entry.all_claims}
+                    for claim in entry.all_claims:
+                        if not claim.node and claim.owner != ADOPTED:
+                            self._announce(batch, "block", entry.key, claim.owner, claim)
+                    merged = list({**mine, **claims}.values())
+                else:
+                    merged = [c for c in entry.all_claims if not c.node] + list(claims.values())
+                new = None if not merged else Entry.of(entry.chain, entry.network, entry.target, entry.created_at,
+                                                       entry.created_by, merged, entry.scope)
+                if new != entry:
+                    batch.set(entry.key, new)
+                    changed += 1
+        for (chain, network, scope), claims in wanted.items():
+            first = min(claims.values(), key=lambda c: c.created_at)
+            batch.set((chain, network, scope), Entry.of(chain, network, self._chains[chain].target, first.created_at,
+                                                        first.owner, list(claims.values()), scope))
+            changed += 1
+        batch.fleet.update(cursor=cmd.cursor, ordinal=str(cmd.ordinal), last_resync=repr(now))
+        logger.info("fleet: resynced from the snapshot (%d claims of other hosts): %d blocks changed%s",
+                    len(cmd.claims), changed, ", and this host's claims announced again" if cmd.keep else "")
+        return FleetApplied(changed, len(cmd.claims))
 
     def _expire(self, batch: _Batch, key: Key) -> None:
         """Drop the claims that are due; the entry goes with its last one."""
@@ -652,11 +832,18 @@ class Worker:
             return exc
         return None
 
-    def _commit(self, changed: Mapping[Key, tuple[Entry | None, Entry | None]]) -> None:
-        """Store first, then kernel; on a kernel failure put the store back as it was."""
+    def _commit(self, changed: Mapping[Key, tuple[Entry | None, Entry | None]], batch: _Batch) -> None:
+        """Store first (with the batch's outbox rows and cursor), then kernel; on a kernel failure put the store
+        back as it was."""
         puts = [after for _, after in changed.values() if after is not None]
         removes = [before for before, after in changed.values() if after is None and before is not None]
-        self._safe_write(puts, removes, self._take_purges())
+        outbox_before = self._store.outbox_seq
+        published = self.published
+        if published > self._trimmed:  # the publisher's progress, kept so that a redis that lost it shows
+            batch.fleet["published"] = str(published)
+        self._safe_write(puts, removes, self._take_purges(), batch.outbox, batch.fleet,
+                         published if published > self._trimmed else None)
+        self._trimmed = max(self._trimmed, published)
         ops = [op for chain, before, after in atom_changes(self._entries, changed)
                for op in kernel_ops(before, after, self._backend.expires_in_kernel(chain))]
         try:
@@ -664,7 +851,8 @@ class Worker:
                 self._backend.apply(ops, self._chains)
         except Exception:
             try:
-                self._store.restore([(k, before) for k, (before, _) in changed.items()])
+                self._store.restore([(k, before) for k, (before, _) in changed.items()], outbox_before,
+                                    {k: self._fleet_state.get(k) for k in batch.fleet})
             except Exception:
                 # The store now says more than the kernel has; the next start re-adds it.
                 logger.exception("could not restore the state store after a failed firewall change")
@@ -676,6 +864,10 @@ class Worker:
                 self._entries[key] = after
                 self._schedule(after)
         self._purge.extend(removes)
+        self._fleet_state.update(batch.fleet)
+        if batch.outbox:
+            self.outbox_committed = self._store.outbox_seq
+            self.on_outbox()
 
     def _reconcile(self) -> None:
         """Make the kernel match the store: re-add missing, drop expired, finish removals, adopt strays.

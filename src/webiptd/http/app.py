@@ -7,7 +7,6 @@ import functools
 import importlib.resources
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, TypeVar
@@ -18,7 +17,7 @@ from webiptd import __version__
 from webiptd.admission import Admission
 from webiptd.auth import AuthFailure, Authenticator, FailureThrottle
 from webiptd.commands import Block, BulkBlock, FirewallFull, FirewallUnavailable, ListChain, Lookup, Unblock
-from webiptd.config import CHAIN_NAME_RE, Chain, Config, User
+from webiptd.config import CHAIN_NAME_RE, OWNER_LABEL_RE, Chain, Config, User
 from webiptd.firewall.pending import Pending
 from webiptd.firewall.worker import Worker
 from webiptd.http.responses import INTERNAL_ERROR, NOT_FOUND, UNAUTHORIZED, Response, error
@@ -27,15 +26,13 @@ from webiptd.log import Reason
 from webiptd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from webiptd.metrics import Metric, Metrics, states
 from webiptd.net import Address, Network, client_key, parse_item, parse_segments
-from webiptd.scope import IPSET_MAX_PORTS, IPSET_PORT_PROTOCOLS, Scope, parse_scope
+from webiptd.scope import Scope, parse_scope, scope_refusal
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_TIMEOUT = 10 * 365 * 86400  # ten years; anything longer is a typo, and permanent is -1 or 0
 MAX_ITEM = 64  # characters of one bulk item: the longest IPv6 network is 43
-# A claim's owner label: fail2ban passes its jail name, a container its id. The claim's owner is then `user/label`.
-OWNER_LABEL_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
 EVERY_OWNER = "*"  # DELETE ?owner=*: every claim at once, for a user with override
 AUTH_FAILED = Reason("authentication failed: client={source} (unknown user, wrong password or bad credentials)",
                      "authentication failed {n} more times: client={source}")
@@ -51,6 +48,7 @@ ROUTES: dict[tuple[str, int], dict[str, str]] = {
     ("version", 1): {"GET": "version", "HEAD": "version"},
     ("chains", 1): {"GET": "chains", "HEAD": "chains"},
     ("metrics", 1): {"GET": "metrics", "HEAD": "metrics"},
+    ("fleet", 1): {"GET": "fleet", "HEAD": "fleet"},
     ("chain", 2): {"GET": "list", "HEAD": "list", "POST": "bulk"},
     ("chain", 4): {"GET": "lookup", "HEAD": "lookup", "PUT": "block", "DELETE": "unblock"},
     ("chain", 5): {"GET": "lookup", "HEAD": "lookup", "PUT": "block", "DELETE": "unblock"},
@@ -78,6 +76,9 @@ class Runtime:
         self.stopping = False
         self.metrics = metrics or Metrics()
         self.metrics.watch(self._states)
+        # The fleet's status (webiptd.fleet.FleetNode.status), once its threads run; None without a fleet.
+        self.fleet_status: Callable[[], dict[str, Any]] | None = None
+        self.fleet_line: Callable[[], str] | None = None
 
     def _states(self) -> Iterable[Metric]:
         """What a scrape reads of the daemon's state (metrics.states)."""
@@ -138,21 +139,6 @@ def parse_scope_query(pairs: list[tuple[str, str]]) -> tuple[Scope | None, list[
             raise ValueError(f"give {name} at most once")
     rest = [(k, v) for k, v in pairs if k not in found]
     return parse_scope(*(values[0] if values else None for values in found.values())), rest
-
-
-def scope_refusal(chain: Chain, scope: Scope | None) -> str | None:
-    """Why the chain's backend cannot hold `scope`, in a sentence; None when it can. ipset stores a port list one
-    element a port, and matches ports of tcp, udp, sctp and udplite only (ipset(8), hash:net,port)."""
-    if chain.backend != "ipset" or scope is None or not scope.ports:
-        return None
-    if scope.proto not in IPSET_PORT_PROTOCOLS:
-        return (f"chain {chain.name!r} uses the ipset backend, which matches ports of "
-                f"{', '.join(IPSET_PORT_PROTOCOLS)} only; leave port out to block every {scope.proto} port")
-    if scope.port_count > IPSET_MAX_PORTS:
-        return (f"chain {chain.name!r} uses the ipset backend, which keeps each port as an element: a block covers at "
-                f"most {IPSET_MAX_PORTS} ports there, and this one covers {scope.port_count}; leave port out to block "
-                f"every {scope.proto} port")
-    return None
 
 
 def parse_timeout(pairs: list[tuple[str, str]]) -> int | None:
@@ -242,6 +228,12 @@ class App:
             return error("forbidden", f"user {req.user.name!r} may not read the metrics: it needs metrics: true")
         return self._no_query(req.query) or Response(200, {}, raw=self.runtime.metrics.render(),
                                                      content_type=METRICS_CONTENT_TYPE)
+
+    def _fleet(self, req: Request) -> Response:
+        status = self.runtime.fleet_status
+        if status is None:
+            return error("not_configured", "this host is not in a fleet (the config has no fleet section)")
+        return self._no_query(req.query) or Response(200, status())
 
     def _version(self, req: Request) -> Response:
         return self._no_query(req.query) or Response(200, {"version": __version__})

@@ -32,6 +32,7 @@ ERRORS: dict[str, int] = {
     "not_found": 404,
     "unknown_chain": 404,
     "not_blocked": 404,
+    "not_configured": 404,
     "method_not_allowed": 405,
     "never_block": 409,
     "never_allow": 409,

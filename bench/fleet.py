@@ -1,0 +1,484 @@
+"""Section `fleet` (issue 11): three daemons sharing a chain through a private Redis (tests/fleet_net.py).
+Measures how fast a ban on A reaches B's and C's kernels at a paced rate, how fast a stopped node catches up on
+100k bans, and what the fleet costs A's local block rate. Run as root: `bench/fleet.py`, or
+`bench/run.py --sections fleet`. Prints Markdown tables; not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import math
+import mmap
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from common import PORT, loadavg, percentile, proc_cpu_seconds  # first: it puts src/ and tests/ on sys.path
+
+from clients import ClientPool, LeanClient
+from tests.harness import FAST_HASH, PASSWORDS, basic, client_context, make_pki, stop_process
+
+FIRST = "198.18.0.0"  # the bench's IPv4 pool (common.POOLS); propagation takes the first addresses
+CATCHUP_OFFSET = 16_384  # catch-up's addresses start here, after propagation's
+PACE_CONNS = 8
+WATCH_SLEEP = 0.0005  # between two probes of a watcher: the resolution it aims at
+WATCH_WINDOW = 1024  # most elements one probe asks about (when many lag)
+PROGRESS = struct.Struct("=q")  # a pacer's slot in the progress file: the last index it sent
+IPSET_CMD_TEST = 11  # ip_set.h: answers 0 (in the set) or IPSET_ERR_EXIST (not in it)
+
+
+# -- agents: small processes started inside a node's namespace ------------------------------------------------
+
+
+class _Here:
+    """LeanClient's namespace, for a process already inside it: plain connects."""
+
+    @staticmethod
+    def connect(host: str, port: int, timeout: float | None = None, source: str | None = None) -> socket.socket:
+        return socket.create_connection((host, port), timeout=timeout)
+
+
+def _path(chain: str, index: int) -> str:
+    return f"/chain/{chain}/ipv4/{ipaddress.IPv4Address(FIRST) + index}"
+
+
+def _pace(spec: dict[str, Any]) -> list[list[Any]]:
+    """One keep-alive connection sending its share of the PUTs, each at its due time (open loop: a late request is
+    sent at once, its lateness recorded). Rows: index, due, sent, answered (monotonic), answered (wall), status."""
+    conn = LeanClient(_Here(), spec["host"], spec["port"], client_context(spec["cafile"]),
+                      os.environ["WIPT_BENCH_AUTH"], 30.0)
+    status, _ = conn.request("GET", "/version")
+    if status != 200:
+        raise RuntimeError(f"GET /version answered {status}")
+    rows: list[list[Any]] = []
+    start, rate = spec["start_at"], spec["rate"]
+    with open(spec["progress"], "r+b") as fd:
+        progress = mmap.mmap(fd.fileno(), 0)
+    slot = spec["index"] * PROGRESS.size
+    for i in range(spec["index"], spec["count"], spec["conns"]):
+        due = start + i / rate
+        while (left := due - time.monotonic()) > 0:
+            time.sleep(left)
+        sent = time.monotonic()
+        PROGRESS.pack_into(progress, slot, i)
+        status, _ = conn.request("PUT", _path(spec["chain"], i))
+        rows.append([i, due, sent, time.monotonic(), time.time(), status])
+    conn.close()
+    return rows
+
+
+def _ipset_probe(set_name: str) -> Callable[[list[int]], list[bool]]:
+    from webiptd.firewall.ipset_netlink import IpsetNetlink, Element
+
+    nl = IpsetNetlink()
+    base = ipaddress.IPv4Address(FIRST)
+
+    def probe(indices: list[int]) -> list[bool]:
+        elements = [Element(IPSET_CMD_TEST, set_name, ipaddress.ip_network(base + i), False) for i in indices]
+        return [code == 0 for code in nl.apply(elements)]
+
+    return probe
+
+
+def _nft_probe(set_name: str) -> Callable[[list[int]], list[bool]]:
+    import nftables
+
+    nft = nftables.Nftables()
+    nft.set_json_output(True)
+    base = int(ipaddress.IPv4Address(FIRST))
+    query = {"nftables": [{"list": {"set": {"family": "inet", "table": "web-ipt-d", "name": set_name}}}]}
+
+    def probe(indices: list[int]) -> list[bool]:
+        rc, out, err = nft.json_cmd(query)
+        if rc != 0:
+            raise RuntimeError(f"nft list set {set_name}: {err}")
+        held = set()
+        for item in out["nftables"]:
+            for elem in item.get("set", {}).get("elem", []):
+                val = elem["elem"]["val"] if isinstance(elem, dict) and "elem" in elem else elem
+                if isinstance(val, str):
+                    held.add(int(ipaddress.IPv4Address(val)) - base)
+        return [i in held for i in indices]
+
+    return probe
+
+
+def _watch(spec: dict[str, Any]) -> dict[str, Any]:
+    """Ask the kernel, in a tight loop, about each element whose PUT was sent to A and is not yet seen;
+    note when each is first seen (monotonic, after the probe that found it: an upper bound)."""
+    probe = (_ipset_probe if spec["backend"] == "ipset" else _nft_probe)(spec["set"])
+    count = spec["count"]
+    with open(spec["progress"], "rb") as fd:
+        progress = mmap.mmap(fd.fileno(), 0, prot=mmap.PROT_READ)
+    slots = range(0, len(progress), PROGRESS.size)
+    seen: list[float | None] = [None] * count
+    lo, rounds, probe_s = 0, 0, 0.0
+    while lo < count and time.monotonic() < spec["deadline"]:
+        due = min(count, 1 + max(PROGRESS.unpack_from(progress, k)[0] for k in slots))  # sent so far
+        todo = [i for i in range(lo, min(due, lo + WATCH_WINDOW)) if seen[i] is None]
+        if todo:
+            t0 = time.monotonic()
+            present = probe(todo)
+            t1 = time.monotonic()
+            rounds += 1
+            probe_s += t1 - t0
+            for i, there in zip(todo, present):
+                if there:
+                    seen[i] = t1
+            while lo < count and seen[lo] is not None:
+                lo += 1
+        time.sleep(WATCH_SLEEP)
+    return {"seen": seen, "rounds": rounds, "probe_s": probe_s}
+
+
+def agent_main(kind: str, spec_text: str) -> int:
+    spec = json.loads(spec_text)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us by PID
+    result: Any = _pace(spec) if kind == "pace" else _watch(spec)
+    sys.stdout.write(json.dumps(result))
+    return 0
+
+
+# -- the fleet --------------------------------------------------------------------------------------------
+
+
+def _configure(name: str, config: dict[str, Any]) -> None:
+    config["log"]["level"] = "INFO"  # audit lines are INFO; DEBUG would cost every request a line
+    config["limits"].update(worker_timeout=60, request_timeout=60)
+
+
+def _agent(ns: Any, kind: str, spec: dict[str, Any], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return ns.popen([sys.executable, str(Path(__file__).resolve()), "--agent", kind, json.dumps(spec)],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                    env={**os.environ, **(env or {})})
+
+
+def _collect(proc: subprocess.Popen[str], timeout: float) -> Any:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_process(proc)
+        raise RuntimeError("an agent did not finish in time") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"an agent failed ({proc.returncode}): {err[-2000:]}")
+    return json.loads(out)
+
+
+def _set_name(backend: str) -> str:
+    from tests.fleet_net import CHAIN
+    return f"{CHAIN}-v4"
+
+
+def _kernel_count(d: Any, backend: str) -> int:
+    name = _set_name(backend)
+    if backend == "ipset":
+        out = d.ns.run(["ipset", "list", "-t", name]).stdout
+        return int(out.split("Number of entries:", 1)[1].split()[0])
+    out = d.ns.run(["nft", "-j", "list", "set", "inet", "web-ipt-d", name]).stdout
+    return sum(len(i.get("set", {}).get("elem", [])) for i in json.loads(out)["nftables"])
+
+
+def _stats(values: Sequence[float]) -> dict[str, float]:
+    s = sorted(values)
+    return {"n": len(s), "p50": percentile(s, 50), "p99": percentile(s, 99), "max": s[-1] if s else math.nan}
+
+
+_AUDIT_TIME = "%Y-%m-%d %H:%M:%S"
+
+
+def _audit_times(log: str, source: str) -> dict[int, float]:
+    """Index -> wall time of the audit line `user=fleet:<source> ... action=block ... network=<addr>/32`."""
+    base = int(ipaddress.IPv4Address(FIRST))
+    out: dict[int, float] = {}
+    needle = f"user=fleet:{source} "
+    for line in log.splitlines():
+        if needle not in line or " action=block " not in line:
+            continue
+        stamp, ms = line[:19], line[20:23]
+        net = line.split(" network=", 1)[1].split()[0]
+        i = int(ipaddress.ip_network(net).network_address) - base
+        out.setdefault(i, time.mktime(time.strptime(stamp, _AUDIT_TIME)) + int(ms) / 1000)
+    return out
+
+
+def propagation(f: Any, backend: str, rate: float, seconds: float) -> dict[str, Any]:
+    """PUTs on A at `rate` for `seconds`; when each entry is in B's and C's kernels, against A's 2xx."""
+    from tests.fleet_net import CHAIN
+    count = int(rate * seconds)
+    start_at = time.monotonic() + 4.0  # the agents' Python starts and connects first
+    progress = f.root / "progress"
+    progress.write_bytes(PROGRESS.pack(-1) * PACE_CONNS)
+    watch = {n: _agent(f[n].ns, "watch", {"backend": backend, "set": _set_name(backend), "count": count,
+                                          "progress": str(progress), "deadline": start_at + seconds + 30})
+             for n in ("b", "c")}
+    pki = f["a"].pki
+    pacers = [_agent(f["a"].ns, "pace", {"host": "127.0.0.1", "port": PORT, "cafile": str(pki.ca), "chain": CHAIN,
+                                         "count": count, "rate": rate, "conns": PACE_CONNS, "index": k,
+                                         "start_at": start_at, "progress": str(progress)},
+                     env={"WIPT_BENCH_AUTH": basic("admin", PASSWORDS["admin"])}) for k in range(PACE_CONNS)]
+    rows = sorted(r for p in pacers for r in _collect(p, seconds + 60))
+    seen = {n: _collect(p, seconds + 60) for n, p in watch.items()}
+    ok = [r for r in rows if 200 <= r[5] < 300]
+    answered = {r[0]: r for r in ok}
+    span = max(r[3] for r in rows) - min(r[2] for r in rows)
+    out: dict[str, Any] = {
+        "backend": backend, "offered": rate, "requests": len(rows), "ok": len(ok),
+        "achieved": len(rows) / span if span > 0 else math.nan,
+        "put_ms": _stats([(r[3] - r[2]) * 1000 for r in ok]),
+        "late_ms": _stats([(r[2] - r[1]) * 1000 for r in rows]),
+        "nodes": {},
+    }
+    for n in ("b", "c"):
+        w = seen[n]
+        kernel = [(w["seen"][i] - r[3]) * 1000 for i, r in answered.items() if w["seen"][i] is not None]
+        audit = _audit_times(f[n].log(), "a")
+        logged = [(audit[i] - r[4]) * 1000 for i, r in answered.items() if i in audit]
+        out["nodes"][n] = {"kernel_ms": _stats(kernel), "missing": len(answered) - len(kernel),
+                           "probe_ms": 1000 * w["probe_s"] / max(1, w["rounds"]), "rounds": w["rounds"],
+                           "audit_ms": _stats(logged)}
+    return out
+
+
+def catchup(f: Any, backend: str, total: int, chunk: int = 10_000) -> dict[str, Any]:
+    """B stopped; A takes `total` bans in bulk POSTs; B started: until its lag is 0 and its kernel has them all."""
+    from tests.fleet_net import EVENTS, bulk, host_range, wait_until
+    assert f.stop("b") == 0, "node b did not stop cleanly"
+    first = str(ipaddress.IPv4Address(FIRST) + CATCHUP_OFFSET)
+    items = host_range(total, first)
+    t0 = time.monotonic()
+    for i in range(0, total, chunk):
+        r = bulk(f["a"], items[i:i + chunk])
+        if r.status != 200:
+            raise RuntimeError(f"bulk POST on A: {r}")
+    a_s = time.monotonic() - t0
+    wait_until(lambda: f.published("a"), 300, "A published its outbox", every=0.2)
+    a_published_s = time.monotonic() - t0
+    expected = _kernel_count(f["a"], backend)
+    b = f["b"]
+    started = time.monotonic()
+    b.start(wait=False)
+    b.wait_notify("READY=1", timeout=120)
+    ready = time.monotonic()
+    end_id = f.redis.client().xinfo_stream(EVENTS)["last-generated-id"]
+    lag0 = kernel = math.nan
+    early_lag0 = math.nan  # /fleet said connected and lag 0 with the cursor short of the stream's end
+    while time.monotonic() - started < 300 and (math.isnan(lag0) or math.isnan(kernel)):
+        now = time.monotonic()
+        if math.isnan(lag0):
+            s = f.status("b")
+            if s["connected"] and s["lag_events"] == 0:
+                if s["last_applied_id"] == end_id:
+                    lag0 = now
+                elif math.isnan(early_lag0):
+                    early_lag0 = now
+        if math.isnan(kernel) and _kernel_count(b, backend) >= expected:
+            kernel = now
+        time.sleep(0.05)
+    return {"backend": backend, "events": total, "a_bulk_s": a_s, "a_published_s": a_published_s,
+            "expected": expected, "ready_s": ready - started, "lag0_s": lag0 - started,
+            "kernel_s": kernel - started, "complete_s": max(lag0, kernel) - started,
+            "after_ready_s": max(lag0, kernel) - ready, "early_lag0_s": early_lag0 - started}
+
+
+@dataclass
+class _Endpoint:
+    ns: Any
+    host: str
+    port: int
+    cafile: Path
+    authorization: str
+
+
+def cost(pki: Any, hashes: dict[str, str], backend: str, seconds: float, pairs: int, clients: int,
+         ops: int = 60_000) -> dict[str, Any]:
+    """A's block rate with a fleet (shared chain, Redis in its namespace, no other node) against the same config
+    without; runs interleaved, the order swapped each pair. Every run's entries are unblocked after it."""
+    from tests.fleet_net import CHAIN, Fleet, wait_until
+    made: list[Any] = []
+    pool: ClientPool | None = None
+    runs: list[dict[str, Any]] = []
+    try:
+        fleets = {}
+        for variant, on in (("fleet", True), ("plain", False)):
+            fl = Fleet(pki, hashes, (backend,), names=("a",), fleet=on, configure=_configure)
+            made.append(fl)
+            fl.start("a", redis_too=on)
+            if on:
+                wait_until(lambda fl=fl: fl.caught_up("a"), 30, "A follows the stream")
+            fleets[variant] = fl
+        pool = ClientPool(clients)
+        todo = [_path(CHAIN, i) for i in range(ops)]
+        for pair in range(pairs):
+            for variant in (("fleet", "plain") if pair % 2 == 0 else ("plain", "fleet")):
+                fl = fleets[variant]
+                d = fl["a"]
+                pool.connect(_Endpoint(d.ns, "127.0.0.1", PORT, pki.ca, basic("admin", PASSWORDS["admin"])))
+                pids = [d.pid] + ([fl.redis.proc.pid] if variant == "fleet" else [])
+                def cpu(pids: list[int] = pids) -> list[float]:
+                    return [proc_cpu_seconds(p) for p in pids]
+
+                replies, sent, cpu0, cpu1 = pool.run(clients, "PUT", todo, 201, budget=seconds, sample=cpu)
+                span = max(r["t1"] for r in replies) - min(r["t0"] for r in replies)
+                lat = sorted(x for r in replies for x in r["latencies"])
+                errors = sum(len(r["errors"]) for r in replies)
+                outbox = fl.status("a")["outbox"] if variant == "fleet" else None
+                pool.run(clients, "DELETE", sent, 200)
+                if variant == "fleet":
+                    wait_until(lambda fl=fl: fl.published("a"), 120, "A published its outbox", every=0.2)
+                pool.disconnect()
+                runs.append({"pair": pair + 1, "variant": variant, "blocks": len(sent), "rate": len(sent) / span,
+                             "p50_ms": percentile(lat, 50) * 1000, "p99_ms": percentile(lat, 99) * 1000,
+                             "errors": errors, "outbox_at_end": outbox, "loadavg": loadavg(),
+                             "daemon_cpu_ms": 1000 * (cpu1[0] - cpu0[0]) / max(1, len(sent)),
+                             "redis_cpu_ms": 1000 * (cpu1[1] - cpu0[1]) / max(1, len(sent)) if len(pids) > 1 else None})
+    finally:
+        if pool is not None:
+            pool.close()
+        for fl in made:
+            fl.close()
+    rate = {(r["pair"], r["variant"]): r["rate"] for r in runs}
+    mean = {v: sum(rate[p, v] for p in range(1, pairs + 1)) / pairs for v in ("fleet", "plain")}
+    return {"backend": backend, "clients": clients, "seconds": seconds, "runs": runs,
+            "ratio": mean["fleet"] / mean["plain"],
+            "pair_ratios": [rate[p, "fleet"] / rate[p, "plain"] for p in range(1, pairs + 1)]}
+
+
+# -- the section --------------------------------------------------------------------------------------------
+
+
+def run(backends: Sequence[str], parts: Sequence[str], rate: float, seconds: float, catchup_total: int,
+        cost_seconds: float, pairs: int, clients: int, log: Callable[[str], None]) -> dict[str, Any]:
+    from tests.fleet_net import Fleet, wait_until
+    results: dict[str, Any] = {"propagation": [], "catchup": [], "cost": [], "loadavg_start": loadavg()}
+    root = Path(tempfile.mkdtemp(prefix="wipt-fleet-", dir="/tmp"))
+    pki = make_pki(root / "pki", "fleet bench")
+    hashes = {name: FAST_HASH.hash(pw) for name, pw in PASSWORDS.items()}
+    for backend in backends:
+        if "propagation" in parts or "catchup" in parts:
+            with Fleet(pki, hashes, (backend,) * 3, configure=_configure) as f:
+                f.start()
+                for n in f.nodes:
+                    wait_until(lambda n=n: f.caught_up(n), 30, f"node {n} caught up")
+                if "propagation" in parts:
+                    log(f"{backend}: propagation, {rate:g}/s for {seconds:g} s")
+                    results["propagation"].append(propagation(f, backend, rate, seconds))
+                if "catchup" in parts:
+                    log(f"{backend}: catch-up of {catchup_total:,} bans")
+                    results["catchup"].append(catchup(f, backend, catchup_total))
+        if "cost" in parts:
+            log(f"{backend}: cost, {pairs} pairs of {cost_seconds:g} s runs, {clients} clients")
+            results["cost"].append(cost(pki, hashes, backend, cost_seconds, pairs, clients))
+    results["loadavg_end"] = loadavg()
+    import shutil
+    shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
+def _ms(s: dict[str, float]) -> str:
+    return f"{s['p50']:.1f} | {s['p99']:.1f} | {s['max']:.1f}"
+
+
+def tables(results: dict[str, Any]) -> list[str]:
+    out = [f"Fleet (issue 11): three nodes, each in its own namespace, Redis in a fourth; 2 cores shared by all, "
+           f"load average {results['loadavg_start']} at start, {results['loadavg_end']} at end."]
+    if results["propagation"]:
+        out += ["", "Propagation: A's 2xx to the entry in B's and C's kernels (a watcher in each node's namespace "
+                "asks the kernel about every due element in a tight loop; the time after the probe that found it), "
+                "and to the follower's audit line (log timestamp, ms, wall clock)", "",
+                "| backend | PUTs on A (offered/s, sent/s, 2xx) | A's PUT p50 / p99 ms | node | kernel p50 | p99 "
+                "| max ms | missing | probe ms | audit line p50 | p99 | max ms |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for p in results["propagation"]:
+            for n, v in p["nodes"].items():
+                out.append(f"| {p['backend']} | {p['offered']:g}, {p['achieved']:.0f}, {p['ok']:,} | "
+                           f"{p['put_ms']['p50']:.1f} / {p['put_ms']['p99']:.1f} | {n} | {_ms(v['kernel_ms'])} | "
+                           f"{v['missing']} | {v['probe_ms']:.2f} | {_ms(v['audit_ms'])} |")
+    if results["catchup"]:
+        out += ["", "Catch-up: B stopped, A takes the bans in bulk POSTs of 10k, then B starts (seconds from "
+                "B's process start)", "",
+                "| backend | events | A: bulk / published s | READY | cursor at the stream's end, lag 0 "
+                "| kernel complete | READY to complete | /fleet said lag 0 too early at |",
+                "|---|---|---|---|---|---|---|---|"]
+        for c in results["catchup"]:
+            out.append(f"| {c['backend']} | {c['events']:,} | {c['a_bulk_s']:.1f} / {c['a_published_s']:.1f} | "
+                       f"{c['ready_s']:.2f} | {c['lag0_s']:.2f} | {c['kernel_s']:.2f} | {c['after_ready_s']:.2f} | "
+                       f"{'-' if math.isnan(c['early_lag0_s']) else format(c['early_lag0_s'], '.2f')} |")
+    if results["cost"]:
+        out += ["", "Cost: A's local block rate (PUTs, keep-alive clients, closed loop) with the fleet (shared chain, "
+                "Redis up, no other node) and without; interleaved", "",
+                "| backend | pair | variant | blocks/s | PUT p50 / p99 ms | CPU ms a block: daemon / redis "
+                "| outbox at end | errors |", "|---|---|---|---|---|---|---|---|"]
+        for c in results["cost"]:
+            for r in c["runs"]:
+                out.append(f"| {c['backend']} | {r['pair']} | {r['variant']} | {r['rate']:.0f} | "
+                           f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} | {r['daemon_cpu_ms']:.2f} / "
+                           f"{'-' if r['redis_cpu_ms'] is None else format(r['redis_cpu_ms'], '.2f')} | "
+                           f"{'-' if r['outbox_at_end'] is None else r['outbox_at_end']} | {r['errors']} |")
+            out.append(f"| {c['backend']} | all | fleet ÷ plain | **{c['ratio']:.3f}** | per pair "
+                       f"{', '.join(f'{x:.3f}' for x in c['pair_ratios'])} | | | |")
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backends", default="ipset", help="comma list of ipset, nftables (default ipset)")
+    p.add_argument("--parts", default="propagation,catchup,cost", help="comma list (default all three)")
+    p.add_argument("--rate", type=float, default=500, help="paced PUTs per second on A (default 500)")
+    p.add_argument("--seconds", type=float, default=10, help="length of the paced run (default 10)")
+    p.add_argument("--catchup", type=int, default=100_000, help="bans A takes while B is down (default 100000)")
+    p.add_argument("--cost-seconds", type=float, default=10, help="length of one cost run (default 10)")
+    p.add_argument("--pairs", type=int, default=2, help="fleet/plain pairs of cost runs (default 2)")
+    p.add_argument("--clients", type=int, default=4, help="keep-alive clients of a cost run (default 4)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write every figure")
+    args = p.parse_args(argv)
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    if not set(args.backends) <= {"ipset", "nftables"} or not set(args.parts) <= {"propagation", "catchup", "cost"}:
+        p.error("--backends: ipset, nftables; --parts: propagation, catchup, cost")
+    if args.catchup + CATCHUP_OFFSET > 131_072 or args.rate * args.seconds > CATCHUP_OFFSET:
+        p.error("the addresses must fit the 198.18.0.0/15 pool")
+    return args
+
+
+def section(args: argparse.Namespace) -> dict[str, Any]:
+    return run(args.backends, args.parts, args.rate, args.seconds, args.catchup, args.cost_seconds, args.pairs,
+               args.clients, lambda text: print(text, file=sys.stderr, flush=True))
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--agent"]:
+        return agent_main(argv[1], argv[2])
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench/fleet.py needs root (namespaces)", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        results = section(args)
+    except KeyboardInterrupt:
+        print("interrupted; cleaned up", file=sys.stderr)
+        return 130
+    print("\n".join(tables(results)))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

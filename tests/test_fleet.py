@@ -1,0 +1,525 @@
+"""The fleet (issue #8): three real daemons in three namespaces, each with its own kernel, sharing bans through a
+private redis-server in a fourth (tests/fleet_net.py). One test per row of the issue's table, plus /fleet itself.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from tests.fleet_net import (CHAIN, EVENTS, NOBODY4, STATE, Fleet, bulk, host_range, kernel_timeouts, log_lines_since,
+                             node_password, path, wait_until)
+from tests.harness import PKI
+from tests.test_client import web_ipt
+
+pytestmark = pytest.mark.root
+
+NODES = ("a", "b", "c")
+MIXED = ("ipset", "nftables", "ipset")  # each node its own kernel, and not all the same backend
+
+
+@pytest.fixture
+def make_fleet(pki: PKI, user_hashes: dict[str, str]) -> Iterator[Callable[..., Fleet]]:
+    """Fleet(...) with the session's PKI and users; every fleet made is closed after the test. The nodes' and
+    Redis' log tails go to stdout, which pytest shows when the test fails."""
+    made: list[Fleet] = []
+
+    def make(*args: Any, **kw: Any) -> Fleet:
+        f = Fleet(pki, user_hashes, *args, **kw)
+        made.append(f)
+        return f
+
+    try:
+        yield make
+    finally:
+        for f in made:
+            for name, d in f.nodes.items():
+                print(f"--- node {name} log (tail)\n" + "\n".join(d.log().splitlines()[-40:]))
+                print(f"--- node {name} stderr (tail)\n" + d.stderr()[-2000:])
+            print("--- redis log (tail)\n" + f.redis.log()[-1500:])
+            f.close()
+
+
+def started(f: Fleet, *names: str) -> Fleet:
+    """Start Redis and the nodes, and wait until every node follows the stream (connected, nothing to catch up)."""
+    f.start(*names)
+    for n in names or f.nodes:
+        wait_until(lambda n=n: f.caught_up(n), 15, f"node {n} connected and caught up")
+    return f
+
+
+def stream_id(text: str) -> tuple[int, int]:
+    ms, seq = text.split("-")
+    return int(ms), int(seq)
+
+
+def epoch(rfc3339: str) -> float:
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
+def claims(f: Fleet, name: str, chain: str = CHAIN) -> dict[str, set[tuple[str, str | None]]]:
+    """Node `name`'s claims on `chain` seen fleet-wide: by entry, {(node/owner, expires_at)}; a local claim is
+    named after `name`, so every node's view of the same claims compares equal."""
+    out = {}
+    for key, e in f.listing(name, chain).items():
+        out[key] = {(c["owner"] if c.get("node") else f"{name}/{c['owner']}", c["expires_at"]) for c in e["claims"]}
+    return out
+
+
+def everywhere(f: Fleet, networks: set[str], names: tuple[str, ...] = NODES) -> Callable[[], bool]:
+    return lambda: all(networks <= f.entries(n) for n in names)
+
+
+def nowhere(f: Fleet, networks: set[str], names: tuple[str, ...] = NODES) -> Callable[[], bool]:
+    return lambda: all(not networks & f.entries(n) for n in names)
+
+
+def no_acl_denials(f: Fleet) -> None:
+    """Every key and command the nodes used is within the Redis user docs/fleet.md gives them (tests/fleet_net.py
+    NODE_ACL): Redis logs each denial in ACL LOG."""
+    denials = f.redis.client().acl_log(count=20)
+    assert denials == [], denials
+
+
+def alive(f: Fleet) -> None:
+    for name, d in f.nodes.items():
+        assert d.proc is not None and d.proc.poll() is None, f"node {name} exited: {d.stderr()[-2000:]}"
+
+
+# -- the issue's table ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backends", [("ipset",) * 3, ("nftables",) * 3], ids=["ipset", "nftables"])
+def test_propagation(make_fleet: Callable[..., Fleet], backends: tuple[str, ...]) -> None:
+    """A PUT on A is in B's and C's kernels; a DELETE by the same owner removes it everywhere. A chain that is
+    not shared stays local."""
+    f = started(make_fleet(backends))
+    a = f["a"]
+    assert a.request("PUT", path("203.0.113.9", "f2b-ssh")).status == 201  # not shared
+    t0 = time.monotonic()
+    assert a.request("PUT", path("203.0.113.7") + "?owner=sshd", user="f2b").status == 201
+    r = a.request("PUT", path("2001:db8:ffff::/48") + "?proto=tcp&port=22,80&timeout=600")
+    assert r.status == 201, r
+    # tcp/22,80 is in a set of its own on either backend (hence kernel_text), one element a port
+    scoped = "2001:db8:ffff:: . tcp . 22" if backends[0] == "nftables" else "2001:db8:ffff::/48,tcp:22"
+    wait_until(lambda: all("203.0.113.7/32" in f.entries(n) and scoped in f.kernel_text(n) for n in NODES), 10,
+               "A's two blocks in every kernel")
+    print(f"propagation of two PUTs to B and C: {time.monotonic() - t0:.3f} s")
+    for n in ("b", "c"):
+        listing = f.listing(n)
+        assert set(listing) == {"203.0.113.7/32", "2001:db8:ffff::/48 tcp 22,80"}, listing
+        assert [(c["owner"], c["node"]) for c in listing["203.0.113.7/32"]["claims"]] == [("a/f2b/sshd", "a")]
+        assert listing["2001:db8:ffff::/48 tcp 22,80"]["expires_at"] == \
+            f.listing("a")["2001:db8:ffff::/48 tcp 22,80"]["expires_at"]
+        assert f.entries(n, "f2b-ssh") == set()
+    assert all(e.get("chain") == CHAIN for _, e in f.stream()), "an event of a chain that is not shared"
+
+    r = a.request("DELETE", path("203.0.113.7") + "?owner=sshd", user="f2b")
+    assert (r.status, r.json["deleted"]) == (200, True), r
+    assert a.request("DELETE", path("2001:db8:ffff::/48") + "?proto=tcp&port=22,80").json["deleted"] is True
+    wait_until(lambda: all("203.0.113.7/32" not in f.entries(n) and scoped not in f.kernel_text(n) for n in NODES),
+               10, "A's two blocks gone from every kernel")
+    for n in NODES:
+        assert f.listing(n) == {}
+    assert f.entries("a", "f2b-ssh") == {"203.0.113.9/32"}
+    no_acl_denials(f)
+
+
+def test_catch_up(make_fleet: Callable[..., Fleet]) -> None:
+    """B is stopped while A bans 10k addresses; B starts and has all of them before its /fleet lag reaches 0,
+    by following from its cursor (no resync)."""
+    f = started(make_fleet(MIXED))
+    assert f["a"].request("PUT", path("203.0.113.1")).status == 201
+    wait_until(lambda: "203.0.113.1/32" in f.entries("b") and f.caught_up("b"), 10, "B past A's first event")
+    resynced = f.status("b")["last_resync"]
+    assert f.stop("b") == 0
+    items = host_range(10_000, "198.18.0.1")
+    r = bulk(f["a"], items, "?timeout=3600")
+    assert r.status == 200 and r.json["created"] == 10_000, r
+    wait_until(lambda: f.published("a"), 30, "A published its 10k events")
+    assert f.redis.client().xlen(EVENTS) == 10_001
+
+    t0 = time.monotonic()
+    f.restart("b")
+    wait_until(lambda: f.caught_up("b"), 60, "B caught up", every=0.02)
+    caught_up_s = time.monotonic() - t0
+    have = f.entries("b")
+    print(f"B: restart to lag 0 over 10k events: {caught_up_s:.2f} s")
+    assert set(items) <= have, f"lag 0 with {len(set(items) - have)} of 10k not in B's kernel"
+    assert f.status("b")["last_resync"] == resynced, "B resynced instead of following from its cursor"
+    wait_until(lambda: set(items) <= f.entries("c"), 30, "C has the 10k too")
+
+
+def test_catch_up_after_joining_an_empty_stream(make_fleet: Callable[..., Fleet]) -> None:
+    """A node that joined before the first event (its cursor 0-0) catches up from it after a restart: no event
+    was ever trimmed, so there is nothing to resync for."""
+    f = started(make_fleet(("ipset", "nftables"), names=("a", "b")))
+    resynced = f.status("b")["last_resync"]
+    assert f.stop("b") == 0
+    items = host_range(100, "198.18.3.1")
+    assert bulk(f["a"], items).json["created"] == 100
+    wait_until(lambda: f.published("a"), 10, "A published")
+    f.restart("b")
+    wait_until(lambda: f.caught_up("b") and set(items) <= f.entries("b"), 20, "B caught up")
+    assert f.status("b")["last_resync"] == resynced, "B resynced instead of following from its cursor"
+
+
+def test_resync(make_fleet: Callable[..., Fleet]) -> None:
+    """The stream is trimmed past B's cursor while B is down; B resyncs from the snapshot and ends identical:
+    what was unblocked meanwhile goes, what was blocked comes, with the same claims and expiries."""
+    f = started(make_fleet(MIXED))
+    a, c = f["a"], f["c"]
+    assert a.request("PUT", path("203.0.113.1")).status == 201
+    assert a.request("PUT", path("203.0.113.2") + "?timeout=3600&owner=sshd", user="f2b").status == 201
+    wait_until(lambda: {"203.0.113.1/32", "203.0.113.2/32"} <= f.entries("b"), 10, "B has A's first two")
+    before = f.status("b")
+    assert f.stop("b") == 0
+
+    assert a.request("DELETE", path("203.0.113.1")).json["deleted"] is True
+    for i in range(3, 6):
+        assert a.request("PUT", path(f"203.0.113.{i}") + "?timeout=3600").status == 201
+    assert c.request("PUT", path("203.0.113.6")).status == 201
+    assert c.request("PUT", path("203.0.113.2") + "?timeout=1800").status == 200  # a second claim, C's
+    for n in ("a", "c"):
+        wait_until(lambda n=n: f.published(n), 10, f"node {n} published")
+    rc = f.redis.client()
+    last = rc.xinfo_stream(EVENTS)["last-generated-id"]
+    rc.xtrim(EVENTS, maxlen=0, approximate=False)
+    # (Redis 7.0 moves max-deleted-entry-id on XDEL only, not on XTRIM: an emptied stream is the case to see)
+    assert rc.xlen(EVENTS) == 0 and rc.xinfo_stream(EVENTS)["last-generated-id"] == last
+    assert stream_id(before["last_applied_id"]) < stream_id(last)
+
+    f.restart("b")
+    wait_until(lambda: f.status("b")["last_resync"] != before["last_resync"] and f.caught_up("b"), 20,
+               "B resynced and caught up")
+    want = {"203.0.113.2/32", "203.0.113.3/32", "203.0.113.4/32", "203.0.113.5/32", "203.0.113.6/32"}
+    for n in NODES:
+        assert f.entries(n) == want, n
+    assert claims(f, "b") == claims(f, "a") == claims(f, "c")
+    assert f.status("b")["remote_claims"] == 6
+    # and B follows the stream again from where the snapshot was taken
+    assert a.request("PUT", path("203.0.113.7")).status == 201
+    wait_until(lambda: "203.0.113.7/32" in f.entries("b"), 10, "B follows after its resync")
+    no_acl_denials(f)
+
+
+def test_redis_down(make_fleet: Callable[..., Fleet]) -> None:
+    """Redis (with AOF) is stopped, A takes 100 PUTs, all acknowledged without waiting for it; Redis is started
+    again and B gets all 100, each published once."""
+    f = started(make_fleet(MIXED, appendonly=True))
+    a = f["a"]
+    assert f.redis.stop() == 0
+    items = host_range(100, "198.18.1.1")
+    slowest = 0.0
+    conn = a.connection()
+    try:
+        for item in items:
+            t0 = time.monotonic()
+            r = a.request("PUT", path(item) + "?timeout=3600", conn=conn)
+            slowest = max(slowest, time.monotonic() - t0)
+            assert r.status == 201, (item, r)
+    finally:
+        conn.close()
+    print(f"slowest of 100 PUTs with Redis down: {slowest * 1000:.1f} ms")
+    assert slowest < 1.0, "a PUT waited for Redis"
+    assert set(items) <= f.entries("a")
+    wait_until(lambda: not f.status("a")["connected"], 10, "A notices Redis is gone")
+    assert f.status("a")["outbox"] == 100
+
+    f.redis.start()
+    wait_until(lambda: set(items) <= f.entries("b") and set(items) <= f.entries("c"), 30, "B and C got all 100")
+    wait_until(lambda: f.published("a"), 10, "A's outbox empty")
+    from_a = [e for _, e in f.stream() if e.get("node") == "a"]
+    assert sorted(e["network"] for e in from_a) == sorted(items)
+
+
+def test_redis_lost_its_data(make_fleet: Callable[..., Fleet]) -> None:
+    """Redis restarts empty (no persistence): no node wipes anything, each announces its own live claims again,
+    so the snapshot fills up, and new events flow as before."""
+    f = started(make_fleet(MIXED))
+    assert f["a"].request("PUT", path("203.0.113.80")).status == 201
+    assert f["b"].request("PUT", path("203.0.113.81") + "?timeout=600").status == 201
+    both = {"203.0.113.80/32", "203.0.113.81/32"}
+    wait_until(everywhere(f, both), 10, "both bans everywhere")
+    f.redis.kill9()
+    f.redis.start()  # empty: save "" and no AOF
+    wait_until(lambda: f.redis.client().hlen(STATE) == 2, 20, "A and B announced their claims again")
+    assert {json.loads(k)[0] for k in f.redis.client().hkeys(STATE)} == {"a", "b"}
+    for n in NODES:
+        wait_until(lambda n=n: f.caught_up(n), 10, f"node {n} follows the new stream")
+        assert f.entries(n) == both, n
+    assert f["c"].request("PUT", path("203.0.113.82")).status == 201
+    wait_until(everywhere(f, both | {"203.0.113.82/32"}), 10, "a new ban flows after the loss")
+
+
+def test_crash(make_fleet: Callable[..., Fleet]) -> None:
+    """A is killed with -9 while its publisher drains 2000 queued events into Redis; after its restart every
+    event is in the stream exactly once, and B has them all."""
+    f = started(make_fleet(MIXED, appendonly=True))
+    a = f["a"]
+    assert f.redis.stop() == 0
+    items = host_range(2000, "198.18.2.1")
+    r = bulk(a, items, "?timeout=3600")
+    assert r.status == 200 and r.json["created"] == 2000, r
+    wait_until(lambda: f.status("a")["outbox"] == 2000, 10, "2000 events in A's outbox")
+
+    f.redis.start()
+    rc = f.redis.client()
+    wait_until(lambda: rc.xlen(EVENTS), 20, "A publishes", every=0.001)
+    a.kill9()
+    published_at_kill = rc.xlen(EVENTS)
+    print(f"events in the stream when A was killed: {published_at_kill} of 2000")
+    f.restart("a")
+    wait_until(lambda: f.published("a"), 20, "A's outbox empty after the restart")
+    stream = f.stream()
+    from_a = [e for _, e in stream if e.get("node") == "a"]
+    ids = [e["id"] for e in from_a]
+    assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} events published twice"
+    assert sorted(e["network"] for e in from_a) == sorted(items)
+    wait_until(lambda: set(items) <= f.entries("b"), 30, "B has all 2000")
+    wait_until(lambda: f.caught_up("b"), 10, "B caught up")
+    assert f.status("b")["remote_claims"] == 2000
+    no_acl_denials(f)
+
+
+def test_owners(make_fleet: Callable[..., Fleet]) -> None:
+    """A bans, B bans the same network, A unbans: it stays on A, B and C until B unbans too. An override on C
+    lifts every claim everywhere."""
+    def configure(name: str, config: dict[str, Any]) -> None:
+        config["users"]["admin"]["override"] = True
+
+    f = started(make_fleet(MIXED, configure=configure))
+    a, b = f["a"], f["b"]
+    net = "203.0.113.20/32"
+    assert a.request("PUT", path(net)).status == 201
+    wait_until(lambda: net in f.entries("b"), 10, "A's ban on B")
+    r = b.request("PUT", path(net))
+    assert r.status == 200, r  # blocked already, by A's claim; B adds its own
+    wait_until(lambda: claims(f, "c").get(net) == {("a/admin", None), ("b/admin", None)}
+               and claims(f, "a").get(net) == claims(f, "c")[net], 10, "both claims on A and C")
+
+    r = a.request("DELETE", path(net))
+    assert (r.json["released"], r.json["deleted"]) == (True, False), r
+    wait_until(lambda: all(claims(f, n).get(net) == {("b/admin", None)} for n in NODES), 10,
+               "A's claim gone everywhere, B's held")
+    assert all(net in f.entries(n) for n in NODES)
+
+    r = b.request("DELETE", path(net))
+    assert (r.json["released"], r.json["deleted"]) == (True, True), r
+    wait_until(nowhere(f, {net}), 10, "gone from every kernel once B unbans")
+    assert all(f.listing(n) == {} for n in NODES)
+
+    # an override (owner=*) on C lifts every host's claims, everywhere, and the snapshot keeps none of them
+    other = "203.0.113.21/32"
+    assert a.request("PUT", path(other) + "?owner=sshd", user="f2b").status == 201
+    assert b.request("PUT", path(other) + "?timeout=600").status in (200, 201)  # A's may be there already
+    wait_until(lambda: len(f.listing("c").get(other, {}).get("claims", [])) == 2, 10, "both claims on C")
+    r = f["c"].request("DELETE", path(other) + "?owner=*")
+    assert (r.status, r.json["deleted"]) == (200, True), r
+    wait_until(nowhere(f, {other}), 10, "the override's unban in every kernel")
+    assert all(f.listing(n) == {} for n in NODES)
+    wait_until(lambda: f.redis.client().hlen(STATE) == 0, 5, "no claim left in the snapshot")
+
+
+def test_refusal(make_fleet: Callable[..., Fleet]) -> None:
+    """C has the network in never_block: C never applies it, A and B do; C says so in its log once, not once
+    an event, and never retries."""
+    def configure(name: str, config: dict[str, Any]) -> None:
+        if name == "c":
+            config["never_block"].append("203.0.113.64/26")
+
+    f = started(make_fleet(MIXED, configure=configure))
+    a, c = f["a"], f["c"]
+    offset = len(c.log())
+    refused = {f"203.0.113.{i}/32" for i in range(65, 115)}
+    r = bulk(a, sorted(refused))
+    assert r.status == 200 and r.json["created"] == 50, r
+    assert a.request("PUT", path("203.0.113.5")).status == 201  # after them in the stream
+    wait_until(everywhere(f, refused | {"203.0.113.5/32"}, ("a", "b")), 10, "A and B apply all 51")
+    wait_until(lambda: "203.0.113.5/32" in f.entries("c") and f.caught_up("c"), 10, "C took the event after")
+    assert f.entries("c") == {"203.0.113.5/32"}
+    assert f.metric("c", "webiptd_fleet_events_skipped_total", 'reason="refused"') == 50
+    time.sleep(2)  # nothing is retried
+    assert f.entries("c") == {"203.0.113.5/32"}
+    assert f.metric("c", "webiptd_fleet_events_skipped_total", 'reason="refused"') == 50
+    said = [line for line in log_lines_since(c, offset)
+            if " DEBUG " not in line and re.search(r"refus|never_block", line, re.I)]
+    assert 1 <= len(said) <= 2, said
+    alive(f)
+
+
+MALFORMED: list[dict[str, str | bytes]] = [
+    {"op": "ban", "chain": CHAIN, "network": "203.0.113.30/32", "owner": "ops"},
+    {"chain": CHAIN, "network": "203.0.113.30/32", "owner": "ops"},
+    {"op": "block", "network": "203.0.113.30/32", "owner": "ops"},
+    {"op": "block", "chain": CHAIN, "owner": "ops"},
+    {"op": "block", "chain": CHAIN, "network": "203.0.113.30/32"},
+    {"op": "block", "chain": CHAIN, "network": "999.1.1.1", "owner": "ops"},
+    {"op": "block", "chain": CHAIN, "network": "203.0.113.30/24", "owner": "ops"},
+    {"op": "block", "chain": CHAIN, "network": "", "owner": "ops"},
+    {"op": "block", "chain": CHAIN, "network": "203.0.113.30/32", "owner": "ops", "colour": "red"},
+    {"op": "block", "chain": CHAIN, "network": "203.0.113.30/32", "owner": "ops", "timeout": "60",
+     "expires_at": "4102444800"},
+    {"op": "block", "chain": CHAIN, "network": "203.0.113.30/32", "owner": "*"},
+    {"op": "unblock", "chain": CHAIN, "network": "203.0.113.7/32"},
+    {"op": "block", "chain": CHAIN, "network": "203.0.113.30/32", "owner": "ops", "timeout": "soon"},
+    {"op": "block", "chain": CHAIN, "network": "203.0.113.30/32", "owner": "ops", "timeout": "-5"},
+    {"op": "block", "chain": CHAIN, "network": "203.0.113.30/32", "owner": "bad owner!"},
+    {"op": "block", "chain": CHAIN, "network": "203.0.113.30/32", "owner": "ops", "proto": "icmpx"},
+    {"op": "block", "chain": CHAIN, "network": "203.0.113.30/32", "owner": "ops", "port": "22"},
+    {"op": "block", "chain": CHAIN, "network": b"203.0.113.30/32\xff\xfe", "owner": "ops"},
+    {"op": "block", "chain": CHAIN, "network": "1" * 5000, "owner": "ops"},
+    {"op": "block", "chain": CHAIN, "network": "203.0.113.30/32", "owner": "ops", "expires_at": "tomorrow"},
+]
+
+
+def test_producer(make_fleet: Callable[..., Fleet]) -> None:
+    """An event added by redis-cli with valid fields is applied everywhere (owner redis/ops); 200 malformed
+    ones change nothing, kill nothing, hold nothing up, and keep the logs short."""
+    f = started(make_fleet(MIXED))
+    out = f.redis.cli("XADD", EVENTS, "*", "op", "block", "chain", CHAIN, "network", "203.0.113.7/32",
+                      "timeout", "600", "owner", "ops")
+    assert re.fullmatch(r"\d+-\d+\n", out.stdout), out
+    t0 = time.time()
+    wait_until(everywhere(f, {"203.0.113.7/32"}), 10, "redis-cli's ban in every kernel")
+    for n in NODES:
+        entry = f.listing(n)["203.0.113.7/32"]
+        assert [(c["owner"], c["node"]) for c in entry["claims"]] == [("redis/ops", "redis")], entry
+        assert abs(epoch(entry["expires_at"]) - (t0 + 600)) < 5, entry
+
+    offsets = {n: len(d.log()) for n, d in f.nodes.items()}
+    rc = f.redis.client()
+    pipe = rc.pipeline(transaction=False)
+    for i in range(200):
+        pipe.xadd(EVENTS, MALFORMED[i % len(MALFORMED)])  # type: ignore[arg-type]
+    pipe.execute()
+    f.redis.cli("XADD", EVENTS, "*", "op", "block", "chain", CHAIN, "network", "203.0.113.8/32", "owner", "ops")
+    wait_until(everywhere(f, {"203.0.113.8/32"}), 10, "the valid event after the 200 malformed ones")
+    for n in NODES:
+        wait_until(lambda n=n: f.caught_up(n), 10, f"node {n} past the malformed events")
+        assert f.entries(n) == {"203.0.113.7/32", "203.0.113.8/32"}, n
+        assert f.metric(n, "webiptd_fleet_events_skipped_total", 'reason="malformed"') == 200, n
+        lines = [line for line in log_lines_since(f.nodes[n], offsets[n]) if " DEBUG " not in line]
+        assert len(lines) <= 10, (n, len(lines), lines[:12])
+    alive(f)
+    assert rc.hlen(STATE) == 2  # the two valid bans were folded into the snapshot, nothing else
+    no_acl_denials(f)
+
+
+def test_timed(make_fleet: Callable[..., Fleet]) -> None:
+    """A timed ban from B expires in every node's kernel at the same absolute time (± 1 s): the one B gave it."""
+    f = started(make_fleet(MIXED))
+    net = "203.0.113.40/32"
+    before = time.time()
+    assert f["b"].request("PUT", path(net) + "?timeout=5").status == 201
+    after = time.time()
+    wait_until(everywhere(f, {net}), 4, "B's timed ban in every kernel")
+    listed = {n: f.listing(n)[net]["expires_at"] for n in NODES}
+    assert len(set(listed.values())) == 1, listed  # the same absolute time on every node
+    assert int(before + 5) <= epoch(listed["b"]) <= after + 5, (before, listed)
+    for n in NODES:  # the kernel's own timeout (whole seconds on ipset) ends at the same time too
+        now, left = time.time(), kernel_timeouts(f[n]).get(net)
+        assert left is not None and before + 5 - 1.5 <= now + left <= after + 5 + 1, (n, now, left, before)
+    gone: dict[str, tuple[float, float]] = {}  # node: (last seen, first missed)
+    seen = dict.fromkeys(NODES, time.time())
+    deadline = time.monotonic() + 15
+    while len(gone) < len(NODES) and time.monotonic() < deadline:
+        for n in NODES:
+            if n in gone:
+                continue
+            now = time.time()
+            if net in f.entries(n):
+                seen[n] = now
+            else:
+                gone[n] = (seen[n], now)
+        time.sleep(0.05)
+    print("timed: last seen, first missed, after the PUT + 5 s:",
+          {n: (round(s - after - 5, 2), round(m - before - 5, 2)) for n, (s, m) in gone.items()})
+    assert set(gone) == set(NODES), f"still in the kernels of {set(NODES) - set(gone)} 15 s on"
+    for n, (last_seen, first_missed) in gone.items():
+        assert first_missed >= before + 5 - 1 and last_seen <= after + 5 + 1, (n, before, after, last_seen,
+                                                                                first_missed)
+
+
+# -- /fleet and the edges -----------------------------------------------------------------------------------
+
+
+FLEET_KEYS = {"node", "connected", "redis", "last_applied_id", "lag_events", "lag_seconds", "outbox",
+              "last_published_id", "last_resync", "remote_claims", "shared_chains"}
+
+
+def test_fleet_status_shape_and_secrets(make_fleet: Callable[..., Fleet], tmp_path: Path) -> None:
+    """GET /fleet: for any authenticated user, 401 without credentials; no Redis password there or in any log."""
+    f = started(make_fleet(MIXED))
+    assert f["b"].request("PUT", path("203.0.113.50") + "?timeout=600").status == 201
+    wait_until(lambda: f.status("a")["remote_claims"] == 1 and f.caught_up("a"), 10, "A holds B's claim")
+    r = f["a"].request("GET", "/fleet", user=None)
+    assert r.status == 401 and r.headers["WWW-Authenticate"].startswith("Basic"), r
+    assert f["a"].request("GET", "/fleet", user="admin", password="wrong").status == 401
+    r = f["a"].request("GET", "/fleet", user="reader")
+    assert r.status == 200, r
+    s = r.json
+    assert FLEET_KEYS <= set(s) <= FLEET_KEYS | {"last_error"}, s
+    assert s["last_error"] is None
+    assert (s["node"], s["connected"], s["lag_events"], s["outbox"], s["remote_claims"]) == ("a", True, 0, 0, 1)
+    assert s["shared_chains"] == [CHAIN]
+    assert re.fullmatch(r"\d+-\d+", s["last_applied_id"]), s
+    assert isinstance(s["lag_seconds"], (int, float)) and s["lag_seconds"] >= 0
+    assert s["last_resync"] is not None and epoch(s["last_resync"]) > 0  # a new node resyncs
+    assert s["redis"] == "redis://198.51.100.10:6379/0", s
+    assert re.fullmatch(r"\d+-\d+", f.status("b")["last_published_id"] or ""), f.status("b")
+    for n, d in f.nodes.items():
+        for text in (d.log(), d.stderr(), f.status(n)["redis"]):
+            assert node_password(n) not in text, f"node {n}'s Redis password leaked"
+    # web-ipt fleet: the same, as a table; a remote claim is marked in a listing
+    out = web_ipt(f["a"], tmp_path, "fleet")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["KEY", "VALUE"], out.stdout
+    rows = dict(line.split(None, 1) for line in lines[1:])
+    assert (rows["node"].strip(), rows["connected"].strip(), rows["remote_claims"].strip()) == ("a", "true", "1")
+    out = web_ipt(f["a"], tmp_path, "list", CHAIN)
+    assert out.returncode == 0 and "b/admin (fleet)" in out.stdout, out.stdout
+
+
+def test_without_a_fleet_section_fleet_is_404(make_fleet: Callable[..., Fleet]) -> None:
+    """No `fleet` key: GET /fleet is 404 not_configured, and nothing of the fleet runs."""
+    f = make_fleet(("ipset",), names=("p",), fleet=False)
+    f.start()
+    r = f["p"].request("GET", "/fleet")
+    assert (r.status, r.json["error"]) == (404, "not_configured"), r
+    assert f["p"].request("PUT", path("203.0.113.60")).status == 201
+    assert "webiptd.fleet" not in f["p"].log()
+
+
+def test_unreachable_redis_at_start(make_fleet: Callable[..., Fleet]) -> None:
+    """A node whose Redis does not answer at all (no host at that address) still reaches READY at once, serves
+    PUTs into its kernel and outbox, and stops promptly."""
+    def configure(name: str, config: dict[str, Any]) -> None:
+        config["fleet"]["redis"] = f"redis://a:{node_password('a')}@{NOBODY4}:6379/0"
+
+    f = make_fleet(("nftables",), names=("a",), configure=configure)
+    t0 = time.monotonic()
+    f.start()
+    print(f"READY with Redis unreachable: {time.monotonic() - t0:.2f} s")
+    assert time.monotonic() - t0 < 10
+    a = f["a"]
+    t0 = time.monotonic()
+    assert a.request("PUT", path("203.0.113.61") + "?timeout=600").status == 201
+    assert time.monotonic() - t0 < 1.0
+    assert f.entries("a") == {"203.0.113.61/32"}
+    s = f.status("a")
+    assert (s["connected"], s["outbox"]) == (False, 1), s
+    # the first connect is still trying (ARP gets no answer): its error comes once it gives up
+    error = wait_until(lambda: f.status("a")["last_error"], 15, "A's /fleet says why it is not connected")
+    assert error in ("connection", "timeout") and "198.51.100.99" in f.status("a")["redis"], error
+    t0 = time.monotonic()
+    assert f.stop("a", timeout=15) == 0
+    assert time.monotonic() - t0 < 10
+    assert node_password("a") not in a.log() + a.stderr()
