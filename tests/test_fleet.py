@@ -5,7 +5,9 @@ private redis-server in a fourth (tests/fleet_net.py). One test per row of the i
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
 from datetime import datetime
 from pathlib import Path
@@ -188,6 +190,11 @@ def test_resync(make_fleet: Callable[..., Fleet]) -> None:
     assert c.request("PUT", path("203.0.113.2") + "?timeout=1800").status == 200  # a second claim, C's
     for n in ("a", "c"):
         wait_until(lambda n=n: f.published(n), 10, f"node {n} published")
+    # A and C hold each other's events before the trim: B's resync is what is tested, not theirs (a connected node
+    # whose unread events are trimmed resyncs too: test_a_node_that_falls_behind_a_trim_while_connected_resyncs).
+    want = {"203.0.113.2/32", "203.0.113.3/32", "203.0.113.4/32", "203.0.113.5/32", "203.0.113.6/32"}
+    for n in ("a", "c"):
+        wait_until(lambda n=n: f.entries(n) == want and f.caught_up(n), 10, f"node {n} has every ban")
     rc = f.redis.client()
     last = rc.xinfo_stream(EVENTS)["last-generated-id"]
     rc.xtrim(EVENTS, maxlen=0, approximate=False)
@@ -198,7 +205,6 @@ def test_resync(make_fleet: Callable[..., Fleet]) -> None:
     f.restart("b")
     wait_until(lambda: f.status("b")["last_resync"] != before["last_resync"] and f.caught_up("b"), 20,
                "B resynced and caught up")
-    want = {"203.0.113.2/32", "203.0.113.3/32", "203.0.113.4/32", "203.0.113.5/32", "203.0.113.6/32"}
     for n in NODES:
         assert f.entries(n) == want, n
     assert claims(f, "b") == claims(f, "a") == claims(f, "c")
@@ -207,6 +213,28 @@ def test_resync(make_fleet: Callable[..., Fleet]) -> None:
     assert a.request("PUT", path("203.0.113.7")).status == 201
     wait_until(lambda: "203.0.113.7/32" in f.entries("b"), 10, "B follows after its resync")
     no_acl_denials(f)
+
+
+def test_a_node_that_falls_behind_a_trim_while_connected_resyncs(make_fleet: Callable[..., Fleet]) -> None:
+    """B is frozen (SIGSTOP: still connected, reading nothing) while A bans and the stream is trimmed past B's
+    cursor; thawed, B's XREAD finds nothing to read, and it must notice the gap itself and resync."""
+    f = started(make_fleet(MIXED))
+    a, b = f["a"], f["b"]
+    resynced = f.status("b")["last_resync"]
+    os.kill(b.pid, signal.SIGSTOP)
+    try:
+        for i in range(20, 25):
+            assert a.request("PUT", path(f"203.0.113.{i}")).status == 201
+        wait_until(lambda: f.published("a"), 10, "A published")
+        rc = f.redis.client()
+        rc.xtrim(EVENTS, maxlen=0, approximate=False)
+        assert rc.xlen(EVENTS) == 0
+    finally:
+        os.kill(b.pid, signal.SIGCONT)
+    want = {f"203.0.113.{i}/32" for i in range(20, 25)}
+    wait_until(lambda: want <= f.entries("b"), 15, "B has A's bans from the snapshot")
+    assert f.status("b")["last_resync"] != resynced
+    wait_until(lambda: f.caught_up("b"), 10, "B caught up")
 
 
 def test_redis_down(make_fleet: Callable[..., Fleet]) -> None:

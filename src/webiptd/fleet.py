@@ -590,9 +590,15 @@ class FleetNode:
                         self._stop.wait(FOLLOW_DELAY)
                 now = time.monotonic()
                 if now - last_look >= 1.0:
-                    self._look(r)
+                    info = self._look(r)
                     if pending is None:
                         ordinal = self._status.ordinal  # as _look found it (exact again when caught up)
+                        if info is not None and _trimmed_past(info, cursor, ordinal):
+                            # A host that fell this far behind while connected (or a hand-made XTRIM): the events
+                            # XREAD would skip silently are in the snapshot.
+                            cursor = self._resync(r, keep=False, why=f"events after this host's cursor {cursor} "
+                                                  "were trimmed from the stream while it followed")
+                            ordinal = self._status.ordinal
                     self._skips.flush()
                     last_look = now
         finally:
@@ -671,16 +677,7 @@ class FleetNode:
         if id_key(cursor) > id_key(info["last-generated-id"]):
             return self._resync(r, keep=True, why=f"the stream ends at {info['last-generated-id']}, before this "
                                 f"host's cursor {cursor} (redis went back in time?)")
-        # Redis 7.0 moves max-deleted-entry-id on XDEL, not when the stream is trimmed. So a cursor before the first
-        # entry (or in a stream trimmed empty) counts too, when more entries left the stream than this host had
-        # read (the ordinal): then some it had not read are gone. A host that joined an empty stream has cursor 0-0,
-        # before every entry, and has lost nothing.
-        deleted = info["max-deleted-entry-id"]
-        first = info.get("first-entry")
-        front = first is None or id_key(cursor) < id_key(_text(first[0]))
-        gone = int(info.get("entries-added") or 0) - int(info.get("length") or 0)
-        trimmed = front and id_key(cursor) < id_key(info["last-generated-id"]) and gone > self._status.ordinal
-        if trimmed or (deleted != "0-0" and id_key(cursor) <= id_key(deleted)):
+        if _trimmed_past(info, cursor, self._status.ordinal):
             return self._resync(r, keep=False, why=f"events after this host's cursor {cursor} were trimmed from "
                                 "the stream")
         return cursor
@@ -763,7 +760,7 @@ class FleetNode:
                 except redis.WatchError:
                     continue
 
-    def _look(self, r: Client) -> None:
+    def _look(self, r: Client) -> dict[str, Any] | None:
         """The lag: events after the applied cursor (from the stream's entries-added count; a run read and still
         being applied counts as not applied) and the age of the first."""
         with self._status.lock:
@@ -782,6 +779,7 @@ class FleetNode:
                     lag_seconds = max(0.0, self._clock() - stream_ms(_text(first[0][0])) / 1000)
         with self._status.lock:
             self._status.lag_events, self._status.lag_seconds = lag_events, lag_seconds
+        return info
 
     # -- what it shows --------------------------------------------------------------------------------------------
 
@@ -839,6 +837,22 @@ class FleetNode:
         yield skipped
         yield CounterMetricFamily("webiptd_fleet_resyncs", "Times this host replaced its remote claims with the "
                                   "snapshot.", value=s.resyncs)
+
+
+def _trimmed_past(info: dict[str, Any], cursor: str, ordinal: int) -> bool:
+    """Whether events after `cursor` (the `ordinal`-th entry ever added) are gone from the stream.
+
+    Redis 7.0 moves max-deleted-entry-id on XDEL, not when the stream is trimmed. So a cursor before the first entry
+    (or in a stream trimmed empty) counts too, when more entries left the stream than this host had read: then some
+    it had not read are gone. A host that joined an empty stream has cursor 0-0, before every entry, and lost
+    nothing."""
+    deleted = info["max-deleted-entry-id"]
+    if deleted != "0-0" and id_key(cursor) <= id_key(deleted):
+        return True
+    first = info.get("first-entry")
+    front = first is None or id_key(cursor) < id_key(_text(first[0]))
+    gone = int(info.get("entries-added") or 0) - int(info.get("length") or 0)
+    return front and id_key(cursor) < id_key(info["last-generated-id"]) and gone > ordinal
 
 
 def _stream_info(info: dict[str, Any]) -> dict[str, Any]:
