@@ -20,6 +20,7 @@ from typing import Any, Sequence
 from common import BENCH, POOLS, int_list, loadavg, machine_info  # first: it puts src/ and tests/ on sys.path
 
 import fleet as fleet_section
+import million as million_section
 import packets as packet_section
 import report
 import restore
@@ -56,7 +57,9 @@ def parse_args(argv: Sequence[str] | None = None, sections: Sequence[str] = ("th
                    help="the command the baseline runs per request (default iptables, the host's: iptables-nft on "
                         "Debian 12)")
     p.add_argument("--clients", type=int_list, default=[4, 16], help="keep-alive client processes (default 4,16)")
-    p.add_argument("--sizes", type=int_list, help="existing entries N (default 0,10000,100000)")
+    p.add_argument("--sizes", type=int_list,
+                   help="existing entries N (default 0,10000,100000); 1000000 adds the million section on the set "
+                        "backends (bench/million.py) and is left out of the others")
     p.add_argument("--ops", type=int, help="fresh addresses per block phase, unblocked after (default 3000)")
     p.add_argument("--budget", type=float, help="seconds after which a phase sends no more requests (default 10)")
     p.add_argument("--phases", default="block,unblock",
@@ -93,7 +96,9 @@ def parse_args(argv: Sequence[str] | None = None, sections: Sequence[str] = ("th
         args.plot = None
     if args.ops < 1 or min(args.clients) < 1 or args.budget <= 0 or args.packet_repeats < 1:
         p.error("--ops, --clients, --budget and --packet-repeats must be positive")
-    args.sizes = sorted(set(args.sizes))
+    # A million is its own section (bench/million.py): the other sections keep their sizes.
+    args.million = million_section.MILLION in args.sizes
+    args.sizes = sorted(set(args.sizes) - {million_section.MILLION})
     args.clients = sorted(set(args.clients))
     if args.src is not None and not (args.src / "webiptd" / "__init__.py").is_file():
         p.error(f"--src {args.src}: no webiptd package there")
@@ -122,7 +127,7 @@ def parse_args(argv: Sequence[str] | None = None, sections: Sequence[str] = ("th
         p.error("--phases: block must be followed by unblock, with no lookup between them")
     args.phases = [PHASES[x] for x in phase_names]
     pool = POOLS[args.family]
-    if max(args.sizes) + args.ops > pool.num_addresses:
+    if args.sizes and max(args.sizes) + args.ops > pool.num_addresses:
         p.error(f"the largest N plus --ops must fit in the {pool} pool ({pool.num_addresses} addresses)")
     return args
 
@@ -135,6 +140,13 @@ def fleet_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.quick:
         argv += ["--seconds", "4", "--catchup", "20000", "--cost-seconds", "4", "--pairs", "1"]
     return fleet_section.parse_args(argv)
+
+
+def million_args(args: argparse.Namespace) -> argparse.Namespace:
+    """bench/million.py's options from run.py's: the set backends among --targets; --quick leaves out wrk."""
+    backends = [t for t in args.targets if t in million_section.SET_BACKENDS]
+    argv = ["--targets", ",".join(backends)] + (["--no-wrk", "--ops", "200"] if args.quick else [])
+    return million_section.parse_args(argv + (["--keep"] if args.keep else []))
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -161,8 +173,10 @@ def main(argv: Sequence[str] | None = None, sections: Sequence[str] = ("throughp
     phases: list[PhaseResult] = []
     sizes: list[SizeResult] = []
     packets: list[PacketResult] = []
-    packet_sizes = {"ends": sorted({args.sizes[0], args.sizes[-1]}), "all": args.sizes, "none": []}[args.packets]
+    packet_sizes = ({"ends": sorted({args.sizes[0], args.sizes[-1]}), "all": args.sizes, "none": []}[args.packets]
+                    if args.sizes else [])
     fleet_results: dict[str, Any] | None = None
+    million_results: list[million_section.BackendResult] = []
     try:
         print(f"generating the test CA and a bcrypt user in {root} ...", file=sys.stderr, flush=True)
         pki = make_bench_pki(root)
@@ -180,6 +194,8 @@ def main(argv: Sequence[str] | None = None, sections: Sequence[str] = ("throughp
                 packets += packet_section.packet_stage(targets[name], pki, root, args, packet_sizes)
         if "fleet" in args.sections:
             fleet_results = fleet_section.section(fleet_args(args))
+        if args.million and any(t in million_section.SET_BACKENDS for t in args.targets):
+            million_results = million_section.section(million_args(args), args.src)
     except KeyboardInterrupt:
         print("interrupted; cleaning up", file=sys.stderr)
         return 130
@@ -196,6 +212,8 @@ def main(argv: Sequence[str] | None = None, sections: Sequence[str] = ("throughp
         print(report.markdown(phases, sizes, packets, machine, args, targets))
     if fleet_results is not None:
         print("\n".join(fleet_section.tables(fleet_results)))
+    if million_results:
+        print("\n" + "\n".join(million_section.tables(million_results)))
     if args.plot is not None and phases and plot(phases, args, args.plot):
         print(f"plot: {args.plot}", file=sys.stderr)
     if args.json:
@@ -204,7 +222,8 @@ def main(argv: Sequence[str] | None = None, sections: Sequence[str] = ("throughp
         data = {"machine": machine, "args": settings, "phases": [asdict(p) for p in phases],
                 "sizes": [asdict(s) for s in sizes], "packets": [asdict(p) for p in packets],
                 "checks": [dict(zip(("target", "measured", "result"), c))
-                           for c in report.checks(phases, sizes, packets, args)], "fleet": fleet_results}
+                           for c in report.checks(phases, sizes, packets, args)], "fleet": fleet_results,
+                "million": [asdict(r) for r in million_results]}
         args.json.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     return 1 if any(p.errors for p in phases) else 0
 

@@ -136,11 +136,15 @@ class WebiptdTarget(Target):
             "limits": {"request_timeout": 120},
         }
 
+    def populate(self, state_dir: Path, family: str, existing: int) -> None:
+        """The `existing` entries in the state DB before the start."""
+        write_state(state_dir, family, existing)
+
     def start(self, ns: NetNS, workdir: Path, pki: BenchPki, family: str, existing: int) -> Server:
         config = self.config(workdir, pki)
         t0 = time.perf_counter()
         if existing:
-            write_state(Path(config["state_dir"]), family, existing)
+            self.populate(Path(config["state_dir"]), family, existing)
         populate_s = time.perf_counter() - t0
         daemon = Daemon(ns, workdir, pki.certs, backend=self.backend, config=config, keep_reading=True,
                         new_session=True)

@@ -233,7 +233,11 @@ def test_head_on_get_routes(shared: Daemon) -> None:
             assert (get.status, head.status) == (status, status), (path, get, head)
             assert head.raw == b""
             assert head.headers["Content-Type"] == "application/json"
-            assert head.headers["Content-Length"] == str(len(get.raw)), path
+            if path == "/chain/f2b-web":  # a listing is streamed: chunked, no length known in advance
+                assert head.headers["Transfer-Encoding"] == get.headers["Transfer-Encoding"] == "chunked"
+                assert "Content-Length" not in head.headers
+            else:
+                assert head.headers["Content-Length"] == str(len(get.raw)), path
         # HEAD authenticates like GET.
         assert d.request("HEAD", "/chains", user=None, conn=conn).status == 401
         # And the connection is still in step after the bodiless replies.

@@ -501,7 +501,7 @@ def test_allow_chains_jump_first_in_the_one_base_chain_of_their_hook(ns: NetNS) 
                                 ("ok", NET("203.0.113.0/24"), Scope("tcp", ((8080, 8080),))): "ACCEPT"}
         fresh = d.call(NftablesBackend)  # one that has not prepared: the verdicts come from the rules
         try:
-            assert d.call(lambda: fresh.read(["ok", "web"]))[("ok", NET("203.0.113.7/32"), None)] == "ACCEPT"
+            assert dict(d.call(lambda: fresh.read(["ok", "web"])))[("ok", NET("203.0.113.7/32"), None)] == "ACCEPT"
         finally:
             d.call(fresh.close)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import ipaddress
+import random
 import ssl
 import subprocess
 import sys
@@ -795,6 +796,23 @@ def test_protected_by_overlaps_both_ways(tmp_path: Path, base: dict[str, Any]) -
     assert cfg.protected_by(net("11.0.0.0/8")) is None
     assert cfg.protected_by(net("198.51.100.249/32")) is None
     assert cfg.protected_by(net("2001:db8:2::/48")) is None
+
+
+def test_protected_by_agrees_with_overlaps_on_random_networks(tmp_path: Path, base: dict[str, Any]) -> None:
+    # protected_by compares ranges of ints (it runs for every item of a bulk load): the same answers as overlaps().
+    protected = ["10.0.0.0/8", "198.51.100.250/32", "203.0.113.128/25", "2001:db8:1::/48", "::1/128"]
+    cfg = _config(tmp_path, base, protected)
+    rng = random.Random(7)
+    for _ in range(3000):
+        version = rng.choice((4, 6))
+        bits = 32 if version == 4 else 128
+        length = rng.randint(1, bits)
+        seed = rng.choice([ipaddress.ip_network(p) for p in protected if ipaddress.ip_network(p).version == version])
+        address = (int(seed.network_address) ^ rng.getrandbits(rng.randint(0, bits))) >> (bits - length) << (
+            bits - length)
+        network = ipaddress.ip_network((address, length)) if version == 4 else ipaddress.IPv6Network((address, length))
+        expected = next((p for p in cfg.never_block if p.version == version and p.overlaps(network)), None)
+        assert cfg.protected_by(network) == expected, network
 
 
 def test_protected_by_never_crosses_families(tmp_path: Path, base: dict[str, Any]) -> None:

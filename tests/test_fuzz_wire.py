@@ -87,6 +87,22 @@ class Answer:
         return f"{self.status} {self.body[:200]!r}"
 
 
+def read_chunked(rfile: Any, status: int) -> bytes:
+    """A chunked body (RFC 9112 7.1), strictly: hex sizes, each chunk's CRLF, the last chunk and no trailers."""
+    body = b""
+    while True:
+        line = rfile.readline(100)
+        if not re.fullmatch(rb"[0-9a-f]{1,8}\r\n", line):
+            raise Malformed(f"{status}: chunk size line {line[:100]!r}")
+        size = int(line[:-2], 16)
+        chunk = rfile.read(size + 2)
+        if len(chunk) != size + 2 or not chunk.endswith(b"\r\n"):
+            raise Malformed(f"{status}: chunk of {size} bytes cut off")
+        if size == 0:
+            return body
+        body += chunk[:-2]
+
+
 def read_answer(rfile: Any, head_ok: bool) -> Answer | None:
     """One response, or None when the stream ends before one starts; raises Malformed."""
     line = rfile.readline(4097)
@@ -113,13 +129,20 @@ def read_answer(rfile: Any, head_ok: bool) -> Answer | None:
     if status < 200:
         return Answer(status, headers, b"")
     length = headers.get("content-length", "")
-    if not length.isdigit():
+    streamed = headers.get("transfer-encoding") == "chunked" or (
+        not length and headers.get("connection") == "close")  # a listing: chunked, or to HTTP/1.0 until the close
+    if streamed and length:
+        raise Malformed(f"{status}: Content-Length with {headers.get('transfer-encoding')!r}")
+    if not streamed and not length.isdigit():
         raise Malformed(f"{status}: Content-Length {length!r}")
     if length == "0" or (head_ok and not _body_follows(rfile)):  # no body, or the answer to a HEAD
         return Answer(status, headers, b"")
-    body = rfile.read(int(length))
-    if len(body) != int(length):
-        raise Malformed(f"{status}: body of {len(body)} bytes, Content-Length {length}")
+    if streamed:
+        body = read_chunked(rfile, status) if headers.get("transfer-encoding") == "chunked" else rfile.read()
+    else:
+        body = rfile.read(int(length))
+        if len(body) != int(length):
+            raise Malformed(f"{status}: body of {len(body)} bytes, Content-Length {length}")
     if headers.get("content-type") != "application/json":
         raise Malformed(f"{status}: Content-Type {headers.get('content-type')!r}")
     try:

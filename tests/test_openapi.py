@@ -20,6 +20,7 @@ from openapi_spec_validator import validate
 
 from tests.conftest import FAST_HASH, PORT, Daemon
 from webiptd.http.app import ROUTES
+from webiptd.http.listing import decode_cursor
 from webiptd.http.responses import ERRORS
 
 METHODS = ("get", "head", "put", "delete", "post", "patch", "options", "trace")
@@ -176,9 +177,10 @@ NUMBER_RE = re.compile(r"0|[1-9][0-9]{0,4}")
 
 def unstated_rules(case: Any) -> set[str] | None:
     """The 400 codes that rules the document cannot state may give `case`: rules between parameters (port needs
-    a protocol, and not proto=all; timeout or expire, not both), ports (a service name /etc/services lacks for
-    the protocol, a number over 65535, a range that ends before it starts), and addresses (host bits set under
-    a prefix; an IPv4-mapped IPv6 address). None when the case is not one the document allows after all."""
+    a protocol, and not proto=all; timeout or expire, not both), a listing's cursor (opaque: only one the daemon
+    gave), ports (a service name /etc/services lacks for the protocol, a number over 65535, a range that ends
+    before it starts), and addresses (host bits set under a prefix; an IPv4-mapped IPv6 address). None when the
+    case is not one the document allows after all."""
     query = case.query or {}
     path = case.path_parameters or {}
     codes = set()
@@ -192,6 +194,12 @@ def unstated_rules(case: Any) -> set[str] | None:
             ends = item.split(":")
             if not all(NUMBER_RE.fullmatch(e) and int(e) <= 65535 for e in ends) or int(ends[0]) > int(ends[-1]):
                 codes.add("bad_query")
+    after = query.get("after")
+    if after is not None:
+        try:
+            decode_cursor(str(after))
+        except ValueError:  # a cursor is opaque: only one the daemon gave is taken
+            codes.add("bad_query")
     if "prefix" in path:
         codes.add("bad_address")
     if "address" in path:

@@ -19,13 +19,14 @@ from webiptd import __version__
 from webiptd.auth import Authenticator, FailureThrottle
 from webiptd.passwords import context as crypt_context
 from webiptd.commands import (
-    Block, Blocked, Entry, FirewallUnavailable, ListChain, Lookup, Unblock, Unblocked,
+    Block, Blocked, Entry, FirewallUnavailable, Lookup, Unblock, Unblocked,
 )
 from webiptd.config import Config, from_mapping
 from webiptd.net import parse_segments, peer_address
 from webiptd.http.app import MAX_TIMEOUT, ROUTES, App, Generation, Runtime, parse_owner, parse_timeout
 from webiptd.http.responses import Response
 from webiptd.http.wire import parse_target
+from webiptd.state import Store
 
 net = ipaddress.ip_network
 ip = ipaddress.ip_address
@@ -296,8 +297,6 @@ class RecordingWorker:
             return Unblocked(False, None)
         if isinstance(cmd, Lookup):
             return None
-        if isinstance(cmd, ListChain):
-            return []
         raise AssertionError(f"unexpected command {cmd!r}")
 
     def submit(self, cmd: Any) -> Future[Any]:
@@ -523,13 +522,17 @@ def test_get_entry_submits_a_lookup(tmp_path: Path) -> None:
     assert len(call.worker.commands) == 2
 
 
-def test_get_chain_submits_a_list(tmp_path: Path) -> None:
+def test_get_chain_reads_the_store_and_submits_nothing(tmp_path: Path) -> None:
     entries = [Entry("admin-list", net("203.0.113.0/24"), "DROP", NOW, None, "admin"),
-               Entry("admin-list", net("2001:db8:ffff::/48"), "DROP", NOW, NOW + 5, "admin")]
+               Entry("admin-list", net("2001:db8:ffff::/48"), "DROP", NOW, 4102444800.0, "admin")]
     call = Client(tmp_path, RecordingWorker(lambda cmd: entries))
+    store = Store(call.config.state_dir)
+    store.write(entries, [])
+    store.close()
     r = call("GET", "/chain/admin-list")
-    assert call.worker.commands == [ListChain("admin-list")]
-    assert (r.status, r.body) == (200, {"chain": "admin-list", "entries": [e.to_json() for e in entries]})
+    assert call.worker.commands == [] and r.status == 200 and r.stream is not None
+    # The whole chain comes as a stream, in the store's key order: the network's text.
+    assert json.loads(b"".join(r.stream())) == {"chain": "admin-list", "entries": [e.to_json() for e in entries[::-1]]}
 
 
 def test_read_only_user_may_read_but_submits_no_writes(call: Client) -> None:
@@ -538,7 +541,8 @@ def test_read_only_user_may_read_but_submits_no_writes(call: Client) -> None:
         assert r.status == 403 and r.body["error"] == "read_only"
     assert call.worker.commands == []
     assert call("GET", "/chain/f2b-web", user="reader").status == 200
-    assert call.worker.commands == [ListChain("f2b-web")]
+    assert call("GET", "/chain/f2b-web/ipv4/203.0.113.9", user="reader").status == 404
+    assert call.worker.commands == [Lookup("f2b-web", net("203.0.113.9/32"))]
 
 
 def test_forbidden_chain_is_403_and_submits_nothing(call: Client) -> None:
@@ -680,7 +684,7 @@ def test_firewall_unavailable_is_503(tmp_path: Path) -> None:
     call = Client(tmp_path, RecordingWorker(refuse))
     r = call("PUT", "/chain/f2b-web/ipv4/203.0.113.9")
     assert (r.status, r.body["error"]) == (503, "firewall_unavailable")
-    assert call("GET", "/chain/f2b-web").status == 503
+    assert call("GET", "/chain/f2b-web/ipv4/203.0.113.9").status == 503
 
 
 def test_an_unexpected_error_is_a_generic_500_that_echoes_nothing(tmp_path: Path) -> None:
@@ -688,7 +692,7 @@ def test_an_unexpected_error_is_a_generic_500_that_echoes_nothing(tmp_path: Path
         raise RuntimeError("secret internals /var/lib/web-ipt-d")
 
     call = Client(tmp_path, RecordingWorker(explode))
-    r = call("GET", "/chain/f2b-web")
+    r = call("GET", "/chain/f2b-web/ipv4/203.0.113.9")
     assert r.status == 500 and r.body["error"] == "internal_error"
     assert "secret" not in str(r.body) and "/var/lib" not in str(r.body)
 

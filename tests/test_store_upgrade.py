@@ -29,6 +29,7 @@ FIXTURE = Path(__file__).with_name("fixtures") / "state-v0.db"
 FIXTURE_V1 = FIXTURE.with_name("state-v1.db")  # the same rows, as the release with store version 1 kept them
 FIXTURE_V2 = FIXTURE.with_name("state-v2.db")  # the same rows as version 2 keeps them, three with a second claim
 FIXTURE_V3 = FIXTURE.with_name("state-v3.db")  # v2's rows as version 3 keeps them, and three scoped blocks
+FIXTURE_V4 = FIXTURE.with_name("state-v4.db")  # v3's rows as version 4 keeps them, one a tombstone with two claims
 # The chains the fixture was made with (tests/fixtures/README.md): one on each backend.
 FIXTURE_CHAINS: dict[str, dict[str, Any]] = {
     "f2b-web": {"backend": "iptables", "target": "DROP", "hooks": ["INPUT"]},
@@ -54,6 +55,15 @@ def claim_rows(path: Path) -> list[Row]:
     try:
         return db.execute("SELECT chain, network, owner, created_at, expires_at FROM claims "
                           "ORDER BY chain, network, owner").fetchall()
+    finally:
+        db.close()
+
+
+def one(path: Path, sql: str) -> Any:
+    """The one value `sql` reads from the store at `path`."""
+    db = sqlite3.connect(path.absolute().as_uri() + "?immutable=1", uri=True)
+    try:
+        return db.execute(sql).fetchone()[0]
     finally:
         db.close()
 
@@ -134,14 +144,15 @@ def test_the_v2_fixture_holds_the_same_rows_and_three_second_claims() -> None:
 
 
 def test_a_new_store_gets_the_codes_version_and_the_same_schema_as_an_upgraded_one(tmp_path: Path) -> None:
-    assert VERSION == 4
+    assert VERSION == 5
     Store(tmp_path / "new").close()
     assert stored_version(tmp_path / "new" / "state.db") == VERSION
     Store(v0_store(tmp_path / "old").parent).close()
     Store(v0_store(tmp_path / "v1", FIXTURE_V1).parent).close()
     Store(v0_store(tmp_path / "v2", FIXTURE_V2).parent).close()
     Store(v0_store(tmp_path / "v3", FIXTURE_V3).parent).close()
-    for old in ("old", "v1", "v2", "v3"):
+    Store(v0_store(tmp_path / "v4", FIXTURE_V4).parent).close()
+    for old in ("old", "v1", "v2", "v3", "v4"):
         assert schema(tmp_path / "new" / "state.db") == schema(tmp_path / old / "state.db"), old
 
 
@@ -158,7 +169,8 @@ def test_a_store_of_the_release_before_versions_is_upgraded_keeping_every_row(tm
     store.close()
     assert stored_version(path) == VERSION
     assert rows(path) == before
-    assert claim_rows(path) == one_claim_each(before)
+    # Version 5: a tombstone keeps no claims.
+    assert claim_rows(path) == one_claim_each([r for r in before if not r[6]])
     assert len(loaded.entries) == 21 and [str(e.network) for e in loaded.tombstones] == ["203.0.113.77/32"]
     # Each is its created_by's one claim, with its times.
     assert all(e.all_claims == ((e.created_by, e.created_at, e.expires_at, ""),) for e in loaded.entries)
@@ -232,6 +244,33 @@ def test_a_version_3_store_keeps_every_claim_as_this_hosts_and_gets_an_empty_out
     assert len(loaded.entries) == 24 and len(scoped) == 3
     assert all(str(e.scope) == "tcp/22,80:90" and len(e.all_claims) == 3 for e in scoped)
     assert all(not c.node for e in loaded.entries for c in e.all_claims)
+
+
+def test_a_version_4_store_gets_each_blocks_next_expiry_and_its_tombstones_lose_their_claims(tmp_path: Path) -> None:
+    assert stored_version(FIXTURE_V4) == 4
+    path = v0_store(tmp_path / "state", FIXTURE_V4)
+    blocks_before, claims_before = rows(path), claim_rows(path)
+    tomb = "SELECT count(*) FROM claims c JOIN blocks b USING (chain, network, proto, ports) WHERE b.removing = 1"
+    assert [r[6] for r in blocks_before].count(1) == 1 and one(path, tomb) == 2
+    store = Store(path.parent)
+    loaded = store.load()
+    assert list(store.entries("f2b-ssh")) == [e for e in loaded.entries if e.chain == "f2b-ssh"]
+    store.close()
+    assert stored_version(path) == VERSION
+    assert rows(path) == blocks_before
+    assert one(path, tomb) == 0 and len(claim_rows(path)) == len(claims_before) - 2
+    assert len(loaded.entries) == 23 and len(loaded.tombstones) == 1
+    db = sqlite3.connect(path.absolute().as_uri() + "?immutable=1", uri=True)
+    try:
+        due = {(chain, net, proto, ports): d for chain, net, proto, ports, d in
+               db.execute("SELECT chain, network, proto, ports, due FROM blocks WHERE removing = 0")}
+        assert db.execute("SELECT due FROM blocks WHERE removing = 1").fetchall() == [(None,)]
+    finally:
+        db.close()
+    # The next expiry of each: the first of its claims' (a second claim expires before the first claimant's).
+    assert due == {state.row_key(e): e.due for e in loaded.entries}
+    assert sum(d is not None for d in due.values()) >= 5
+    assert any(e.due is not None and e.due != e.expires_at for e in loaded.entries)
 
 
 def failing_step(db: sqlite3.Connection) -> None:

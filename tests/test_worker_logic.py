@@ -719,8 +719,12 @@ def test_store_skips_unreadable_rows(tmp_path: Path) -> None:
     store = Store(tmp_path)
     store.write([entry(WEB, "203.0.113.1/32")], [])
     with sqlite3.connect(tmp_path / "state.db") as db:
-        db.execute("INSERT INTO blocks VALUES ('f2b-web', 'garbage', '', '', 'DROP', 0, NULL, 'x', 0)")
+        db.execute("INSERT INTO blocks VALUES ('f2b-web', 'garbage', '', '', 'DROP', 0, 1.0, 'x', 0, 1.0)")
     assert store.load() == Loaded([entry(WEB, "203.0.113.1/32")], [])
+    assert list(store.entries(WEB.name)) == [entry(WEB, "203.0.113.1/32")]
+    # Due, but unreadable: skipped, and no longer due (the worker would wake up for it again and again).
+    assert store.next_due() == 1.0
+    assert store.due(time.time(), 10) == [] and store.next_due() is None
     store.close()
 
 

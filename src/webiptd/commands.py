@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Union
 
 from webiptd.config import Chain, Limits
-from webiptd.net import Network
+from webiptd.net import Network, net_text
 from webiptd.scope import Scope
 
 
@@ -85,6 +85,13 @@ class Entry:
         return (self.chain, self.network, self.scope)
 
     @property
+    def due(self) -> float | None:
+        """When the first of its claims expires (the entry goes then, or only that claim); None: none does."""
+        if not self.claims:
+            return self.expires_at
+        return min((c.expires_at for c in self.claims if c.expires_at is not None), default=None)
+
+    @property
     def all_claims(self) -> tuple[Claim, ...]:
         return self.claims or (Claim(self.created_by, self.created_at, self.expires_at),)
 
@@ -95,7 +102,7 @@ class Entry:
         return {
             "chain": self.chain,
             "family": family_name(self.network),
-            "network": str(self.network),
+            "network": net_text(self.network),
             "proto": None if self.scope is None else self.scope.proto,
             "port": None if self.scope is None or not self.scope.ports else self.scope.port_text,
             "target": self.target,
@@ -125,7 +132,9 @@ class Block:
 
 @dataclass(frozen=True)
 class BulkBlock:
-    """Many blocks in one chain, applied in one group commit (a threat feed, say)."""
+    """Many blocks in one chain, applied in one group commit (a threat feed, say). With `detail`, the worker
+    answers a Blocked per network and audits each; without (one batch of a large streamed load), it answers
+    BulkBlocked counts and audits the batch in one line."""
 
     chain: Chain
     networks: tuple[Network, ...]
@@ -134,6 +143,7 @@ class BulkBlock:
     client: str
     owner: str = ""
     scope: Scope | None = None
+    detail: bool = True
 
 
 @dataclass(frozen=True)
@@ -230,6 +240,14 @@ Command = Union[Block, BulkBlock, Unblock, Lookup, ListChain, Reconfigure, Fleet
 class Blocked:
     created: bool
     entry: Entry
+
+
+class BulkBlocked(NamedTuple):
+    """What a BulkBlock without detail did: networks newly blocked, and those this claimant already held or that
+    someone else blocked (its claim added)."""
+
+    created: int
+    existing: int
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import ipaddress
 import json
 import logging
@@ -591,11 +592,30 @@ class Config:
     ssl_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
 
     def protected_by(self, network: Network, target: str = "DROP") -> Network | None:
-        """The network of never_block (never_allow for an ACCEPT chain's `target`) that `network` overlaps, if any."""
-        for protected in self.never_allow if target == "ACCEPT" else self.never_block:
-            if protected.version == network.version and protected.overlaps(network):
+        """The network of never_block (never_allow for an ACCEPT chain's `target`) that `network` overlaps, if any.
+        Compared as ranges of ints: every item of a bulk load asks (overlaps() took a tenth of a load's time)."""
+        ranges = self._never_allow_ranges if target == "ACCEPT" else self._never_block_ranges
+        if not ranges:
+            return None
+        version, first = network.version, int(network.network_address)
+        last = first | ((1 << ((32 if version == 4 else 128) - network.prefixlen)) - 1)
+        for protected_version, low, high, protected in ranges:
+            if protected_version == version and low <= last and first <= high:
                 return protected
         return None
+
+    @functools.cached_property
+    def _never_block_ranges(self) -> tuple[tuple[int, int, int, Network], ...]:
+        return _ranges(self.never_block)
+
+    @functools.cached_property
+    def _never_allow_ranges(self) -> tuple[tuple[int, int, int, Network], ...]:
+        return _ranges(self.never_allow)
+
+
+def _ranges(networks: tuple[Network, ...]) -> tuple[tuple[int, int, int, Network], ...]:
+    """(version, first address, last address, network) of each network, as ints."""
+    return tuple((n.version, int(n.network_address), int(n.broadcast_address), n) for n in networks)
 
 
 def build_ssl_context(tls: TLS) -> ssl.SSLContext:

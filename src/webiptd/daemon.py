@@ -89,6 +89,16 @@ def limit_malloc_arenas() -> None:
         pass  # not glibc
 
 
+# The collector's young generation: collected after this many new container objects rather than 700. A reconcile or a
+# bulk load makes millions of short-lived ones (ops, entries, rows) that live a chunk long; with 700, each was walked
+# again and again on its way to the oldest generation, a third of a 1M restore's time (bench/README.md).
+GC_YOUNG = 100_000
+
+
+def tune_gc() -> None:
+    gc.set_threshold(GC_YOUNG, 50, 100)
+
+
 def release_memory() -> None:
     """Hand the first reconcile's transient memory back to the OS: the backend's big messages are native heap
     that glibc keeps otherwise (135 of 270 MiB at 100k entries with nftables). malloc_trim(3) is glibc's."""
@@ -110,9 +120,10 @@ class Daemon:
         from webiptd.firewall.router import ByChain
         from webiptd.firewall.host import host_errors, host_warnings
         from webiptd.firewall.worker import Worker
-        from webiptd.state import Store, StoreError
+        from webiptd.state import Reader, Store, StoreError
 
         limit_malloc_arenas()
+        tune_gc()
         config = self.config
         log.setup(config.log, verbose_stderr=self.verbose)
         logger.info("starting web-ipt-d %s with %s", __version__, config.path)
@@ -143,7 +154,9 @@ class Daemon:
             backend.close()
             raise
         release_memory()
-        runtime = Runtime(Generation(config, Authenticator(config.users)), worker, metrics=metrics)
+        gc.freeze()  # what the start made lives as long as the process: never walked again by a collection
+        runtime = Runtime(Generation(config, Authenticator(config.users)), worker, metrics=metrics,
+                          reader=Reader(store.path))
         app = App(runtime)
         servers = [Server(sock, runtime, app) for sock in socks]
         for srv in servers:

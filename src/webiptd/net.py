@@ -24,15 +24,56 @@ def compact(network: Network) -> Network:
     return network
 
 
+_V4_MASKS = [ipaddress.IPv4Address((0xFFFFFFFF << (32 - n)) & 0xFFFFFFFF) for n in range(33)]
+_V6_MASKS = [ipaddress.IPv6Address(((1 << 128) - 1) ^ ((1 << (128 - n)) - 1)) for n in range(129)]
+_V4_NEW = ipaddress.IPv4Network.__new__
+_V6_NEW = ipaddress.IPv6Network.__new__
+
+
+def v4_network(address: int, prefixlen: int) -> ipaddress.IPv4Network:
+    """The IPv4Network of an address (an int, host bits clear: the caller checked) and a prefix length 0-32.
+
+    What IPv4Network((address, prefixlen)) makes, its three attributes set directly: a third of the time, and no
+    `hosts` closure (see compact). Equal, with the same hash, str() and methods (tests/test_net.py checks)."""
+    network = _V4_NEW(ipaddress.IPv4Network)
+    network.network_address = ipaddress.IPv4Address(address)
+    network.netmask = _V4_MASKS[prefixlen]
+    network._prefixlen = prefixlen  # type: ignore[attr-defined]
+    return network
+
+
+def v6_network(address: int, prefixlen: int) -> ipaddress.IPv6Network:
+    """The IPv6Network of an address (an int, host bits clear) and a prefix length 0-128; as v4_network."""
+    network = _V6_NEW(ipaddress.IPv6Network)
+    network.network_address = ipaddress.IPv6Address(address)
+    network.netmask = _V6_MASKS[prefixlen]
+    network._prefixlen = prefixlen  # type: ignore[attr-defined]
+    return network
+
+
+def net_text(network: Network) -> str:
+    """str(network), the store's form of it, made faster for IPv6 (10 us in CPython 3.11): inet_ntop writes the same
+    RFC 5952 text, except where the first 80 bits are zero (IPv4-mapped and -compatible addresses, which it writes
+    with a dotted quad), left to str()."""
+    if network.version == 6:
+        address = int(network.network_address)
+        if address >> 48:
+            return f"{socket.inet_ntop(socket.AF_INET6, address.to_bytes(16, 'big'))}/{network.prefixlen}"
+    return str(network)
+
+
 def parse_stored(text: str) -> Network:
     """A network as the state DB stores it (str() of one): about 4x faster than ip_network() for IPv4."""
     address, _, prefix = text.partition("/")
     try:
         if address.count(".") == 3 and prefix.isdigit():
-            return compact(ipaddress.IPv4Network((int.from_bytes(socket.inet_aton(address), "big"), int(prefix))))
-        if ":" in address and "%" not in address and prefix.isdigit():
-            return compact(ipaddress.IPv6Network(
-                (int.from_bytes(socket.inet_pton(socket.AF_INET6, address), "big"), int(prefix))))
+            value, length = int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big"), int(prefix)
+            if length <= 32 and not value & ~int(_V4_MASKS[length]):
+                return v4_network(value, length)
+        elif ":" in address and "%" not in address and prefix.isdigit():
+            value, length = int.from_bytes(socket.inet_pton(socket.AF_INET6, address), "big"), int(prefix)
+            if length <= 128 and not value & ~int(_V6_MASKS[length]):
+                return v6_network(value, length)
     except OSError:
         pass
     return compact(ipaddress.ip_network(text, strict=True))
@@ -47,6 +88,9 @@ def parse_cidr(text: Any) -> Network:
 
 def parse_segments(family: str, address: str, prefix: str | None) -> Network:
     """The network that a request path names (`ipv4`, ADDRESS, PREFIX); ValueError with a sentence for the client."""
+    fast = _fast_segments(family, address, prefix)
+    if fast is not None:
+        return fast
     if family not in ("ipv4", "ipv6"):
         raise ValueError(f"unknown address family {family!r}; use ipv4 or ipv6")
     version = 4 if family == "ipv4" else 6
@@ -75,6 +119,28 @@ def parse_segments(family: str, address: str, prefix: str | None) -> Network:
     except ValueError:
         proper = ipaddress.ip_network((addr, length), strict=False)
         raise ValueError(f"{address}/{length} has host bits set; did you mean {proper}?") from None
+
+
+def _fast_segments(family: str, address: str, prefix: str | None) -> Network | None:
+    """parse_segments for what is valid and common, in a fifth of the time; None for anything else, which the slow
+    path parses or explains. inet_pton takes only the strict forms (dotted decimal without leading zeros; RFC 4291
+    text without a zone), which ipaddress takes too."""
+    if prefix is not None and not (prefix.isascii() and prefix.isdigit() and (len(prefix) == 1 or prefix[0] != "0")):
+        return None
+    try:
+        if family == "ipv4":
+            value = int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big")
+            length = 32 if prefix is None else int(prefix)
+            if 1 <= length <= 32 and not value & ~int(_V4_MASKS[length]):
+                return v4_network(value, length)
+        elif family == "ipv6" and address.isascii() and "." not in address:
+            value = int.from_bytes(socket.inet_pton(socket.AF_INET6, address), "big")
+            length = 128 if prefix is None else int(prefix)
+            if value >> 32 != 0xFFFF and 1 <= length <= 128 and not value & ~int(_V6_MASKS[length]):
+                return v6_network(value, length)
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def parse_item(text: str) -> Network:

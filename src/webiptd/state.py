@@ -4,15 +4,17 @@ at open, and a newer one is refused."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import logging
 import os
 import sqlite3
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, NamedTuple
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 from webiptd.commands import Claim, Entry
-from webiptd.net import Network, parse_stored
+from webiptd.net import Network, parse_stored, net_text
 from webiptd.scope import Scope, stored_scope
 
 logger = logging.getLogger(__name__)
@@ -148,18 +150,37 @@ def _to_v4(db: sqlite3.Connection) -> None:
     db.execute(FLEET_V4)
 
 
-def _scope_columns(scope: Scope | None) -> tuple[str, str]:
+def _to_v5(db: sqlite3.Connection) -> None:
+    """Version 5 makes the store the worker's index, so that no Python object per entry is kept: `due` is when a
+    live block's first claim expires (NULL when none does, and for a tombstone), indexed, so the next expiry is a
+    lookup. A block with one claim, its creator's, may have no claims row: the block's columns are that claim
+    (blocks of version 1 had none either, and every reader takes that form). A tombstone has no claims."""
+    db.execute("ALTER TABLE blocks ADD COLUMN due REAL")
+    db.execute(
+        "UPDATE blocks SET due = CASE WHEN EXISTS (SELECT 1 FROM claims c WHERE c.chain = blocks.chain AND "
+        "c.network = blocks.network AND c.proto = blocks.proto AND c.ports = blocks.ports) THEN (SELECT "
+        "min(c.expires_at) FROM claims c WHERE c.chain = blocks.chain AND c.network = blocks.network AND "
+        "c.proto = blocks.proto AND c.ports = blocks.ports) ELSE expires_at END WHERE removing = 0")
+    db.execute(BLOCKS_DUE_V5)
+    db.execute("DELETE FROM claims WHERE (chain, network, proto, ports) IN "
+               "(SELECT chain, network, proto, ports FROM blocks WHERE removing = 1)")
+
+
+BLOCKS_DUE_V5 = "CREATE INDEX blocks_due ON blocks (due) WHERE due IS NOT NULL"
+
+
+def scope_columns(scope: Scope | None) -> tuple[str, str]:
     return ("", "") if scope is None else (scope.proto, scope.port_text)
 
 
-def _row_key(e: Entry) -> tuple[str, str, str, str]:
-    return (e.chain, str(e.network), *_scope_columns(e.scope))
+def row_key(e: Entry) -> tuple[str, str, str, str]:
+    return (e.chain, net_text(e.network), *scope_columns(e.scope))
 
 
 # MIGRATIONS[n] takes a store from version n to n + 1, inside the one transaction of the upgrade; it runs statements
 # one by one (executescript would commit half-way). A new, empty store is version 0 and takes every step too, so every
 # migration runs on each first start, and a new store and an upgraded one cannot differ.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_to_v1, _to_v2, _to_v3, _to_v4)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_to_v1, _to_v2, _to_v3, _to_v4, _to_v5)
 # The version this code reads and writes, in the file's header (PRAGMA user_version).
 VERSION = len(MIGRATIONS)
 
@@ -198,6 +219,35 @@ def _unknown_version(path: Path, version: int) -> StoreError:
                       "it is left unchanged")
 
 
+_ENTRY_COLUMNS = ("b.target, b.created_at, b.expires_at, b.created_by, c.owner, c.created_at, c.expires_at, c.node "
+                  "FROM blocks b LEFT JOIN claims c ON c.chain = b.chain AND c.network = b.network AND "
+                  "c.proto = b.proto AND c.ports = b.ports ")
+_ENTRY = "SELECT " + _ENTRY_COLUMNS
+_ENTRY_NET = "SELECT b.network, " + _ENTRY_COLUMNS
+_ENTRY_SCOPE = "SELECT b.ports, " + _ENTRY_COLUMNS
+_IN_CHUNK = 500  # networks in one IN (...)
+
+
+@functools.lru_cache(maxsize=4096)
+def _scope(proto: str, ports: str) -> Scope | None:
+    return stored_scope(proto, ports)
+
+
+def _entry(chain: str, network: Network, scope: Scope | None, rows: list[Any]) -> Entry:
+    """An entry from its rows of _ENTRY's columns: one per claim, or one with NULL claim columns (no claims row:
+    its creator's claim is the block's columns)."""
+    target, created_at, expires_at, created_by = rows[0][:4]
+    if rows[0][4] is None:
+        return Entry(chain, network, target, created_at, expires_at, created_by, (), scope)
+    return Entry.of(chain, network, target, created_at, created_by, [Claim(*r[4:8]) for r in rows], scope)
+
+
+class Counts(NamedTuple):
+    entries: dict[str, int]
+    atoms: dict[str, int]
+    remote: int
+
+
 class Loaded(NamedTuple):
     entries: list[Entry]
     tombstones: list[Entry]
@@ -225,10 +275,10 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL fsyncs the WAL on every commit: an acknowledged block survives power loss, not only a crash.
             self._db.execute("PRAGMA synchronous=FULL")
-            # The page cache (2 MiB by default) fills up when the start-up loads every row, and stays. Writes touch
-            # a few pages of a shallow B-tree; 256 KiB holds its inner pages at 100k rows (bench/README.md: RSS
-            # -1.9 MiB).
-            self._db.execute("PRAGMA cache_size=-256")
+            # The store is the worker's index: every request looks its key up. 8 MiB hold the inner pages of the
+            # B-trees at a million rows (about 1 % of the file) and the hot leaves; the rest comes from the OS's
+            # page cache. The temporary table of a reconcile has its own cache of the same size, freed after.
+            self._db.execute("PRAGMA cache_size=-8192")
             self._upgrade(new=found is None)
             row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'").fetchone()
             self.outbox_seq: int = 0 if row is None else row[0]  # the last outbox row's seq
@@ -306,20 +356,26 @@ class Store:
 
     @staticmethod
     def _put_claims(db: sqlite3.Connection, entries: Iterable[Entry],
-                    keys: list[tuple[str, str, str, str]] | None = None) -> None:
-        """Make each entry's claims the stored ones; `keys`: their _row_key()s, when the caller has them."""
+                    keys: list[tuple[str, str, str, str]] | None = None,
+                    stale: Collection[tuple[str, str, str, str]] | None = None) -> None:
+        """Make each entry's claims the stored ones; `keys`: their row_key()s, when the caller has them.
+
+        An entry with only its creator's claim has no claims row (the block's columns say it all): for those, the
+        rows are deleted only if their key is in `stale` (None: for each, when the caller cannot tell)."""
         entries = list(entries)
-        keys = [_row_key(e) for e in entries] if keys is None else keys
-        db.executemany("DELETE FROM claims WHERE chain=? AND network=? AND proto=? AND ports=?", keys)
+        keys = [row_key(e) for e in entries] if keys is None else keys
+        db.executemany("DELETE FROM claims WHERE chain=? AND network=? AND proto=? AND ports=?",
+                       [key for key, e in zip(keys, entries) if e.claims or stale is None or key in stale])
         db.executemany("INSERT INTO claims (chain, network, proto, ports, owner, created_at, expires_at, node) "
                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       [(*key, *c) for key, e in zip(keys, entries) for c in e.all_claims])
+                       [(*key, *c) for key, e in zip(keys, entries) if e.claims for c in e.claims])
 
     def write(self, puts: Iterable[Entry], removes: Iterable[Entry], purges: Iterable[Entry] = (),
               outbox: Iterable[str] = (), fleet: Mapping[str, str] | None = None,
-              published: int | None = None) -> None:
+              published: int | None = None, stale: Collection[tuple[str, str, str, str]] | None = None) -> None:
         """In one durable transaction: upsert `puts`, tombstone `removes`, delete `purges`' tombstones; add the
-        `outbox` events (JSON), set the `fleet` keys, and drop the outbox rows up to `published`."""
+        `outbox` events (JSON), set the `fleet` keys, and drop the outbox rows up to `published`. `stale`: the row
+        keys of `puts` that had claims rows before (None: any may have)."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -332,22 +388,26 @@ class Store:
             if published is not None:
                 db.execute("DELETE FROM outbox WHERE seq <= ?", (published,))
             puts = list(puts)
-            keys = [_row_key(e) for e in puts]  # str(network) costs: once an entry
+            keys = [row_key(e) for e in puts]  # str(network) costs: once an entry
             db.executemany(
                 "INSERT INTO blocks (chain, network, proto, ports, target, created_at, expires_at, created_by, "
-                "removing) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT (chain, network, proto, ports) DO UPDATE "
-                "SET target=excluded.target, created_at=excluded.created_at, expires_at=excluded.expires_at, "
-                "created_by=excluded.created_by, removing=0",
-                [(*key, e.target, e.created_at, e.expires_at, e.created_by) for key, e in zip(keys, puts)],
+                "removing, due) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?) ON CONFLICT (chain, network, proto, ports) DO "
+                "UPDATE SET target=excluded.target, created_at=excluded.created_at, expires_at=excluded.expires_at, "
+                "created_by=excluded.created_by, removing=0, due=excluded.due",
+                [(*key, e.target, e.created_at, e.expires_at, e.created_by, e.due) for key, e in zip(keys, puts)],
             )
-            self._put_claims(db, puts, keys)
-            db.executemany("UPDATE blocks SET removing=1 WHERE chain=? AND network=? AND proto=? AND ports=?",
-                           [_row_key(e) for e in removes])
+            self._put_claims(db, puts, keys, stale)
+            # A tombstone needs no claims (it only has to leave the kernel), and a block made again on its key
+            # must not find them.
+            removed = [row_key(e) for e in removes]
+            db.executemany("UPDATE blocks SET removing=1, due=NULL WHERE chain=? AND network=? AND proto=? AND "
+                           "ports=?", removed)
+            db.executemany("DELETE FROM claims WHERE chain=? AND network=? AND proto=? AND ports=?", removed)
             db.executemany("DELETE FROM blocks WHERE chain=? AND network=? AND proto=? AND ports=? AND removing=1",
-                           [_row_key(e) for e in purges])
+                           [row_key(e) for e in purges])
             db.executemany("DELETE FROM claims WHERE chain=? AND network=? AND proto=? AND ports=? AND NOT EXISTS "
                            "(SELECT 1 FROM blocks b WHERE b.chain=? AND b.network=? AND b.proto=? AND b.ports=?)",
-                           [_row_key(e) * 2 for e in purges])
+                           [row_key(e) * 2 for e in purges])
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:  # SQLite ends it by itself after some errors (SQLITE_FULL, SQLITE_IOERR)
@@ -370,14 +430,15 @@ class Store:
                     db.execute("INSERT OR REPLACE INTO fleet (key, value) VALUES (?, ?)", (name, value))
             for (chain, network, scope), entry in before:
                 if entry is None:
-                    key = (chain, str(network), *_scope_columns(scope))
+                    key = (chain, net_text(network), *scope_columns(scope))
                     db.execute("DELETE FROM blocks WHERE chain=? AND network=? AND proto=? AND ports=?", key)
                     db.execute("DELETE FROM claims WHERE chain=? AND network=? AND proto=? AND ports=?", key)
                 else:
                     db.execute(
                         "INSERT OR REPLACE INTO blocks (chain, network, proto, ports, target, created_at, expires_at,"
-                        " created_by, removing) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
-                        (*_row_key(entry), entry.target, entry.created_at, entry.expires_at, entry.created_by),
+                        " created_by, removing, due) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
+                        (*row_key(entry), entry.target, entry.created_at, entry.expires_at, entry.created_by,
+                         entry.due),
                     )
                     self._put_claims(db, [entry])
             db.execute("COMMIT")
@@ -385,6 +446,126 @@ class Store:
             if db.in_transaction:  # SQLite ends it by itself after some errors (SQLITE_FULL, SQLITE_IOERR)
                 db.execute("ROLLBACK")
             raise
+
+    # -- the worker's index -------------------------------------------------------------------------------
+
+    def get(self, chain: str, network: Network, scope: Scope | None) -> Entry | None:
+        """The live entry of a key, or None."""
+        rows = self._db.execute(_ENTRY + "WHERE b.chain=? AND b.network=? AND b.proto=? AND b.ports=? AND "
+                                "b.removing=0", (chain, net_text(network), *scope_columns(scope))).fetchall()
+        return _entry(chain, network, scope, rows) if rows else None
+
+    def get_many(self, chain: str, scope: Scope | None, networks: Iterable[Network]) -> dict[Network, Entry]:
+        """The live entries of `networks` in (chain, scope): one query per few hundred networks."""
+        by_text = {net_text(n): n for n in networks}
+        texts = list(by_text)
+        found: dict[Network, Entry] = {}
+        proto, ports = scope_columns(scope)
+        for i in range(0, len(texts), _IN_CHUNK):
+            part = texts[i:i + _IN_CHUNK]
+            rows = self._db.execute(
+                _ENTRY_NET + f"WHERE b.chain=? AND b.proto=? AND b.ports=? AND b.removing=0 AND b.network IN "
+                f"({','.join('?' * len(part))}) ORDER BY b.network", (chain, proto, ports, *part)).fetchall()
+            for text, group in itertools.groupby(rows, key=lambda r: r[0]):
+                network = by_text[text]
+                found[network] = _entry(chain, network, scope, [r[1:] for r in group])
+        return found
+
+    def group(self, chain: str, network: Network, proto: str) -> list[Entry]:
+        """The live blocks with port lists of (chain, network, proto), by ports."""
+        rows = self._db.execute(
+            _ENTRY_SCOPE + "WHERE b.chain=? AND b.network=? AND b.proto=? AND b.ports<>'' AND b.removing=0 "
+            "ORDER BY b.ports", (chain, net_text(network), proto)).fetchall()
+        return [_entry(chain, network, _scope(proto, ports), [r[1:] for r in group])
+                for ports, group in itertools.groupby(rows, key=lambda r: r[0])]
+
+    def entries(self, chain: str, where: str = "", args: tuple[Any, ...] = ()) -> Iterator[Entry]:
+        """The live entries of `chain` in key order, read as they are used (`where`: more conditions on b)."""
+        rows = self._db.execute(
+            "SELECT b.network, b.proto, b.ports, b.target, b.created_at, b.expires_at, b.created_by, c.owner, "
+            "c.created_at, c.expires_at, c.node FROM blocks b LEFT JOIN claims c ON c.chain = b.chain AND "
+            "c.network = b.network AND c.proto = b.proto AND c.ports = b.ports WHERE b.chain=? AND b.removing=0 "
+            + where + " ORDER BY b.network, b.proto, b.ports", (chain, *args))
+        for (net, proto, ports), group in itertools.groupby(rows, key=lambda r: r[:3]):
+            try:
+                network, scope = parse_stored(net), _scope(proto, ports)
+            except ValueError:
+                logger.error("ignoring unreadable row in %s: chain=%s network=%r proto=%r ports=%r", self.path,
+                             chain, net, proto, ports)
+                continue
+            yield _entry(chain, network, scope, [r[3:] for r in group])
+
+    def due(self, now: float, limit: int) -> list[tuple[str, Network, Scope | None]]:
+        """The keys of the live entries with a claim due by `now`, the earliest first."""
+        keys: list[tuple[str, Network, Scope | None]] = []
+        unreadable: list[tuple[str, str, str, str]] = []
+        for chain, net, proto, ports in self._db.execute(
+                "SELECT chain, network, proto, ports FROM blocks WHERE due <= ? ORDER BY due LIMIT ?", (now, limit)):
+            try:
+                keys.append((chain, parse_stored(net), _scope(proto, ports)))
+            except ValueError:
+                unreadable.append((chain, net, proto, ports))
+        if unreadable:  # skipped by every reader (and logged by a listing); not due again, or the worker spins
+            self._db.executemany("UPDATE blocks SET due=NULL WHERE chain=? AND network=? AND proto=? AND ports=?",
+                                 unreadable)
+        return keys
+
+    def next_due(self) -> float | None:
+        """When the next claim of a live entry expires; None: none does."""
+        row = self._db.execute("SELECT due FROM blocks WHERE due IS NOT NULL ORDER BY due LIMIT 1").fetchone()
+        return None if row is None else row[0]
+
+    def counts(self) -> Counts:
+        """Live entries and kernel atoms per chain (the blocks with port lists of one (network, proto) are one
+        atom), and the claims of other hosts: read once at a reconcile, then kept up to date by the worker."""
+        db = self._db
+        entries = dict(db.execute("SELECT chain, count(*) FROM blocks WHERE removing=0 GROUP BY chain"))
+        atoms = dict(db.execute("SELECT chain, count(*) FROM blocks WHERE removing=0 AND ports='' GROUP BY chain"))
+        for chain, n in db.execute("SELECT chain, count(*) FROM (SELECT DISTINCT chain, network, proto FROM blocks "
+                                   "WHERE removing=0 AND ports<>'') GROUP BY chain"):
+            atoms[chain] = atoms.get(chain, 0) + n
+        (remote,), = db.execute(
+            "SELECT count(*) FROM claims c JOIN blocks b ON c.chain = b.chain AND c.network = b.network AND "
+            "c.proto = b.proto AND c.ports = b.ports WHERE c.node<>'' AND b.removing=0")
+        return Counts(entries, atoms, remote)
+
+    def chain_names(self) -> set[str]:
+        """Every chain with a row, live or tombstone."""
+        return {chain for chain, in self._db.execute("SELECT DISTINCT chain FROM blocks")}
+
+    def retarget(self, chain: str, target: str) -> int:
+        """Give every live entry of `chain` the `target` (a set backend's chain has one, for all); how many changed."""
+        with self._transaction():
+            return self._db.execute("UPDATE blocks SET target=? WHERE chain=? AND removing=0 AND target<>?",
+                                    (target, chain, target)).rowcount
+
+    def purge_tombstones(self, chains: Iterable[str]) -> int:
+        """Delete the tombstones of `chains` (their kernel entries are gone); how many there were."""
+        chains = list(chains)
+        if not chains:
+            return 0
+        marks = ",".join("?" * len(chains))
+        with self._transaction():
+            return self._db.execute(f"DELETE FROM blocks WHERE removing=1 AND chain IN ({marks})", chains).rowcount
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def execute(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Cursor:
+        """A statement of the worker's reconcile (its temporary table of what the kernel holds)."""
+        return self._db.execute(sql, tuple(args))
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self._db.executemany(sql, rows)
 
     def fleet_state(self) -> dict[str, str]:
         return dict(self._db.execute("SELECT key, value FROM fleet"))
@@ -407,3 +588,74 @@ class OutboxReader:
 
     def close(self) -> None:
         self._db.close()
+
+
+# A listing's place: the last key it gave (network as stored text, proto, ports), as the blocks table orders them.
+ListingKey = tuple[str, str, str]
+
+
+class Reader:
+    """Pages of a chain's live entries for the HTTP threads, read through a read-only connection of the request's own
+    (SQLite's connections are not shared between threads); WAL lets it read while the worker writes, and it never
+    takes the write lock. Each page is one read transaction, and the next starts after the last key of the one
+    before (keyset paging), so that entries added or removed meanwhile never make another one appear twice or not
+    at all."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def connect(self) -> sqlite3.Connection:
+        """A connection for one request; the caller closes it."""
+        db = sqlite3.connect(self.path.absolute().as_uri() + "?mode=ro", uri=True, isolation_level=None)
+        db.execute("PRAGMA cache_size=-512")
+        return db
+
+    def page(self, db: sqlite3.Connection, chain: str, after: ListingKey | None, limit: int,
+             now: float) -> tuple[list[Entry], ListingKey | None]:
+        """Up to `limit` entries of `chain` after the key `after`, in key order, as the worker reports them (claims
+        expired by `now` left out, and an entry whose every claim did; tombstones too), and the key to go on from,
+        None at the chain's end."""
+        entries: list[Entry] = []
+        key = after or ("", "", "")  # '' sorts before every network's text
+        scopes: dict[tuple[str, str], Scope | None] = {}
+        while True:
+            want = limit - len(entries)
+            rows = db.execute(
+                "SELECT b.network, b.proto, b.ports, b.target, b.created_at, b.expires_at, b.created_by, c.owner, "
+                "c.created_at, c.expires_at, c.node FROM (SELECT network, proto, ports, target, created_at, expires_at,"
+                " created_by FROM blocks WHERE chain = ? AND (network, proto, ports) > (?, ?, ?) AND removing = 0 "
+                "ORDER BY network, proto, ports LIMIT ?) b LEFT JOIN claims c ON c.chain = ? AND c.network = b.network"
+                " AND c.proto = b.proto AND c.ports = b.ports ORDER BY b.network, b.proto, b.ports",
+                (chain, *key, want + 1, chain)).fetchall()
+            groups = itertools.groupby(rows, key=lambda r: r[:3])
+            seen = 0
+            more = False
+            for (net, proto, ports), group in groups:
+                if seen == want:  # the one more asked for: the chain goes on
+                    more = True
+                    break
+                seen += 1
+                key = (net, proto, ports)
+                block = list(group)
+                target, created_at, expires_at, created_by = block[0][3:7]
+                try:
+                    network = parse_stored(net)
+                    if (proto, ports) not in scopes:
+                        scopes[(proto, ports)] = stored_scope(proto, ports)
+                except ValueError:
+                    logger.debug("left an unreadable row of chain %s out of a listing: %r %r %r", chain, net, proto,
+                                 ports)
+                    continue
+                scope = scopes[(proto, ports)]
+                if block[0][7] is None:  # a block without claims (not written by this code) is its created_by's
+                    if expires_at is None or expires_at > now:
+                        entries.append(Entry(chain, network, target, created_at, expires_at, created_by, (), scope))
+                    continue
+                claims = [Claim(*row[7:]) for row in block if row[9] is None or row[9] > now]
+                if claims:
+                    entries.append(Entry.of(chain, network, target, created_at, created_by, claims, scope))
+            if not more:
+                return entries, None
+            if len(entries) == limit:
+                return entries, key
+            # Some entries of the round had expired: fill the page from where it stopped.

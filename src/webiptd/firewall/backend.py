@@ -24,9 +24,12 @@ class Backend(Protocol):
         """Create missing chains, sets and hook jumps. Idempotent; never flushes an entry. `retired`: chains that
         have entries but left the config: their hook jumps go (their rules and sets stay, and expire as usual)."""
 
-    def read(self, chains: Iterable[str]) -> Mapping[Key, str]:
-        """Every atom in the managed chains: (chain, network, scope) -> target. Foreign rules are left out. What the
-        kernel holds with ports for one (chain, network, proto) comes back as one atom, the union of its ports."""
+    def read(self, chains: Iterable[str]) -> Iterable[tuple[Key, str]]:
+        """Every atom in the managed chains: (chain, network, scope), target pairs, each atom once. Foreign rules are
+        left out. What the kernel holds with ports for one (chain, network, proto) comes back as one atom, the union
+        of its ports. It may be an iterator that streams the kernel's listing (a million atoms are never held at
+        once): consume it once, promptly, in the thread that called read(). Whatever reads the kernel (a socket, a
+        command) is opened by the call itself, in the caller's network namespace."""
 
     def apply(self, ops: Iterable[Op], chains: Mapping[str, Chain]) -> None:
         """Apply all `ops` atomically (or undo them and raise), after re-checking what they touch."""

@@ -24,7 +24,6 @@ import errno
 import ipaddress
 import logging
 import math
-import re
 import shutil
 import socket
 import subprocess
@@ -38,7 +37,7 @@ from webiptd.config import TARGETS, Chain
 from webiptd.firewall.ipset_netlink import (
     IPSET_CMD_ADD, IPSET_CMD_DEL, IPSET_ERR_EXIST, IPSET_ERR_HASH_FULL, Element, Header, IpsetError, IpsetNetlink,
 )
-from webiptd.firewall.ops import Add, CapacityExceeded, Op, Remove, key_of
+from webiptd.firewall.ops import Add, CapacityExceeded, Key, Op, Remove, key_of
 from webiptd.firewall.xtables import ANY, DEFAULT_REJECT, LOCK_PATH, VERSIONS, Xtables, new_rule, per_address, verdict
 from webiptd.net import Network
 from webiptd.scope import PROTOCOL_NAMES, PROTOCOLS, Ranges, Scope
@@ -228,12 +227,14 @@ def _steps(op: Op, held: Ranges, now: float) -> list[_Step]:
     """
     kind = kind_of(op.scope)
     name = set_name(op.chain, op.network.version, kind)
-    if not kind.ports:
+    if not kind.ports:  # the elements are made directly: this is the path of a million Adds
+        network = op.network
         if isinstance(op, Remove):
-            element = Element(IPSET_CMD_DEL, name, op.network, True)
-            return [_Step(op, kind, element, (_put_back(element),))]
-        element = Element(IPSET_CMD_ADD, name, op.network, not op.replaces, kernel_timeout(op.expires_at, now))
-        return [_Step(op, kind, element, (_take_out(element) if element.exclusive else _put_back(element),))]
+            return [_Step(op, kind, Element(IPSET_CMD_DEL, name, network, True),
+                          (Element(IPSET_CMD_ADD, name, network, False, 0),))]
+        element = Element(IPSET_CMD_ADD, name, network, not op.replaces, kernel_timeout(op.expires_at, now))
+        return [_Step(op, kind, element, (Element(IPSET_CMD_DEL, name, network, False) if element.exclusive
+                                          else Element(IPSET_CMD_ADD, name, network, False, 0),))]
     assert op.scope is not None
     proto = PROTOCOLS[op.scope.proto]
     steps = []
@@ -250,6 +251,29 @@ def _steps(op: Op, held: Ranges, now: float) -> list[_Step]:
             for port in range(lo, hi + 1):
                 part = element._replace(ports=(port, port), exclusive=True)
                 steps.append(_Step(op, kind, part, (_take_out(part),)))
+    return steps
+
+
+def _whole_steps(ops: list[Op], now: float) -> list[_Step]:
+    """_steps of many ops of whole networks (scope None), made in one loop: a million Adds pass here."""
+    names: dict[tuple[str, int], str] = {}
+    steps = []
+    for op in ops:
+        network = op.network
+        name = names.get((op.chain, network.version))
+        if name is None:
+            name = names[(op.chain, network.version)] = set_name(op.chain, network.version)
+        if isinstance(op, Remove):
+            steps.append(_Step(op, ALL, Element(IPSET_CMD_DEL, name, network, True),
+                               (Element(IPSET_CMD_ADD, name, network, False, 0),)))
+        elif op.replaces:
+            steps.append(_Step(op, ALL, Element(IPSET_CMD_ADD, name, network, False,
+                                                kernel_timeout(op.expires_at, now)),
+                               (Element(IPSET_CMD_ADD, name, network, False, 0),)))
+        else:
+            steps.append(_Step(op, ALL, Element(IPSET_CMD_ADD, name, network, True,
+                                                kernel_timeout(op.expires_at, now)),
+                               (Element(IPSET_CMD_DEL, name, network, False),)))
     return steps
 
 
@@ -354,12 +378,15 @@ class IpsetBackend:
 
     # -- the two ways in --------------------------------------------------------------
 
-    def _run(self, *args: str, script: str | None = None) -> subprocess.CompletedProcess[str]:
+    def _command(self) -> str:
         if self._tool is None:
             self._tool = shutil.which("ipset")
             if self._tool is None:
                 raise RuntimeError("the ipset backend needs the ipset command (Debian and Ubuntu: apt install ipset)")
-        return subprocess.run([self._tool, *args], input=script, capture_output=True, text=True,
+        return self._tool
+
+    def _run(self, *args: str, script: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([self._command(), *args], input=script, capture_output=True, text=True,
                               timeout=TOOL_TIMEOUT, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"})
 
     # -- sets ---------------------------------------------------------------------------
@@ -429,40 +456,46 @@ class IpsetBackend:
             except (IpsetError, OSError):
                 logger.warning("could not destroy the temporary ipset %s; the next rebuild will", SWAP_NAME)
 
-    def _saved(self, name: str) -> list[list[str]]:
-        """The words of each element line of `ipset save` (one run: 0.4 s for 100k entries); none without the set."""
-        if self._header(name) is None:
-            return []
-        saved = self._run("save", name)
-        if saved.returncode != 0:
-            raise RuntimeError(f"ipset save {name} failed: {saved.stderr.strip()}")
-        found = []
-        for line in saved.stdout.splitlines():
-            words = line.split()
-            if len(words) < 3 or words[0] != "add":
-                continue
-            if "nomatch" in words[3:]:
-                logger.warning("ipset %s holds a nomatch entry web-ipt-d did not make; leaving it alone: %s",
-                               name, words[2])
-                continue
-            found.append(words)
-        return found
+    def _saved_lines(self, name: str | None = None) -> Iterator[list[str]]:
+        """The words of each element line of `ipset save` (of one set, or of every set), read as the command
+        writes them, never whole (a million entries are 40 MB of text). The command starts here, at the call, in
+        the caller's network namespace, whoever reads the lines."""
+        saved = subprocess.Popen([self._command(), "save", *([name] if name else [])], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True,
+                                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"})
+        return self._lines_of(saved, name or "")
 
-    def _members(self, name: str) -> list[Network]:
-        return [ipaddress.ip_network(words[2]) for words in self._saved(name)]
+    @staticmethod
+    def _lines_of(saved: subprocess.Popen[str], name: str) -> Iterator[list[str]]:
+        with saved:
+            assert saved.stdout is not None and saved.stderr is not None
+            try:
+                for line in saved.stdout:
+                    words = line.split()
+                    if len(words) < 3 or words[0] != "add":
+                        continue
+                    if "nomatch" in words[3:]:
+                        logger.warning("ipset %s holds a nomatch entry web-ipt-d did not make; leaving it alone: %s",
+                                       words[1], words[2])
+                        continue
+                    yield words
+                error = saved.stderr.read()
+                if saved.wait(timeout=TOOL_TIMEOUT) != 0:
+                    raise RuntimeError(f"ipset save {name} failed: {error.strip()}")
+            finally:
+                if saved.poll() is None:  # the reader stopped early: the command is ours to end
+                    saved.kill()
 
-    def _port_members(self, name: str) -> dict[tuple[Network, str], list[tuple[int, int]]]:
-        """(network, protocol) -> its ports, from a port set's `NET,PROTO:PORT` elements."""
-        found: dict[tuple[Network, str], list[tuple[int, int]]] = {}
-        for words in self._saved(name):
-            network, _, proto_port = words[2].rpartition(",")
-            proto, _, port = proto_port.partition(":")
-            name_of = _protocol_name(proto)
-            if name_of not in PORT_PROTOCOLS or not port.isdigit():
-                logger.warning("ipset %s holds an entry web-ipt-d did not make; leaving it alone: %s", name, words[2])
-                continue
-            found.setdefault((ipaddress.ip_network(network), name_of), []).append((int(port), int(port)))
-        return found
+    @staticmethod
+    def _port_member(name: str, element: str) -> tuple[Network, str, int] | None:
+        """(network, protocol, port) of a port set's `NET,PROTO:PORT` element; None (and a warning) for another."""
+        network, _, proto_port = element.rpartition(",")
+        proto, _, port = proto_port.partition(":")
+        name_of = _protocol_name(proto)
+        if name_of not in PORT_PROTOCOLS or not port.isdigit():
+            logger.warning("ipset %s holds an entry web-ipt-d did not make; leaving it alone: %s", name, element)
+            return None
+        return ipaddress.ip_network(network), name_of, int(port)
 
     def _kinds_present(self, chain: str, version: int) -> list[SetKind]:
         """The chain's port and protocol sets that exist in `version`."""
@@ -620,31 +653,41 @@ class IpsetBackend:
         if wanted:
             self._prepare_sets(wanted)
 
-    def read(self, chains: Iterable[str]) -> dict[tuple[str, Network, Scope | None], str]:
+    def read(self, chains: Iterable[str]) -> Iterator[tuple[Key, str]]:
+        """Each atom as one `ipset save` of every set lists it, consumed as it comes; a port set's elements are
+        grouped by network and protocol (one port is one element), so port atoms come last. The match rules are
+        read, and the command started, before this returns."""
         names = list(chains)
         targets = self._rule_targets(names)
-        found: dict[tuple[str, Network, Scope | None], str] = {}
-        for name in names:
-            for version in VERSIONS:
-                for kind in KINDS:
-                    sname = set_name(name, version, kind)
-                    atoms: dict[tuple[str, Network, Scope | None], Network]
-                    target = targets.get(sname, self._targets.get(name))
-                    if kind.ports:
-                        ports = self._port_members(sname)
-                        atoms = {(name, network, Scope.of(proto, ranges)): network
-                                 for (network, proto), ranges in ports.items()}
-                    else:
-                        members = self._members(sname)
-                        scope = None if kind.proto is None else Scope(kind.proto)
-                        atoms = {(name, network, scope): network for network in members}
-                    if target is None:
-                        if atoms:
-                            logger.warning("ipset %s has %d entries but no match rule in chain %s; leaving them "
-                                           "alone", sname, len(atoms), name)
-                        continue
-                    found.update((key, target) for key in atoms)
-        return found
+        ours = {set_name(name, version, kind): (name, kind, targets.get(set_name(name, version, kind),
+                                                                      self._targets.get(name)))
+                for name in names for version in VERSIONS for kind in KINDS}
+        return self._atoms(ours, self._saved_lines())
+
+    def _atoms(self, ours: dict[str, tuple[str, SetKind, str | None]],
+               lines: Iterator[list[str]]) -> Iterator[tuple[Key, str]]:
+        ports: dict[tuple[str, Network, str], tuple[str, list[tuple[int, int]]]] = {}
+        orphans: dict[str, int] = {}  # a set of ours without a match rule -> how many entries it has
+        for words in lines:
+            found = ours.get(words[1])
+            if found is None:
+                continue
+            chain, kind, target = found
+            if target is None:
+                orphans[words[1]] = orphans.get(words[1], 0) + 1
+                continue
+            if kind.ports:
+                member = self._port_member(words[1], words[2])
+                if member is not None:
+                    network, proto, port = member
+                    ports.setdefault((chain, network, proto), (target, []))[1].append((port, port))
+                continue
+            yield (chain, ipaddress.ip_network(words[2]), None if kind.proto is None else Scope(kind.proto)), target
+        for (chain, network, proto), (target, ranges) in ports.items():
+            yield (chain, network, Scope.of(proto, ranges)), target
+        for sname, held in orphans.items():
+            logger.warning("ipset %s has %d entries but no match rule in chain %s; leaving them alone", sname, held,
+                           ours[sname][0])
 
     def apply(self, ops: Iterable[Op], chains: Mapping[str, Chain]) -> None:
         self._apply(list(ops), chains)
@@ -658,16 +701,21 @@ class IpsetBackend:
     def _apply(self, ops: list[Op], chains: Mapping[str, Chain]) -> None:
         """An Add of an entry in the set replaces its timeout (as `ipset -exist add`); a Remove of one that is
         gone is not an error. A full set raises CapacityExceeded, once what the batch did is undone."""
-        plan = _plan(ops)
         now = self._clock()
-        steps = [step for op, held in plan for step in _steps(op, held, now)]  # ValueError before any change
-        if len(steps) >= BULK_MIN:
-            self._apply_bulk(plan, steps, chains, now)
-        else:
-            self._apply_netlink(plan, chains, now)
+        if ops and all(op.scope is None for op in ops) and (all(isinstance(op, Add) for op in ops)
+                                                            or all(isinstance(op, Remove) for op in ops)):
+            # Only Adds (a bulk load, a restore) or only Removes (an expiry sweep) of whole networks: no op takes
+            # another's place, so _plan would change nothing and one run holds them all (an element twice is
+            # told apart by its ack: already there, or already gone).
+            self._apply_netlink([_whole_steps(ops, now)], chains)
+            return
+        # Every message made before any change, so that a ValueError (ports ipset cannot match) changes nothing.
+        runs = [[step for op, held in run for step in _steps(op, held, now)] for run in _runs(_plan(ops))]
+        self._apply_netlink(runs, chains)
 
-    def _apply_netlink(self, plan: list[tuple[Op, Ranges]], chains: Mapping[str, Chain], now: float) -> None:
-        """Every op over netlink, many to a send; on a failure, undo what was done (newest first) and raise.
+    def _apply_netlink(self, runs: list[list[_Step]], chains: Mapping[str, Chain]) -> None:
+        """Every step over netlink, in runs (see _runs), many to a message; on a failure, undo what was done (newest
+        first) and raise.
 
         A socket error (no ack in time) leaves the messages in flight unknown; the worker's reconcile after
         a failed batch settles them.
@@ -675,8 +723,8 @@ class IpsetBackend:
         done: list[Element] = []  # what undoes each change made, in the order made
         made: set[tuple[str, int, SetKind]] = set()  # sets made during this batch: made once at most
         try:
-            for run in _runs(plan):
-                self._apply_run([s for op, held in run for s in _steps(op, held, now)], chains, done, made)
+            for steps in runs:
+                self._apply_run(steps, chains, done, made)
         except Exception:
             self._undo(done)
             raise
@@ -739,36 +787,3 @@ class IpsetBackend:
             if code:
                 logger.error("could not undo a change to ipset %s of a failed batch: %s", element.set,
                              IpsetError(_entry_text(element), code))
-
-    def _apply_bulk(self, plan: list[tuple[Op, Ranges]], steps: list[_Step], chains: Mapping[str, Chain],
-                    now: float) -> None:
-        """One `ipset -exist restore` for many ops, when every set they add to exists and has room."""
-        adding: dict[str, int] = {}
-        for step in steps:
-            if step.element.cmd == IPSET_CMD_ADD:
-                lo, hi = step.element.ports or (0, 0)
-                adding[step.element.set] = adding.get(step.element.set, 0) + hi - lo + 1
-        for name, count in adding.items():
-            header = self._header(name)
-            # Conservative (some adds may replace entries); the precise path finds the one that does not fit.
-            if header is None or header.elements + count > header.maxelem:
-                self._apply_netlink(plan, chains, now)
-                return
-        result = self._run("-exist", "restore", script="".join(_line(step.element) for step in steps))
-        if result.returncode == 0:
-            return
-        # restore stops at the first bad line: undo the ones before it (and what a port range did of its ports).
-        # An add that only refreshed an entry's timeout is undone as a removal; the worker's reconcile after the
-        # failed batch puts it back.
-        failed = re.search(r"line (\d+)", result.stderr)
-        index = int(failed.group(1)) - 1 if failed else len(steps)
-        back = [element for step in steps[:index] for element in step.undo]
-        if index < len(steps) and steps[index].element.ports is not None:
-            back += steps[index].undo
-        if back:
-            undone = self._run("-exist", "restore", script="".join(_line(e) for e in reversed(back)))
-            if undone.returncode != 0:
-                logger.error("could not undo a failed ipset restore: %s", undone.stderr.strip())
-        if "is full" in result.stderr:
-            raise CapacityExceeded(f"an ipset is full (maxelem): {result.stderr.strip()}")
-        raise RuntimeError(f"ipset restore failed: {result.stderr.strip()}")

@@ -15,8 +15,9 @@ from itertools import count
 from typing import NamedTuple, Sequence
 
 from webiptd.firewall.netlink import (
-    BE32, NETLINK_CAP_ACK, NLA_F_NESTED, NLA_F_NET_BYTEORDER, NLM_F_ACK, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
-    NLMSG_DONE, NLMSG_ERROR, SOL_NETLINK, attr, attrs, error_code, message, nfgen_attrs, open_socket, replies,
+    BE32, NETLINK_CAP_ACK, NFGENMSG, NLA_F_NESTED, NLA_F_NET_BYTEORDER, NLM_F_ACK, NLM_F_DUMP, NLM_F_EXCL,
+    NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NLMSGHDR, SOL_NETLINK, attr, attrs, error_code, message, nfgen_attrs,
+    open_socket, replies,
 )
 from webiptd.net import Network
 
@@ -29,7 +30,7 @@ IPSET_CMD_ADD, IPSET_CMD_DEL = 9, 10
 # Command-level attributes
 IPSET_ATTR_PROTOCOL, IPSET_ATTR_SETNAME, IPSET_ATTR_TYPENAME, IPSET_ATTR_FAMILY = 1, 2, 3, 5
 IPSET_ATTR_SETNAME2 = IPSET_ATTR_TYPENAME  # at swap
-IPSET_ATTR_FLAGS, IPSET_ATTR_DATA = 6, 7
+IPSET_ATTR_FLAGS, IPSET_ATTR_DATA, IPSET_ATTR_ADT, IPSET_ATTR_LINENO = 6, 7, 8, 9  # LINENO: in DATA too
 # Attributes inside IPSET_ATTR_DATA
 IPSET_ATTR_IP, IPSET_ATTR_CIDR, IPSET_ATTR_TIMEOUT = 1, 3, 6
 # hash:net,port: the port (or the first of a range) and the last of a range, each a big-endian u16 the kernel wants
@@ -50,16 +51,26 @@ ERROR_NAMES = {
     4353: "IPSET_ERR_HASH_ELEM",
 }
 
-# The kernel handles all of one send before we read, so every ack of a send must fit in the receive
-# buffer at once, or it drops the rest (ENOBUFS) and we cannot tell what was done. Measured on 6.18: an
-# ack takes 833-1,024 bytes of the buffer (256 overran the default 208 KiB, 208 fitted). SO_RCVBUF asks
-# for more, up to twice net.core.rmem_max (416 KiB by default); ACK_BUDGET allows twice what was measured.
+# Many elements go in one message: the kernel's batch form (IPSET_ATTR_ADT, a list of IPSET_ATTR_DATA, as
+# `ipset restore` sends), one ack a message. A message the kernel stops part way, at an element it refuses, answers
+# with that element's IPSET_ATTR_LINENO (ip_set_core.c, call_ad()); the rest is sent again in a new message, so each
+# element gets its own code, in order. SEND_MAX elements of at most 72 bytes (IPv6 with ports) stay well under the
+# socket's send buffer (208 KiB by default), and the error reply, which echoes the whole message, fits the receive
+# buffer.
+SEND_MAX = 1024
 RCVBUF = 1 << 20
-ACK_BUDGET = 2048
-SEND_MAX = 256
+RECV_SIZE = 1 << 18  # larger than any reply: a whole echoed message and its headers
 TIMEOUT = 10.0  # the kernel acks at once; a missing ack means the socket's state is unknown
 
 BE16 = struct.Struct(">H")
+_NLA = struct.Struct("=HH")
+_ERROR_SIZE = 4
+_LINENO = struct.Struct("=HHI")  # IPSET_ATTR_LINENO is a host-order u32 (NLA_U32)
+_LINENO_VALUE = struct.Struct("=I")
+# IPSET_ATTR_IP (nested) holding the address, then IPSET_ATTR_CIDR: one struct each for IPv4 and IPv6.
+_ADDRESS = {4: struct.Struct("=HHHH4sHHB3x"), 16: struct.Struct("=HHHH16sHHB3x")}
+_ADDRESS_HEADERS = {4: (12, IPSET_ATTR_IP | NLA_F_NESTED, 8, IPSET_ATTR_IPADDR_IPV4 | NLA_F_NET_BYTEORDER),
+                    16: (24, IPSET_ATTR_IP | NLA_F_NESTED, 20, IPSET_ATTR_IPADDR_IPV6 | NLA_F_NET_BYTEORDER)}
 _FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
 _ADDR_ATTR = {4: IPSET_ATTR_IPADDR_IPV4, 6: IPSET_ATTR_IPADDR_IPV6}
 
@@ -118,7 +129,6 @@ class IpsetNetlink:
         self._seq = count(1)
         self._protocol = b""  # the IPSET_ATTR_PROTOCOL attribute, once agreed
         self._set_attrs: dict[str, bytes] = {}  # set name -> its protocol and name attributes
-        self._per_send = SEND_MAX
 
     def close(self) -> None:
         if self._sock is not None:
@@ -136,8 +146,6 @@ class IpsetNetlink:
             except OSError:
                 pass  # a kernel without it echoes the whole request in an error ack: larger, still fits
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-            rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-            self._per_send = max(1, min(SEND_MAX, rcvbuf // ACK_BUDGET))
             self._sock = sock
             self._protocol = attr(IPSET_ATTR_PROTOCOL, bytes([IPSET_PROTOCOL_MIN]))
             answer = self._request(IPSET_CMD_PROTOCOL, b"", "ask the kernel's ipset protocol")
@@ -157,12 +165,12 @@ class IpsetNetlink:
             prefix = self._set_attrs[name] = self._protocol + attr(IPSET_ATTR_SETNAME, name.encode() + b"\0")
         return prefix
 
-    def _element_message(self, element: Element, seq: int) -> bytes:
+    def _element_data(self, element: Element, lineno: int) -> bytes:
+        """The element's IPSET_ATTR_DATA, numbered `lineno` (from 1) for the kernel to name it if it refuses it."""
         network = element.network
-        version = network.version
-        data = (attr(IPSET_ATTR_IP | NLA_F_NESTED,
-                     attr(_ADDR_ATTR[version] | NLA_F_NET_BYTEORDER, network.network_address.packed))
-                + attr(IPSET_ATTR_CIDR, bytes([network.prefixlen])))
+        address = network.network_address.packed
+        data = _ADDRESS[len(address)].pack(*_ADDRESS_HEADERS[len(address)], address, 5, IPSET_ATTR_CIDR,
+                                           network.prefixlen)
         if element.ports is not None and element.proto is not None:
             lo, hi = element.ports
             data += attr(IPSET_ATTR_PORT | NLA_F_NET_BYTEORDER, BE16.pack(lo)) + attr(IPSET_ATTR_PROTO,
@@ -170,39 +178,82 @@ class IpsetNetlink:
             if hi != lo:
                 data += attr(IPSET_ATTR_PORT_TO | NLA_F_NET_BYTEORDER, BE16.pack(hi))
         if element.timeout is not None:
-            data += attr(IPSET_ATTR_TIMEOUT | NLA_F_NET_BYTEORDER, BE32.pack(element.timeout))
+            data += _NLA.pack(8, IPSET_ATTR_TIMEOUT | NLA_F_NET_BYTEORDER) + BE32.pack(element.timeout)
+        data += _LINENO.pack(8, IPSET_ATTR_LINENO, lineno)
+        return _NLA.pack(len(data) + 4, IPSET_ATTR_DATA | NLA_F_NESTED) + data
+
+    def _element_message(self, element: Element, seq: int) -> bytes:
+        """One element alone in a message (IPSET_ATTR_DATA)."""
         flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_EXCL if element.exclusive else 0)
         return message(NFNL_SUBSYS_IPSET, element.cmd, flags, seq,
-                       self._prefix(element.set) + attr(IPSET_ATTR_DATA | NLA_F_NESTED, data), _FAMILY[version])
+                       self._prefix(element.set) + self._element_data(element, 1), _FAMILY[element.network.version])
+
+    def _batch_message(self, elements: Sequence[Element], seq: int) -> bytes:
+        """Elements of one set, command and exclusiveness in one message (IPSET_ATTR_ADT)."""
+        first = elements[0]
+        adt = b"".join([self._element_data(e, i) for i, e in enumerate(elements, 1)])
+        flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_EXCL if first.exclusive else 0)
+        return message(NFNL_SUBSYS_IPSET, first.cmd, flags, seq,
+                       self._prefix(first.set) + _LINENO.pack(8, IPSET_ATTR_LINENO, 0)
+                       + _NLA.pack(len(adt) + 4, IPSET_ATTR_ADT | NLA_F_NESTED) + adt,
+                       _FAMILY[first.network.version])
 
     def apply(self, elements: Sequence[Element]) -> list[int]:
-        """Send each element's message, up to SEND_MAX in one sendmsg; return each one's error code (0: done).
+        """Apply the elements in order; return each one's error code (0: done).
 
-        The kernel carries on after a message it refuses, so each code says what happened to its element.
+        Consecutive elements of one set, command and exclusiveness go in one message, SEND_MAX at most. The kernel
+        stops a message at the first element it refuses and names it; that one gets the code, and the rest go
+        again, so each code says what happened to its element, as if each had been a message of its own.
         """
         sock = self._open()
         codes: list[int] = []
-        for start in range(0, len(elements), self._per_send):
-            chunk = elements[start:start + self._per_send]
-            seqs = [next(self._seq) & 0xFFFFFFFF for _ in chunk]
+        start = 0
+        while start < len(elements):
+            first = elements[start]
+            group = (first.cmd, first.set, first.exclusive, first.network.version)
+            end = start + 1
+            limit = min(len(elements), start + SEND_MAX)
+            while end < limit:
+                e = elements[end]
+                if (e.cmd, e.set, e.exclusive, e.network.version) != group:
+                    break
+                end += 1
+            chunk = elements[start:end]
+            seq = next(self._seq) & 0xFFFFFFFF
             try:
-                sock.sendmsg([self._element_message(e, s) for e, s in zip(chunk, seqs)])
-                acks = self._acks(sock, seqs)
+                sock.send(self._batch_message(chunk, seq))
+                code, failed = self._batch_ack(sock, seq)
             except BaseException:
-                self.close()  # acks may be left unread or lost: start the next request on a clean socket
+                self.close()  # an ack may be left unread or lost: start the next request on a clean socket
                 raise
-            codes += [acks[s] for s in seqs]
+            if code == 0:
+                codes += [0] * len(chunk)
+                start = end
+            elif failed is None:  # refused as a whole (no such set, say): nothing of it was done
+                codes += [code] * len(chunk)
+                start = end
+            else:
+                codes += [0] * (failed - 1) + [code]
+                start += failed
         return codes
 
-    def _acks(self, sock: socket.socket, seqs: list[int]) -> dict[int, int]:
-        """Read one ack per sequence number; anything else (left from an earlier, failed request) is skipped."""
-        wanted = set(seqs)
-        acks: dict[int, int] = {}
-        while len(acks) < len(wanted):
-            for kind, seq, payload in replies(sock.recv(65536)):
-                if kind == NLMSG_ERROR and seq in wanted:
-                    acks[seq] = error_code(payload)
-        return acks
+    def _batch_ack(self, sock: socket.socket, seq: int) -> tuple[int, int | None]:
+        """The answer to one message: (0, None), or (its error code, the number of the element refused, if it says);
+        anything else (left from an earlier, failed request) is skipped."""
+        while True:
+            for kind, reply_seq, payload in replies(sock.recv(RECV_SIZE)):
+                if kind != NLMSG_ERROR or reply_seq != seq:
+                    continue
+                code = error_code(payload)
+                if code == 0:
+                    return 0, None
+                # The echoed request follows the error code: its header, nfgenmsg, then its attributes.
+                echoed = attrs(payload[_ERROR_SIZE + NLMSGHDR.size + NFGENMSG.size:])
+                lineno = echoed.get(IPSET_ATTR_LINENO)
+                if lineno is None or len(lineno) < 4:
+                    return code, None
+                failed = _LINENO_VALUE.unpack_from(lineno)[0]
+                return code, failed if failed > 0 else None
 
     def _request(self, cmd: int, body: bytes, what: str, dump: bool = False) -> list[bytes]:
         """One request; the payloads of its replies, up to its ack (a dump: NLMSG_DONE). Raises on an error."""

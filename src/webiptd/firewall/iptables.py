@@ -144,7 +144,7 @@ class IptablesBackend:
         self._xt.unhook([*departed, *retired])  # after the lock above is let go: it takes it again
         self._matches.update((c.name, c.match) for c in chains)
 
-    def read(self, chains: Iterable[str]) -> dict[Key, str]:
+    def read(self, chains: Iterable[str]) -> Iterable[tuple[Key, str]]:
         found: dict[Key, str] = {}
         # (chain, network, proto, target) -> the ports of its multiport rules, merged into one atom below
         ported: dict[tuple[str, Network, str, str], list[tuple[int, int]]] = {}
@@ -168,7 +168,7 @@ class IptablesBackend:
                             found[(name, network, scope)] = target
         for (name, network, proto, target), ranges in ported.items():
             found[(name, network, Scope.of(proto, ranges))] = target
-        return found
+        return found.items()
 
     def missing(self, chains: Iterable[Chain], counts: Mapping[str, int]) -> str | None:
         # Each atom is one rule or more, and the kernel never drops one by itself: fewer rules than atoms means

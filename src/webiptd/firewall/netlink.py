@@ -60,6 +60,17 @@ def attrs(data: bytes) -> dict[int, bytes]:
     return found
 
 
+def nested(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(type, payload) of each attribute in `data`, in order, repeats included: a list such as a dump's elements."""
+    offset = 0
+    while offset + _NLA.size <= len(data):
+        size, kind = _NLA.unpack_from(data, offset)
+        if size < _NLA.size:
+            return
+        yield kind & NLA_TYPE_MASK, data[offset + _NLA.size:offset + size]
+        offset += (size + 3) & ~3
+
+
 def replies(data: bytes) -> Iterator[tuple[int, int, bytes]]:
     """(type, sequence number, payload) of each message in one datagram the kernel sent."""
     offset = 0

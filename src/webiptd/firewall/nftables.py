@@ -13,12 +13,13 @@ import re
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from webiptd.config import Chain
 from webiptd.firewall.host import NFTABLES_MISSING
 from webiptd.firewall.netlink import (
-    BE32, NLM_F_REQUEST, NLMSG_ERROR, error_code, message, nfgen_attrs, open_socket, replies,
+    BE32, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, attr, attrs, error_code, message, nested, nfgen_attrs,
+    open_socket, replies,
 )
 from webiptd.firewall.ops import Add, CapacityExceeded, Key, Op
 from webiptd.net import Network
@@ -44,10 +45,17 @@ DEFAULT_SIZE = Chain.maxelem
 ENOENT = os.strerror(errno.ENOENT)  # libnftables reports errors as text: "Could not process rule: <strerror>"
 ENFILE = os.strerror(errno.ENFILE)  # what the kernel answers when a set is at its size
 
-# NFT_MSG_GETGEN, from linux/netfilter/nfnetlink.h and linux/netfilter/nf_tables.h.
+# NFT_MSG_GETGEN and NFT_MSG_GETSETELEM, from linux/netfilter/nfnetlink.h and linux/netfilter/nf_tables.h.
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_GETGEN = 16
 NFTA_GEN_ID = 1
+NFT_MSG_GETSETELEM, NFT_MSG_NEWSETELEM = 13, 12
+NFPROTO_INET = 1
+NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
+NFTA_LIST_ELEM = 1
+NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_KEY_END = 1, 10
+NFTA_DATA_VALUE = 1
+DUMP_TIMEOUT = 30.0  # between two datagrams of a dump: the kernel sends them as fast as they are read
 
 # The kinds of set: all traffic of a network (an atom of scope None), every port of one protocol (Scope(proto)), and
 # for some destination ports of one protocol (Scope(proto, ports)) two: a hash set of single ports, and an interval
@@ -248,6 +256,38 @@ class RulesetGeneration:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def set_elements(sock: socket.socket, seq: int, name: str) -> Iterator[tuple[bytes, bytes | None]]:
+    """The key (and, in an interval set, the key's end) of each element of our set `name`, as the kernel dumps
+    them (NFT_MSG_GETSETELEM): one datagram at a time, never the whole set, and without libnftables, which builds
+    the whole listing (objects, then its JSON text) first: 1.3 GB for a million elements (bench/README.md).
+
+    A key is the set's type's bytes: an address, then for a concatenation each further field in 4 bytes (nft(8),
+    CONCATENATIONS): a protocol number in its first byte, a port big-endian in its first two. `sock`: a netlink
+    socket of the namespace to read (one dump at a time). Raises OSError.
+    """
+    body = attr(NFTA_SET_ELEM_LIST_TABLE, TABLE.encode() + b"\0") + attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
+    sock.send(message(NFNL_SUBSYS_NFTABLES, NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_DUMP, seq, body, NFPROTO_INET))
+    while True:
+        for kind, reply_seq, payload in replies(sock.recv(1 << 17)):
+            if reply_seq != seq:
+                continue
+            if kind == NLMSG_DONE:
+                return
+            if kind == NLMSG_ERROR:
+                code = error_code(payload)
+                if code:
+                    raise OSError(code, f"listing the elements of set {name}: {os.strerror(code)}")
+                return
+            listed = nfgen_attrs(payload).get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")
+            for _, elem in nested(listed):
+                found = attrs(elem)
+                key = attrs(found.get(NFTA_SET_ELEM_KEY, b"")).get(NFTA_DATA_VALUE)
+                if key is None:
+                    continue
+                end = found.get(NFTA_SET_ELEM_KEY_END)
+                yield key, None if end is None else attrs(end).get(NFTA_DATA_VALUE)
 
 
 @dataclass
@@ -573,11 +613,21 @@ class NftablesBackend:
                                    "set; `nft delete table %s %s` and a restart rebuild it", name,
                                    after.sets[name].get("size"), chain.maxelem, FAMILY, TABLE)
 
-    def read(self, chains: Iterable[str]) -> dict[Key, str]:
-        """Every atom of `chains`; the port ranges of one (chain, network, protocol) come back as one Scope."""
+    def read(self, chains: Iterable[str]) -> Iterator[tuple[Key, str]]:
+        """Every atom of `chains`, one set at a time, read through netlink (set_elements); the port elements of
+        one (chain, network, protocol) come back as one Scope, so a chain's port sets are grouped first. The
+        layout is read, and the socket opened, before this returns: in the caller's network namespace."""
         layout = self._layout()
-        found: dict[Key, str] = {}
-        ports: dict[tuple[str, Network, str], tuple[str, list[tuple[int, int]]]] = {}  # -> (target, ranges)
+        sock = open_socket()
+        sock.settimeout(DUMP_TIMEOUT)
+        return self._atoms(list(chains), layout, sock)
+
+    def _atoms(self, chains: list[str], layout: _Layout, sock: socket.socket) -> Iterator[tuple[Key, str]]:
+        with sock:
+            yield from self._atoms_from(chains, layout, sock)
+
+    def _atoms_from(self, chains: list[str], layout: _Layout, sock: socket.socket) -> Iterator[tuple[Key, str]]:
+        seq = 0
         for chain in chains:
             sets = layout.sets_of(chain)
             if not sets:
@@ -587,33 +637,38 @@ class NftablesBackend:
             # (one that has left the config) keeps the rules it had.
             verdicts = ({n: self._targets[chain] for n in sets.values()} if chain in self._targets
                         else self._verdicts(chain))
+            ports: dict[tuple[Network, str], tuple[str, list[tuple[int, int]]]] = {}  # -> (target, ranges)
             for (version, prefixlen, kind), name in sorted(sets.items()):
                 target = verdicts.get(name)
                 if target is None:
                     logger.warning("no rule of chain %s matches set %s; its elements block nothing", chain, name)
                     continue
-                for value in self._elements(name):
+                width = 4 if version == 4 else 16
+                network_of = NETWORK[version]
+                seq += 1
+                for key, end in set_elements(sock, seq, name):
                     try:
-                        parts = [value] if kind == ALL else value["concat"]
-                        address = int.from_bytes(socket.inet_pton(AF[version], parts[0]), "big")
-                        network = NETWORK[version]((address, prefixlen))  # strict: no host bits
-                        proto = None if kind == ALL else _proto_name(parts[1])
-                        if kind != ALL and (proto is None or len(parts) != (3 if kind in PORT_KINDS else 2)):
-                            raise ValueError(f"{parts[1:]} is no protocol (and port) of ours")
-                        span = _port_range(parts[2]) if kind in PORT_KINDS else None
-                    except (OSError, ValueError, TypeError, KeyError, IndexError):
-                        logger.warning("set %s holds %s, which is no /%d network%s; leaving it alone", name, value,
-                                       prefixlen, "" if kind == ALL else " with a protocol of ours")
+                        network = network_of((int.from_bytes(key[:width], "big"), prefixlen))  # strict: no host bits
+                        if kind == ALL:
+                            if len(key) != width:
+                                raise ValueError("not an address")
+                            yield (chain, network, None), target
+                            continue
+                        proto = PROTOCOL_NAMES.get(key[width])
+                        if proto is None or len(key) != width + (8 if kind in PORT_KINDS else 4):
+                            raise ValueError("no protocol (and port) of ours")
+                        if kind == PROTO:
+                            yield (chain, network, Scope(proto)), target
+                            continue
+                        lo = int.from_bytes(key[width + 4:width + 6], "big")
+                        hi = lo if end is None else int.from_bytes(end[width + 4:width + 6], "big")
+                    except (ValueError, IndexError) as exc:
+                        logger.warning("set %s holds %s, which is no /%d network%s (%s); leaving it alone", name,
+                                       key.hex(), prefixlen, "" if kind == ALL else " with a protocol of ours", exc)
                         continue
-                    if proto is None:
-                        found[(chain, network, None)] = target
-                    elif span is None:
-                        found[(chain, network, Scope(proto))] = target
-                    else:
-                        ports.setdefault((chain, network, proto), (target, []))[1].append(span)
-        for (chain, network, proto), (target, ranges) in ports.items():
-            found[(chain, network, Scope.of(proto, ranges))] = target
-        return found
+                    ports.setdefault((network, proto), (target, []))[1].append((lo, hi))
+            for (network, proto), (target, ranges) in ports.items():
+                yield (chain, network, Scope.of(proto, ranges)), target
 
     def missing(self, chains: Iterable[Chain], counts: Mapping[str, int]) -> str | None:
         """Nothing to look at while the ruleset generation is ours. When another program committed (say

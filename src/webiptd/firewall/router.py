@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Callable, Iterable, Mapping
 
@@ -53,14 +54,13 @@ class ByChain:
         for name, backend in self._backends.items():
             backend.prepare([c for c in chains if c.backend == name], retired)
 
-    def read(self, chains: Iterable[str]) -> dict[Key, str]:
+    def read(self, chains: Iterable[str]) -> Iterable[tuple[Key, str]]:
+        """Each backend's atoms in turn, as they come: never all of them at once. Every backend's read() is called
+        here (each opens what reads its kernel, in the caller's namespace); they are consumed after."""
         by_backend: dict[str, list[str]] = {}
         for chain in chains:
             by_backend.setdefault(self.backend_of(chain), []).append(chain)
-        found: dict[Key, str] = {}
-        for name, names in by_backend.items():
-            found.update(self._backend(name).read(names))
-        return found
+        return itertools.chain.from_iterable([self._backend(name).read(names) for name, names in by_backend.items()])
 
     def apply(self, ops: Iterable[Op], chains: Mapping[str, Chain]) -> None:
         by_backend: dict[str, list[Op]] = {}

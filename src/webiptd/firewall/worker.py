@@ -5,31 +5,28 @@ brings the kernel back in line with the store (reconcile).
 
 from __future__ import annotations
 
-import heapq
-import ipaddress
-import itertools
 import json
 import logging
 import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, overload
+from dataclasses import dataclass, field
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence, overload
 
 from webiptd import log
 from webiptd.commands import (
-    Block, Blocked, BulkBlock, Claim, Command, Entry, FirewallFull, FirewallUnavailable, FleetApplied, FleetApply,
-    FleetResync, ListChain, Lookup, Reconfigure, RemoteChange, Unblock, Unblocked,
+    Block, Blocked, BulkBlock, BulkBlocked, Claim, Command, Entry, FirewallFull, FirewallUnavailable, FleetApplied,
+    FleetApply, FleetResync, ListChain, Lookup, Reconfigure, RemoteChange, Unblock, Unblocked,
 )
 from webiptd.config import ADOPTED, Chain, Limits
 from webiptd.firewall.backend import Backend
 from webiptd.firewall.ops import Add, CapacityExceeded, Key, Op, Remove
 from webiptd.firewall.pending import Pending
 from webiptd.metrics import Metrics
-from webiptd.net import Network, compact
-from webiptd.scope import Scope, union
-from webiptd.state import Store
+from webiptd.net import Network, parse_stored, net_text
+from webiptd.scope import Scope, stored_scope, union
+from webiptd.state import Counts, Store, row_key, scope_columns
 
 logger = logging.getLogger(__name__)
 audit = logging.getLogger("webiptd.audit")
@@ -38,6 +35,7 @@ MAX_BATCH = 4096
 MAX_QUEUE = 10_000
 HEARTBEAT = 1.0  # the longest the worker sleeps, so the watchdog can tell it is alive
 RETRY_DELAY = 1.0  # after a failed batch, due expiries wait this long before they are tried again
+RECONCILE_CHUNK = 20_000  # ops in one backend apply of a reconcile, rows in one store write of it
 
 _Group = tuple[str, Network, str]  # (chain, network, proto): the blocks with port lists that make one kernel atom
 _Item = tuple[object, Pending[Any] | None]  # a command, and the answer its client waits on (None: the worker's own)
@@ -73,146 +71,58 @@ def group_atom(entries: Iterable[Entry]) -> Entry | None:
     return Entry(first.chain, first.network, newest.target, 0.0, expiry, "", (), scope)
 
 
-def _next_due(expires_at: float | None, claims: tuple[Claim, ...]) -> float | None:
-    """When the first of an entry's claims expires: its effective expiry when it has one claim."""
-    if not claims:
-        return expires_at
-    return min((c.expires_at for c in claims if c.expires_at is not None), default=None)
+def _remote_claims(entry: Entry | None) -> int:
+    return 0 if entry is None else sum(1 for c in entry.claims if c.node)
 
 
-def _remote_claims(claims: tuple[Claim, ...]) -> int:
-    return sum(1 for c in claims if c.node)
+class _Index:
+    """What the worker knows of its entries, without a Python object for any of them: the store answers for each
+    key (it is the index, see state.py); the counts per chain, of entries and of kernel atoms, and of the claims of
+    other hosts are kept here, for the kernel check and the metrics."""
 
+    __slots__ = ("_store", "entries", "atoms", "remote")
 
-_V6 = 1 << 136  # above an IPv6 address shifted past its prefix length
-
-
-def _pack(network: Network) -> int:
-    """A network as one int: the address, then the prefix length in the low 8 bits, and a flag for IPv6."""
-    packed = int(network.network_address) << 8 | network.prefixlen
-    return packed | _V6 if network.version == 6 else packed
-
-
-def _unpack(packed: int) -> Network:
-    address, prefixlen = (packed & (_V6 - 1)) >> 8, packed & 0xFF
-    if packed & _V6:
-        return compact(ipaddress.IPv6Network((address, prefixlen)))
-    return compact(ipaddress.IPv4Network((address, prefixlen)))
-
-
-# target, created_at, expires_at, created_by, and the claims only when there is more than the first claimant's one
-# (Entry.claims): most entries have one claim, and pay nothing for it.
-_Row = tuple[Any, ...]
-
-
-class _Entries:
-    """The blocks the worker knows: per chain and scope, a dict from a packed network to the rest of the entry.
-
-    Entries and their ipaddress networks are made when asked for, not kept: a packed row takes half the
-    memory of a kept Entry with its network, which is what keeps 100k blocks under the RSS target
-    (bench/README.md). The blocks with port lists are also indexed by (chain, proto, packed network), to find
-    the others that share their kernel atom.
-    """
-
-    __slots__ = ("_chains", "_count", "_groups", "remote")
-
-    def __init__(self) -> None:
-        self._chains: dict[tuple[str, Scope | None], dict[int, _Row]] = {}
-        self._groups: dict[tuple[str, str, int], set[Scope]] = {}
-        self._count = 0
-        self.remote = 0  # claims from other hosts of the fleet
+    def __init__(self, store: Store, counts: Counts):
+        self._store = store
+        self.entries, self.atoms, self.remote = counts
 
     def get(self, key: Key) -> Entry | None:
-        rows = self._chains.get((key[0], key[2]))
-        row = None if rows is None else rows.get(_pack(key[1]))
-        return None if row is None else self._entry(key[0], key[1], key[2], row)
+        return self._store.get(*key)
 
-    @staticmethod
-    def _entry(chain: str, network: Network, scope: Scope | None, row: _Row) -> Entry:
-        return Entry(chain, network, row[0], row[1], row[2], row[3], row[4] if len(row) > 4 else (), scope)
-
-    def next_due(self, chain: str, scope: Scope | None, packed: int) -> float | None:
-        """When the first claim of the entry stored under `packed` expires, without making the entry; None
-        also when it is gone."""
-        row = self._chains.get((chain, scope), {}).get(packed)
-        return None if row is None else _next_due(row[2], row[4] if len(row) > 4 else ())
-
-    def __contains__(self, key: Key) -> bool:
-        rows = self._chains.get((key[0], key[2]))
-        return rows is not None and _pack(key[1]) in rows
-
-    def __getitem__(self, key: Key) -> Entry:
-        entry = self.get(key)
-        if entry is None:
-            raise KeyError(key)
-        return entry
-
-    def __setitem__(self, key: Key, entry: Entry) -> None:
-        chain, network, scope = key
-        rows = self._chains.setdefault((chain, scope), {})
-        packed = _pack(network)
-        old = rows.get(packed)
-        if old is None:
-            self._count += 1
-            if scope is not None and scope.ports:
-                self._groups.setdefault((chain, scope.proto, packed), set()).add(scope)
-        elif len(old) > 4:
-            self.remote -= _remote_claims(old[4])
-        if entry.claims:
-            self.remote += _remote_claims(entry.claims)
-        # New float objects: the loaded ones sit among the start-up's short-lived objects (see _reconcile).
-        row: _Row = (entry.target, entry.created_at + 0.0,
-                     None if entry.expires_at is None else entry.expires_at + 0.0, entry.created_by)
-        rows[packed] = row + (entry.claims,) if entry.claims else row
-
-    def __delitem__(self, key: Key) -> None:
-        chain, network, scope = key
-        rows = self._chains[(chain, scope)]
-        packed = _pack(network)
-        old = rows.pop(packed)
-        if len(old) > 4:
-            self.remote -= _remote_claims(old[4])
-        self._count -= 1
-        if not rows:
-            del self._chains[(chain, scope)]
-        if scope is not None and scope.ports:
-            group = self._groups[(chain, scope.proto, packed)]
-            group.discard(scope)
-            if not group:
-                del self._groups[(chain, scope.proto, packed)]
+    def group(self, chain: str, network: Network, proto: str) -> list[Entry]:
+        """The blocks with port lists of `network` and `proto` in `chain`."""
+        return self._store.group(chain, network, proto)
 
     def __len__(self) -> int:
-        return self._count
+        return sum(self.entries.values())
 
     def entry_counts(self) -> dict[str, int]:
-        """How many entries each chain has. The dicts are copied by C code, which another thread cannot change
-        half-way."""
-        counts: dict[str, int] = {}
-        for (chain, _), rows in list(self._chains.items()):
-            counts[chain] = counts.get(chain, 0) + len(rows)
-        return counts
+        """How many entries each chain has; a copy, made by C code, which another thread cannot change half-way."""
+        return dict(self.entries)
 
     def counts(self) -> dict[str, int]:
         """How many kernel atoms each chain has: one per block, but one per (network, proto) for the blocks with
         port lists (see group_atom)."""
-        counts: dict[str, int] = {}
-        for (chain, scope), rows in self._chains.items():
-            if not _has_ports(scope):
-                counts[chain] = counts.get(chain, 0) + len(rows)
-        for chain, _, _ in self._groups:
-            counts[chain] = counts.get(chain, 0) + 1
-        return counts
+        return dict(self.atoms)
 
-    def group(self, chain: str, network: Network, proto: str) -> list[Entry]:
-        """The blocks with port lists of `network` and `proto` in `chain`."""
-        scopes = self._groups.get((chain, proto, _pack(network)), ())
-        return [self[(chain, network, scope)] for scope in sorted(scopes)]
-
-    def chain(self, name: str) -> Iterator[Entry]:
-        for (chain, scope), rows in list(self._chains.items()):
-            if chain == name:
-                for packed, row in rows.items():
-                    yield self._entry(name, _unpack(packed), scope, row)
+    def update(self, changed: Mapping[Key, tuple[Entry | None, Entry | None]],
+               atoms: Iterable[tuple[str, Entry | None, Entry | None]]) -> None:
+        """Count a committed batch's changes and the kernel atoms they made and removed."""
+        entries, counted = self.entries, self.atoms
+        for key, (before, after) in changed.items():
+            n = (after is not None) - (before is not None)
+            if n:
+                entries[key[0]] = entries.get(key[0], 0) + n
+                if not entries[key[0]]:
+                    del entries[key[0]]
+            if (before is not None and before.claims) or (after is not None and after.claims):
+                self.remote += _remote_claims(after) - _remote_claims(before)
+        for chain, before, after in atoms:
+            n = (after is not None) - (before is not None)
+            if n:
+                counted[chain] = counted.get(chain, 0) + n
+                if not counted[chain]:
+                    del counted[chain]
 
 
 @dataclass(frozen=True)
@@ -229,21 +139,26 @@ class _Stop:
 class _Batch:
     """What one batch changes, keyed so that the last command on a key wins."""
 
-    entries: _Entries
+    entries: _Index
+    known: dict[Key, Entry | None] = field(default_factory=dict)  # committed entries looked up in advance (bulk)
     before: dict[Key, Entry | None] = field(default_factory=dict)
     after: dict[Key, Entry | None] = field(default_factory=dict)
     audits: list[tuple[Any, ...]] = field(default_factory=list)
+    bulk_audits: list[tuple[Any, ...]] = field(default_factory=list)  # one line per batch of a large load
     expired: set[Key] = field(default_factory=set)  # the keys whose entries went at their expiry
     reconfigure: Reconfigure | None = None  # taken once the batch is committed
     outbox: list[str] = field(default_factory=list)  # the fleet's events of this batch's local changes (JSON)
     fleet: dict[str, str] = field(default_factory=dict)  # the follower's cursor, when the batch applies the stream
 
+    def committed(self, key: Key) -> Entry | None:
+        return self.known[key] if key in self.known else self.entries.get(key)
+
     def get(self, key: Key) -> Entry | None:
-        return self.after[key] if key in self.after else self.entries.get(key)
+        return self.after[key] if key in self.after else self.committed(key)
 
     def set(self, key: Key, entry: Entry | None) -> None:
         if key not in self.before:
-            self.before[key] = self.entries.get(key)
+            self.before[key] = self.committed(key)
         self.after[key] = entry
 
     def changes(self) -> dict[Key, tuple[Entry | None, Entry | None]]:
@@ -270,7 +185,7 @@ def kernel_ops(before: Entry | None, after: Entry | None, expires_in_kernel: boo
     return ops
 
 
-def atom_changes(entries: _Entries, changed: Mapping[Key, tuple[Entry | None, Entry | None]]
+def atom_changes(entries: _Index, changed: Mapping[Key, tuple[Entry | None, Entry | None]]
                  ) -> list[tuple[str, Entry | None, Entry | None]]:
     """(chain, atom before, atom after) for each kernel atom that `changed` (a batch's changes to the committed
     `entries`) touches: a block without a port list is its own atom; the blocks with port lists of one (chain,
@@ -319,11 +234,7 @@ class Worker:
         # SimpleQueue (in C) rather than Queue (a Condition per put and get): see Pending.
         # MAX_QUEUE is checked by submit.
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
-        self._entries = _Entries()
-        # (expires_at, tie-breaker, chain, scope, packed network): the counter keeps the comparison from reaching
-        # the chain when a bulk load gives many entries the same expiry.
-        self._expiry: list[tuple[float, int, str, Scope | None, int]] = []
-        self._ties = itertools.count()
+        self._entries = _Index(store, Counts({}, {}, 0))  # counted by the first reconcile
         self._purge: list[Entry] = []  # tombstones whose kernel removal is done
         self._retry_at = 0.0  # expiries are not tried before this (clock time) after a failed batch
         self._thread = threading.Thread(target=self._run, name="firewall-worker", daemon=True)
@@ -347,7 +258,7 @@ class Worker:
     @overload
     def submit(self, command: Block) -> Pending[Blocked]: ...
     @overload
-    def submit(self, command: BulkBlock) -> Pending[list[Blocked]]: ...
+    def submit(self, command: BulkBlock) -> Pending[list[Blocked] | BulkBlocked]: ...
     @overload
     def submit(self, command: Unblock) -> Pending[Unblocked]: ...
     @overload
@@ -459,9 +370,10 @@ class Worker:
 
     def _next_batch(self) -> list[_Item]:
         wait = HEARTBEAT
-        if self._expiry:
+        due = self._store.next_due()
+        if due is not None:
             now = self._clock()
-            wait = min(wait, max(0.0, self._expiry[0][0] - now, self._retry_at - now))
+            wait = min(wait, max(0.0, due - now, self._retry_at - now))
         try:
             items = [self._queue.get(timeout=wait)]
         except queue.Empty:
@@ -474,22 +386,14 @@ class Worker:
         return items
 
     def _due(self) -> list[Key]:
+        """The keys with a claim due now (the store's index of expiries), unless a failed batch asks to wait."""
         now = self._clock()
-        due: list[Key] = []
         if now < self._retry_at:
-            return due
-        while self._expiry and self._expiry[0][0] <= now:
-            expires_at, _, chain, scope, packed = heapq.heappop(self._expiry)
-            # The heap is lazy: an entry whose expiry changed or that is gone has a stale heap item.
-            if self._entries.next_due(chain, scope, packed) == expires_at:
-                due.append((chain, _unpack(packed), scope))
-        return due
-
-    def _schedule(self, entry: Entry) -> None:
-        """Wake up when the entry's first claim expires: the entry goes then, or only that claim."""
-        due = _next_due(entry.expires_at, entry.claims)
-        if due is not None:
-            heapq.heappush(self._expiry, (due, next(self._ties), entry.chain, entry.scope, _pack(entry.network)))
+            return []
+        due = self._store.next_due()
+        if due is None or due > now:
+            return []
+        return self._store.due(now, MAX_BATCH)
 
     def _trim_outbox(self) -> None:
         """Delete the outbox rows the publisher got into Redis (a write of its own when the worker is idle)."""
@@ -507,9 +411,10 @@ class Worker:
         return purges
 
     def _safe_write(self, puts: list[Entry], removes: list[Entry], purges: list[Entry], outbox: Sequence[str] = (),
-                    fleet: Mapping[str, str] | None = None, published: int | None = None) -> None:
+                    fleet: Mapping[str, str] | None = None, published: int | None = None,
+                    stale: Collection[tuple[str, str, str, str]] | None = None) -> None:
         try:
-            self._store.write(puts, removes, purges, outbox, fleet, published)
+            self._store.write(puts, removes, purges, outbox, fleet, published, stale)
         except Exception:
             logger.exception("could not write the state store")
             self._purge.extend(purges)
@@ -539,6 +444,9 @@ class Worker:
         with log.batch():
             for args in batch.audits:
                 _audit(*args)
+            for args in batch.bulk_audits:
+                audit.info("user=%s client=%s action=bulk_block chain=%s networks=%d first=%s last=%s owner=%s "
+                           "timeout=%s created=%d existing=%d scope=%s", *args)
         reconfigure_error = None if batch.reconfigure is None else self._reconfigure(batch.reconfigure)
         for fut, cmd, result in answers:
             if isinstance(result, Exception):
@@ -584,9 +492,12 @@ class Worker:
             case Block():
                 return self._block(batch, cmd)
             case BulkBlock():
-                return [self._block(batch, Block(cmd.chain, network, cmd.expires_at, cmd.actor, cmd.client,
-                                                 cmd.owner, cmd.scope))
-                        for network in cmd.networks]
+                self._prefetch(batch, cmd)
+                if cmd.detail:
+                    return [self._block(batch, Block(cmd.chain, network, cmd.expires_at, cmd.actor, cmd.client,
+                                                     cmd.owner, cmd.scope))
+                            for network in cmd.networks]
+                return self._bulk(batch, cmd)
             case Unblock():
                 return self._unblock(batch, cmd)
             case _Expire():
@@ -630,6 +541,42 @@ class Worker:
                              cmd.scope))
         return Blocked(created=old is None, entry=new)
 
+    def _prefetch(self, batch: _Batch, cmd: BulkBlock) -> None:
+        """Look the bulk's networks up in the store in a few queries, rather than one each."""
+        name, scope = cmd.chain.name, cmd.scope
+        fresh = [n for n in cmd.networks if (name, n, scope) not in batch.after and (name, n, scope) not in batch.known]
+        found = self._store.get_many(name, scope, fresh)
+        batch.known.update(((name, n, scope), found.get(n)) for n in fresh)
+
+    def _bulk(self, batch: _Batch, cmd: BulkBlock) -> BulkBlocked:
+        """One batch of a large load: the blocks of `cmd.networks`, audited in one line for the whole batch."""
+        created = 0
+        audits = len(batch.audits)
+        name, scope, target, expires_at = cmd.chain.name, cmd.scope, cmd.chain.target, cmd.expires_at
+        owner = cmd.owner or cmd.actor
+        now = self._clock()
+        shares = self._shares(name)
+        after, before, known = batch.after, batch.before, batch.known
+        for network in cmd.networks:
+            key = (name, network, scope)
+            if key not in after and known.get(key, False) is None:
+                # Not blocked, and not yet touched by this batch (most of a load): what _block does for it.
+                before[key] = None
+                after[key] = Entry(name, network, target, now, expires_at, owner, (), scope)
+                if shares:
+                    self._announce(batch, "block", key, owner, Claim(owner, now, expires_at))
+                created += 1
+            else:
+                created += self._block(batch, Block(cmd.chain, network, expires_at, cmd.actor, cmd.client,
+                                                    cmd.owner, scope)).created
+        del batch.audits[audits:]
+        if cmd.networks:
+            timeout = "permanent" if cmd.expires_at is None else str(max(0, round(cmd.expires_at - now)))
+            batch.bulk_audits.append((cmd.actor, cmd.client, cmd.chain.name, len(cmd.networks), cmd.networks[0],
+                                      cmd.networks[-1], cmd.owner or cmd.actor, timeout, created,
+                                      len(cmd.networks) - created, "all" if cmd.scope is None else cmd.scope))
+        return BulkBlocked(created, len(cmd.networks) - created)
+
     def _unblock(self, batch: _Batch, cmd: Unblock) -> Unblocked:
         """Release the claimant's claim (every claim with override), and the adopted one, which is nobody's;
         the entry goes with its last claim."""
@@ -665,7 +612,7 @@ class Worker:
     def _announce(self, batch: _Batch, op: str, key: Key, owner: str, claim: Claim | None) -> None:
         """Put the fleet's event of a local change in the batch's outbox rows."""
         chain, network, scope = key
-        event: dict[str, Any] = {"op": op, "chain": chain, "network": str(network), "owner": owner,
+        event: dict[str, Any] = {"op": op, "chain": chain, "network": net_text(network), "owner": owner,
                                  "node": self._node, "id": str(uuid.uuid4())}
         if scope is not None:
             event["proto"] = scope.proto
@@ -790,7 +737,7 @@ class Worker:
                                  "deleted" if not kept and i == len(gone) else "released", old.scope))
 
     def _list(self, batch: _Batch, chain: str) -> list[Entry]:
-        view: dict[Key, Entry | None] = {e.key: e for e in self._entries.chain(chain)}
+        view: dict[Key, Entry | None] = {e.key: e for e in self._store.entries(chain)}
         view.update((k, e) for k, e in batch.after.items() if k[0] == chain)
         return sorted((e for e in view.values() if e is not None), key=_listing_order)
 
@@ -814,10 +761,7 @@ class Worker:
         self._resync = True
         for fut, _, _ in answers:
             fut.set_exception(failure)
-        # The due expiries left the heap in _due(); put them back so they are tried again.
-        for cmd, _ in items:
-            if isinstance(cmd, _Expire) and cmd.key in self._entries:
-                self._schedule(self._entries[cmd.key])
+        # The due expiries are still due in the store: they are tried again after RETRY_DELAY.
         self._retry_at = self._clock() + RETRY_DELAY
 
     def _reconfigure(self, cmd: Reconfigure) -> Exception | None:
@@ -841,11 +785,16 @@ class Worker:
         published = self.published
         if published > self._trimmed:  # the publisher's progress, kept so that a redis that lost it shows
             batch.fleet["published"] = str(published)
-        self._safe_write(puts, removes, self._take_purges(), batch.outbox, batch.fleet,
-                         published if published > self._trimmed else None)
-        self._trimmed = max(self._trimmed, published)
-        ops = [op for chain, before, after in atom_changes(self._entries, changed)
+        # The atoms from the store as it is before the batch: read before it is written.
+        atoms = atom_changes(self._entries, changed)
+        ops = [op for chain, before, after in atoms
                for op in kernel_ops(before, after, self._backend.expires_in_kernel(chain))]
+        # The puts whose claims rows must go: one claim, its creator's, has none (state.py, version 5).
+        stale = {row_key(after) for before, after in changed.values()
+                 if after is not None and not after.claims and before is not None and before.claims}
+        self._safe_write(puts, removes, self._take_purges(), batch.outbox, batch.fleet,
+                         published if published > self._trimmed else None, stale)
+        self._trimmed = max(self._trimmed, published)
         try:
             if ops:
                 self._backend.apply(ops, self._chains)
@@ -857,12 +806,7 @@ class Worker:
                 # The store now says more than the kernel has; the next start re-adds it.
                 logger.exception("could not restore the state store after a failed firewall change")
             raise
-        for key, (_, after) in changed.items():
-            if after is None:
-                del self._entries[key]
-            else:
-                self._entries[key] = after
-                self._schedule(after)
+        self._entries.update(changed, atoms)
         self._purge.extend(removes)
         self._fleet_state.update(batch.fleet)
         if batch.outbox:
@@ -878,111 +822,151 @@ class Worker:
         A chain that left the config (retired) is unhooked; its entries stay in the store, listed again and put back
         when it returns, and expire on time meanwhile, but the kernel is neither read nor changed for it: after a
         restart nothing says which backend it had. Its tombstones wait for its return.
+
+        Nothing is held per entry: the store and a temporary table of what the kernel holds are compared by SQLite,
+        and the ops go to the kernel in chunks of RECONCILE_CHUNK.
         """
         self.metrics.reconciles.inc()
-        loaded = self._store.load()
-        names = {e.chain for e in loaded.entries} | {e.chain for e in loaded.tombstones}
-        self._backend.prepare(self._chains.values(), sorted(names - set(self._chains)))
-        kernel = dict(self._backend.read(sorted(self._chains)))
-        now = self._clock()
-        entries = _Entries()
-        removes: list[Entry] = []
-        adopted: list[Entry] = []
-        kept: list[Entry] = []
-        retargeted: list[Entry] = []
-        for e in loaded.entries:
-            if e.expires_at is not None and e.expires_at <= now:
-                removes.append(e)
-                for i, c in enumerate(e.all_claims, 1):
-                    _audit("-", "-", "expire", e.chain, e.network, c.owner, "-",
-                           "deleted" if i == len(e.all_claims) else "released", e.scope)
-                continue
-            changed = False
-            if e.claims and any(c.expires_at is not None and c.expires_at <= now for c in e.claims):
-                # Claims that ran out while the daemon was down; a later one, or a permanent one, still holds.
-                for c in e.claims:
-                    if c.expires_at is not None and c.expires_at <= now:
-                        _audit("-", "-", "expire", e.chain, e.network, c.owner, "-", "released", e.scope)
-                e = Entry.of(e.chain, e.network, e.target, e.created_at, e.created_by,
-                             [c for c in e.claims if c.expires_at is None or c.expires_at > now], e.scope)
-                changed = True
-            config = self._chains.get(e.chain)
-            if config is not None and e.target != config.target and self._backend.shares_target(e.chain):
-                # The chain's one match rule decides for every entry: say so in the store and the API.
-                e = replace(e, target=config.target)
-                changed = True
-            if changed:
-                retargeted.append(e)
-            kept.append(e)
-        # The rows that stay are made in one go, while what is thrown away after (the loaded entries, the
-        # kernel's listing, the ops) still lives: mixed in with it, they would keep its memory from going back.
-        for e in kept:
-            entries[e.key] = e
+        store = self._store
         configured = self._chains
-        tombstones = [e for e in loaded.tombstones if e.chain in configured]  # the others wait for their chain
-        ops = self._kernel_diff([e for e in kept if e.chain in configured],
-                                tombstones + [e for e in removes if e.chain in configured], kernel, entries)
-        for (chain, network, scope), target in kernel.items():
-            entry = Entry(chain, network, target, now, None, ADOPTED, (), scope)  # one permanent claim, nobody's
-            entries[entry.key] = entry
-            adopted.append(entry)
-        restored = sum(isinstance(op, Add) for op in ops)
+        self._backend.prepare(configured.values(), sorted(store.chain_names() - set(configured)))
+        now = self._clock()
+        expired = self._expire_stored(now)
+        retargeted = 0
+        for chain in configured.values():
+            if self._backend.shares_target(chain.name):
+                # The chain's one match rule decides for every entry: say so in the store and the API.
+                retargeted += store.retarget(chain.name, chain.target)
+        names = sorted(configured)
+        store.execute("CREATE TEMP TABLE IF NOT EXISTS kernel (chain TEXT NOT NULL, network TEXT NOT NULL, proto TEXT "
+                      "NOT NULL, ports TEXT NOT NULL, target TEXT NOT NULL, PRIMARY KEY (chain, network, proto, "
+                      "ports)) WITHOUT ROWID")
+        try:
+            store.execute("DELETE FROM temp.kernel")
+            read = self._backend.read(names)
+            pairs = read.items() if isinstance(read, Mapping) else read
+            store.executemany("INSERT OR REPLACE INTO temp.kernel VALUES (?, ?, ?, ?, ?)",
+                              ((chain, net_text(network), *scope_columns(scope), target)
+                               for (chain, network, scope), target in pairs))
+            del read, pairs
+            restored = removals = 0
+            chunk: list[Op] = []
+            for op in self._kernel_diff(names):
+                chunk.append(op)
+                if len(chunk) >= RECONCILE_CHUNK:
+                    self._backend.apply(chunk, configured)
+                    restored += sum(isinstance(op, Add) for op in chunk)
+                    chunk = []
+            if chunk:
+                self._backend.apply(chunk, configured)
+                restored += sum(isinstance(op, Add) for op in chunk)
+            del chunk
+            # Tombstones go only once the kernel no longer has their rules.
+            removals = store.purge_tombstones(names)
+            adopted = self._adopt(now)
+        finally:
+            store.execute("DROP TABLE IF EXISTS temp.kernel")
         if adopted:
-            logger.warning("adopted %d rules found in managed chains but not in the state store", len(adopted))
+            logger.warning("adopted %d rules found in managed chains but not in the state store", adopted)
         if retargeted:
-            logger.info("%d blocks changed while the daemon was down: their chain's new target, or expired claims",
-                        len(retargeted))
-        self._store.write(adopted + retargeted, removes, [])
-        if ops:
-            self._backend.apply(ops, self._chains)
-        # Tombstones go only once the kernel no longer has their rules.
-        self._store.write([], [], [e for e in removes if e.chain in configured] + tombstones)
-        self._entries = entries
-        self._expiry = []
-        for e in kept:
-            self._schedule(e)
+            logger.info("%d blocks took their chain's new target", retargeted)
+        self._entries = _Index(store, store.counts())
         logger.info("reconciled %d blocks: %d re-added, %d expired, %d adopted, %d removals finished",
-                    len(entries), restored, len(removes), len(adopted), len(tombstones))
+                    len(self._entries), restored, expired, adopted, removals)
 
-    @staticmethod
-    def _kernel_diff(kept: list[Entry], gone: list[Entry], kernel: dict[Key, str], entries: _Entries) -> list[Op]:
-        """The ops that give the kernel the atoms of `kept` and none of `gone`'s (tombstones, expired); what they
-        leave in `kernel` is what no block accounts for (the caller adopts it)."""
-        ops: list[Op] = []
-        # The kernel's atoms with port lists, by (chain, network, proto): their ports may differ from the store's.
-        ported: dict[_Group, Key] = {(k[0], k[1], k[2].proto): k for k in kernel if k[2] is not None and k[2].ports}
+    def _expire_stored(self, now: float) -> int:
+        """Drop the claims that ran out while the daemon was down (or since the last reconcile), from the store, in
+        chunks; an entry whose last claim went becomes a tombstone (the kernel diff removes it). How many went."""
+        store = self._store
+        gone = 0
+        while keys := store.due(now, RECONCILE_CHUNK):
+            puts: list[Entry] = []
+            removes: list[Entry] = []
+            for key in keys:
+                e = store.get(*key)
+                if e is None:
+                    continue
+                kept = [c for c in e.all_claims if c.expires_at is None or c.expires_at > now]
+                dropped = [c for c in e.all_claims if c not in kept]
+                for i, c in enumerate(dropped, 1):
+                    _audit("-", "-", "expire", e.chain, e.network, c.owner, "-",
+                           "deleted" if not kept and i == len(dropped) else "released", e.scope)
+                if kept:
+                    puts.append(Entry.of(e.chain, e.network, e.target, e.created_at, e.created_by, kept, e.scope))
+                else:
+                    removes.append(e)
+            store.write(puts, removes, [])
+            gone += len(removes)
+        return gone
 
-        def take(chain: str, atom: Entry | None, key: Key) -> None:
-            scope = key[2]
-            present_key = ported.pop((chain, key[1], scope.proto), None) if scope is not None and scope.ports else key
-            present = None if present_key is None else kernel.pop(present_key, None)
-            if present is None:
-                if atom is not None:
-                    ops.append(Add(chain, atom.network, atom.target, atom.expires_at, atom.scope))
-                return
-            assert present_key is not None
-            if atom is None:
-                ops.append(Remove(chain, present_key[1], present, present_key[2]))
-            elif present != atom.target or present_key[2] != atom.scope:
-                ops.append(Remove(chain, present_key[1], present, present_key[2]))
-                ops.append(Add(chain, atom.network, atom.target, atom.expires_at, atom.scope))
-
-        groups: set[_Group] = set()
-        for e in kept:
-            if _has_ports(e.scope):
-                assert e.scope is not None
-                groups.add((e.chain, e.network, e.scope.proto))
-            else:
-                take(e.chain, e, e.key)
-        for chain, network, proto in groups:
-            atom = group_atom(entries.group(chain, network, proto))
+    def _kernel_diff(self, names: list[str]) -> Iterator[Op]:
+        """The ops that give the kernel (temp.kernel, what it holds) the atoms of the live entries of the chains
+        `names` and none of their tombstones'; what they account for leaves temp.kernel, so that what stays there is
+        what no block accounts for (_adopt). Read from the store as the ops are taken."""
+        store = self._store
+        if not names:
+            return
+        marks = ",".join("?" * len(names))
+        # Blocks without port lists: an atom each, missing or with another target.
+        for chain, net, proto, target, expires_at, present in _rows(store, (
+                "SELECT b.chain, b.network, b.proto, b.target, b.expires_at, k.target FROM blocks b LEFT JOIN "
+                "temp.kernel k ON k.chain = b.chain AND k.network = b.network AND k.proto = b.proto AND "
+                f"k.ports = b.ports WHERE b.chain IN ({marks}) AND b.removing=0 AND b.ports='' AND "
+                "(k.target IS NULL OR k.target <> b.target)"), names):
+            network = parse_stored(net)
+            scope = stored_scope(proto, "") if proto else None
+            if present is not None:
+                yield Remove(chain, network, present, scope)
+            yield Add(chain, network, target, expires_at, scope)
+        store.execute(f"DELETE FROM temp.kernel WHERE chain IN ({marks}) AND ports='' AND EXISTS (SELECT 1 FROM "
+                      "blocks b WHERE b.chain = kernel.chain AND b.network = kernel.network AND b.proto = "
+                      "kernel.proto AND b.ports = '' AND b.removing = 0)", names)
+        # Blocks with port lists: one atom per (chain, network, proto), the union of their ports.
+        groups = store.execute(f"SELECT DISTINCT chain, network, proto FROM blocks WHERE chain IN ({marks}) AND "
+                               "removing=0 AND ports<>''", names).fetchall()
+        for chain, net, proto in groups:
+            network = parse_stored(net)
+            atom = group_atom(store.group(chain, network, proto))
             assert atom is not None
-            take(chain, atom, atom.key)
-        for e in gone:
-            if _has_ports(e.scope):
-                assert e.scope is not None
-                if (e.chain, e.network, e.scope.proto) not in groups:
-                    take(e.chain, None, e.key)
-            else:
-                take(e.chain, None, e.key)
-        return ops
+            present = store.execute("SELECT ports, target FROM temp.kernel WHERE chain=? AND network=? AND proto=? "
+                                    "AND ports<>''", (chain, net, proto)).fetchone()
+            if present is not None:
+                scope = stored_scope(proto, present[0])
+                if present[1] == atom.target and scope == atom.scope:
+                    continue
+                yield Remove(chain, network, present[1], scope)
+            yield Add(chain, network, atom.target, atom.expires_at, atom.scope)
+        store.execute(f"DELETE FROM temp.kernel WHERE chain IN ({marks}) AND ports<>'' AND EXISTS (SELECT 1 FROM "
+                      "blocks b WHERE b.chain = kernel.chain AND b.network = kernel.network AND b.proto = "
+                      "kernel.proto AND b.ports <> '' AND b.removing = 0)", names)
+        # Tombstones (and what expired): their atoms leave the kernel. A kernel atom with port lists goes when its
+        # (network, proto) has no live block left, whatever its ports.
+        tombstoned = ("EXISTS (SELECT 1 FROM blocks b WHERE b.chain = kernel.chain AND b.network = kernel.network "
+                      "AND b.proto = kernel.proto AND b.removing = 1 AND (b.ports = kernel.ports OR (b.ports <> '' "
+                      "AND kernel.ports <> '')))")
+        for chain, net, proto, ports, target in _rows(store, "SELECT chain, network, proto, ports, target FROM "
+                                                             f"temp.kernel WHERE {tombstoned}", ()):
+            yield Remove(chain, parse_stored(net), target, stored_scope(proto, ports) if proto else None)
+        store.execute(f"DELETE FROM temp.kernel WHERE {tombstoned}")
+
+    def _adopt(self, now: float) -> int:
+        """Make what is left in temp.kernel permanent blocks of nobody's (ADOPTED), in chunks; how many."""
+        store = self._store
+        adopted = 0
+        while part := store.execute("SELECT chain, network, proto, ports, target FROM temp.kernel LIMIT ?",
+                                    (RECONCILE_CHUNK,)).fetchall():
+            entries = [Entry(chain, parse_stored(net), target, now, None, ADOPTED, (),
+                             stored_scope(proto, ports) if proto else None)
+                       for chain, net, proto, ports, target in part]
+            store.write(entries, [])
+            store.executemany("DELETE FROM temp.kernel WHERE chain=? AND network=? AND proto=? AND ports=?",
+                              [row[:4] for row in part])
+            adopted += len(entries)
+        return adopted
+
+
+def _rows(store: Store, sql: str, args: Iterable[Any]) -> Iterator[tuple[Any, ...]]:
+    """The rows of a query in parts, so that the ops made of them can go to the kernel before the next part."""
+    cursor = store.execute(sql, args)
+    while part := cursor.fetchmany(1000):
+        yield from part

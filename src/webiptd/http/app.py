@@ -3,36 +3,44 @@ that parses, authorises and builds one command for the firewall worker."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.resources
 import json
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import yaml
 
 from webiptd import __version__
 from webiptd.admission import Admission
 from webiptd.auth import AuthFailure, Authenticator, FailureThrottle
-from webiptd.commands import Block, BulkBlock, FirewallFull, FirewallUnavailable, ListChain, Lookup, Unblock
+from webiptd.commands import Block, BulkBlock, BulkBlocked, FirewallFull, FirewallUnavailable, Lookup, Unblock
 from webiptd.config import CHAIN_NAME_RE, OWNER_LABEL_RE, Chain, Config, User
 from webiptd.firewall.pending import Pending
 from webiptd.firewall.worker import Worker
+from webiptd.http import listing
+from webiptd.http.bulk import BadBody, Body, BodyIncomplete, BytesBody, Item, chunks, json_items, text_items
 from webiptd.http.responses import INTERNAL_ERROR, NOT_FOUND, UNAUTHORIZED, Response, error
-from webiptd.http.wire import parse_target
+from webiptd.http.wire import media_type, parse_target, wants_text
 from webiptd.log import Reason
 from webiptd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from webiptd.metrics import Metric, Metrics, states
 from webiptd.net import Address, Network, client_key, parse_item, parse_segments
 from webiptd.scope import Scope, parse_scope, scope_refusal
+from webiptd.state import ListingKey, Reader
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_TIMEOUT = 10 * 365 * 86400  # ten years; anything longer is a typo, and permanent is -1 or 0
 MAX_ITEM = 64  # characters of one bulk item: the longest IPv6 network is 43
+BATCH = 10_000  # networks of a bulk POST submitted to the worker at a time
+DETAIL = 10_000  # a bulk POST of at most this many items gets a result per item
+MAX_FAILURES = 100  # the failures a bulk POST's answer lists
 EVERY_OWNER = "*"  # DELETE ?owner=*: every claim at once, for a user with override
 AUTH_FAILED = Reason("authentication failed: client={source} (unknown user, wrong password or bad credentials)",
                      "authentication failed {n} more times: client={source}")
@@ -54,6 +62,7 @@ ROUTES: dict[tuple[str, int], dict[str, str]] = {
     ("chain", 5): {"GET": "lookup", "HEAD": "lookup", "PUT": "block", "DELETE": "unblock"},
 }
 WRITES = ("PUT", "DELETE", "POST")
+TEXT = "text/plain; charset=utf-8"
 
 
 @dataclass(frozen=True)
@@ -68,9 +77,11 @@ class Runtime:
     """The one mutable holder: the current generation (swapped whole), the throttle, admission and the worker."""
 
     def __init__(self, generation: Generation, worker: Worker, throttle: FailureThrottle | None = None,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, reader: Reader | None = None):
         self.generation = generation
         self.worker = worker
+        # The listings' read-only view of the store, which Store opens at state_dir/state.db.
+        self.reader = reader or Reader(generation.config.state_dir / "state.db")
         self.throttle = throttle or FailureThrottle()
         self.admission = Admission()
         self.stopping = False
@@ -97,7 +108,9 @@ class Request:
     query: list[tuple[str, str]]
     user: User
     client: Address
-    body: bytes
+    body: Body
+    content_type: str | None = None
+    accept: str | None = None
 
 
 @dataclass(frozen=True)
@@ -162,6 +175,24 @@ def parse_timeout(pairs: list[tuple[str, str]]) -> int | None:
     return value
 
 
+def parse_paging(pairs: list[tuple[str, str]]) -> tuple[int | None, ListingKey | None]:
+    """A listing's `limit` (None: the whole chain, or the rest of it) and `after` (a cursor); ValueError with a
+    sentence."""
+    found = {name: [v for k, v in pairs if k == name] for name in ("limit", "after")}
+    for name, values in found.items():
+        if len(values) > 1:
+            raise ValueError(f"give {name} at most once")
+    limit = None
+    if found["limit"]:
+        limit = int(found["limit"][0])
+        if not 1 <= limit <= listing.MAX_LIMIT:
+            raise ValueError(f"limit must be 1 to {listing.MAX_LIMIT} entries a page")
+    after = None
+    if found["after"]:
+        after = listing.decode_cursor(found["after"][0])
+    return limit, after
+
+
 @functools.cache
 def openapi_document() -> bytes:
     """The API's OpenAPI document (the package's openapi.yaml, the one source) as JSON, made once."""
@@ -177,15 +208,19 @@ class App:
         self.clock = clock
 
     def handle(self, method: str, target: str, authorization: str | None, client: Address,
-               client_cert_cn: str | None = None, body: bytes = b"", generation: Generation | None = None) -> Response:
+               client_cert_cn: str | None = None, body: bytes | Body = b"", generation: Generation | None = None,
+               content_type: str | None = None, accept: str | None = None) -> Response:
         """`client_cert_cn`: the subject CN of the client certificate the TLS handshake verified, if any.
-        `body`: the request body, which only POST (bulk) uses. `generation`: the config snapshot the request
-        is served under, taken once by the caller; the current one if not given."""
+        `body`: the request body, which only POST (bulk) reads, as it goes: whatever a route answers before reading
+        it (a 401, say) is answered without it. `generation`: the config snapshot the request is served under,
+        taken once by the caller; the current one if not given. `content_type`, `accept`: those headers' values."""
         started = time.perf_counter()
         route = ["none"]  # the route's name once known: the metrics' label
+        if isinstance(body, bytes):
+            body = BytesBody(body)
         try:
             response = self._handle(generation or self.runtime.generation, method, target, authorization, client,
-                                    client_cert_cn, body, route)
+                                    client_cert_cn, body, route, content_type, accept)
         except Exception:
             logger.exception("internal error on %s %s", method, target[:200])
             response = INTERNAL_ERROR
@@ -193,7 +228,8 @@ class App:
         return response
 
     def _handle(self, gen: Generation, method: str, target: str, authorization: str | None, client: Address,
-                client_cert_cn: str | None, body: bytes, label: list[str]) -> Response:
+                client_cert_cn: str | None, body: Body, label: list[str], content_type: str | None,
+                accept: str | None) -> Response:
         if target == "/":
             return NOT_FOUND
         try:
@@ -219,7 +255,7 @@ class App:
             self.runtime.admission.events.event(NOT_ALLOWED, client_key(client))
             return error("forbidden", "this user may not connect from this address")
         handler: Callable[[Request], Response] = getattr(self, "_" + route)
-        return handler(Request(gen, method, segments, query, user, client, body))
+        return handler(Request(gen, method, segments, query, user, client, body, content_type, accept))
 
     # -- the routes ---------------------------------------------------------------------------------------
 
@@ -245,13 +281,40 @@ class App:
             for c in req.gen.config.chains.values() if req.user.may_use(c.name)]})
 
     def _list(self, req: Request) -> Response:
-        target = self._target(req)
+        """GET /chain/<chain>: with `limit` (and `after`), one page and the cursor of the next; without, the whole
+        chain, streamed page by page. JSON, or one entry a line with Accept: text/plain. Read from the store, not
+        the worker: a listing of a million entries never waits in the worker's queue, nor delays it."""
+        paging = [(k, v) for k, v in req.query if k in ("limit", "after")]
+        target = self._target(dataclasses.replace(req, query=[(k, v) for k, v in req.query
+                                                              if k not in ("limit", "after")]))
         if isinstance(target, Response):
             return target
-        entries = self._wait(req.gen, self.runtime.worker.submit(ListChain(target.chain.name)))
-        if isinstance(entries, Response):
-            return entries
-        return Response(200, {"chain": target.chain.name, "entries": [e.to_json() for e in entries]})
+        try:
+            limit, after = parse_paging(paging)
+        except ValueError as exc:
+            return error("bad_query", str(exc))
+        chain = target.chain.name
+        text = wants_text(req.accept)
+        content_type = TEXT if text else "application/json"
+        reader = self.runtime.reader
+        if limit is None:
+            return Response(200, {}, content_type=content_type,
+                            stream=lambda: listing.stream(reader, chain, text, self.clock, after=after))
+        try:
+            db = reader.connect()
+            try:
+                entries, key = reader.page(db, chain, after, limit, self.clock())
+            finally:
+                db.close()
+        except sqlite3.Error:
+            logger.exception("reading a page of chain %s from the state store failed", chain)
+            return error("firewall_unavailable", "the state store cannot be read; try again")
+        cursor = None if key is None else listing.encode_cursor(key)
+        if text:
+            headers = () if cursor is None else (("Next-Cursor", cursor),)
+            return Response(200, {}, headers, raw="".join(listing.text_line(e) for e in entries).encode(),
+                            content_type=content_type)
+        return Response(200, {"chain": chain, "entries": [e.to_json() for e in entries], "next": cursor})
 
     def _lookup(self, req: Request) -> Response:
         target = self._target(req)
@@ -301,54 +364,24 @@ class App:
                               "entry": result.entry.to_json() if result.entry else None})
 
     def _bulk(self, req: Request) -> Response:
-        """POST /chain/<chain>: a JSON list of addresses or networks, blocked in one group commit.
-
-        Each item gets its own result, as a single PUT would have; a bad item never stops the good ones.
-        """
+        """POST /chain/<chain>: addresses or networks, a JSON list or text/plain, blocked in batches as the body
+        arrives (_BulkLoad). Checked before a byte of the body is read: credentials, the chain, the user's rights
+        and the query."""
         target = self._target(req)
         if isinstance(target, Response):
             return target
-        chain, timeout = target.chain, target.timeout
-        gen = req.gen
-        limit = gen.config.limits.max_bulk_items
-        try:
-            items = json.loads(req.body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested some 1,000 deep
-            return error("bad_body", "the body must be a JSON list of addresses or networks")
-        if not isinstance(items, list) or not items:
-            return error("bad_body", "the body must be a non-empty JSON list of addresses or networks")
-        if len(items) > limit:
-            return error("too_large", f"at most {limit} items per request (limits.max_bulk_items)")
-        results: list[dict[str, Any]] = []
-        wanted: list[tuple[int, Network]] = []
-        for i, item in enumerate(items):
-            result: dict[str, Any] = {"item": item if isinstance(item, str) and len(item) <= MAX_ITEM else None}
-            results.append(result)
-            try:
-                if not isinstance(item, str) or len(item) > MAX_ITEM or not item.isascii():
-                    raise ValueError("an item is a string: an address or ADDRESS/PREFIX")
-                network = parse_item(item)
-            except ValueError as exc:
-                result.update(status=400, error="bad_address", message=str(exc))
-                continue
-            refused = self._never_block(gen, chain, network)
-            if refused is not None:
-                result.update(status=refused.status, **refused.body)
-                continue
-            wanted.append((i, network))
-        if wanted:
-            expires_at = None if timeout is None else self.clock() + timeout
-            command = BulkBlock(chain, tuple(n for _, n in wanted), expires_at, req.user.name, str(req.client),
-                                target.owner, target.scope)
-            # A large batch takes longer in the worker; allow it about 2 ms an item on top.
-            done = self._wait(gen, self.runtime.worker.submit(command), extra_time=len(wanted) / 500)
-            if isinstance(done, Response):
-                return done  # nothing was applied
-            for (i, _), blocked in zip(wanted, done):
-                results[i].update(status=201 if blocked.created else 200, entry=blocked.entry.to_json())
-        statuses = [r["status"] for r in results]
-        return Response(200, {"chain": chain.name, "results": results, "created": statuses.count(201),
-                              "existing": statuses.count(200), "failed": len(statuses) - len(wanted)})
+        kind, params = media_type(req.content_type)
+        charset = params.get("charset", "utf-8")
+        if req.content_type == "":
+            return error("unsupported_media_type", "give one Content-Type: application/json or text/plain")
+        if kind in ("", "application/json") and charset == "utf-8":
+            parse = json_items
+        elif kind == "text/plain" and charset in ("utf-8", "us-ascii", "ascii"):
+            parse = text_items
+        else:
+            return error("unsupported_media_type", "the body is a JSON list (Content-Type: application/json) or "
+                                                   "one address a line (text/plain), in UTF-8")
+        return _BulkLoad(self, req, target, text=parse is text_items).run(parse(chunks(req.body)))
 
     # -- what the routes share -----------------------------------------------------------------------------
 
@@ -465,3 +498,140 @@ class App:
             return error("firewall_full", str(exc))
         except FirewallUnavailable as exc:
             return error("firewall_unavailable", str(exc))
+
+
+class _BulkLoad:
+    """One bulk POST, item by item as its body is parsed: bad items are counted (the first MAX_FAILURES listed),
+    good ones go to the worker in batches of at most BATCH networks. Up to DETAIL items, the one batch is submitted
+    when the body has ended, with a result per item; past that, each batch as it fills, answered with counts.
+
+    When a batch is refused (the worker's 503 or 507), or the body stops or turns out not to be a list, every batch
+    before stays applied and the answer has the error, the counts and `applied_through`: the last line (or index)
+    of the last batch applied; nothing after it was."""
+
+    def __init__(self, app: App, req: Request, target: Target, text: bool):
+        self.app = app
+        self.req = req
+        self.target = target
+        self.text = text
+        self.limit = req.gen.config.limits.max_bulk_items
+        self.expires_at = None if target.timeout is None else app.clock() + target.timeout
+        self.count = 0
+        self.created = 0
+        self.existing = 0
+        self.failed = 0
+        self.failures: list[dict[str, Any]] = []
+        self.results: list[dict[str, Any]] | None = []  # None once past DETAIL items
+        self.wanted: list[tuple[int, Network]] = []  # (index in results, or -1; the network) of the batch
+        self.through = self.none = 0 if text else -1  # where the batch being filled ends
+        self.applied_through = self.none
+        self.failed_applied = 0  # the failures up to applied_through
+
+    def run(self, items: Iterator[Item]) -> Response:
+        try:
+            for item in items:
+                self.count += 1
+                if self.count > self.limit:
+                    return self._stopped(error("too_large", f"at most {self.limit} items per request "
+                                                            "(limits.max_bulk_items)"))
+                if self.results is not None and self.count > DETAIL:
+                    self.results = None  # counts only, from here on: the first batch goes as one
+                    refused = self._flush()
+                    if refused is not None:
+                        return self._stopped(refused)
+                self._take(item)
+                self.through = item.at
+                if self.results is None and len(self.wanted) >= BATCH:
+                    refused = self._flush()
+                    if refused is not None:
+                        return self._stopped(refused)
+        except BadBody as exc:
+            return self._stopped(error("bad_body", str(exc)))
+        except BodyIncomplete as exc:
+            return self._stopped(error("incomplete_body", str(exc)))
+        refused = self._flush()
+        if refused is not None:
+            return self._stopped(refused)
+        body: dict[str, Any] = {"chain": self.target.chain.name}
+        if self.results is not None:
+            body["results"] = self.results
+        body.update(created=self.created, existing=self.existing, failed=self.failed, failures=self.failures)
+        return Response(200, body)
+
+    def _take(self, item: Item) -> None:
+        result: dict[str, Any] = {"item": item.text if item.text is not None and len(item.text) <= MAX_ITEM
+                                  else None}
+        problem: Response | None = None
+        network = None
+        if item.problem is not None:
+            problem = error("bad_address", item.problem)
+        else:
+            try:
+                assert item.text is not None
+                if len(item.text) > MAX_ITEM or not item.text.isascii():
+                    raise ValueError("an item is a string: an address or ADDRESS/PREFIX")
+                network = parse_item(item.text)
+            except ValueError as exc:
+                problem = error("bad_address", str(exc))
+            else:
+                if item.scope is not None and self._scope_of(item.scope) != self.target.scope:
+                    problem = error("bad_address", "the line names a scope (proto=, port=) other than the "
+                                                   "request's: post such lines with that proto and port in the query")
+                else:
+                    problem = self.app._never_block(self.req.gen, self.target.chain, network)
+        if self.results is not None:
+            self.results.append(result)
+        if problem is not None or network is None:
+            assert problem is not None
+            result.update(status=problem.status, **problem.body)
+            self.failed += 1
+            if len(self.failures) < MAX_FAILURES:
+                self.failures.append({"line" if self.text else "index": item.at, **result})
+            return
+        self.wanted.append((-1 if self.results is None else len(self.results) - 1, network))
+
+    @staticmethod
+    def _scope_of(fields: tuple[str | None, str | None]) -> Scope | None | str:
+        try:
+            return parse_scope(*fields)
+        except ValueError:
+            return "unreadable"
+
+    def _flush(self) -> Response | None:
+        """Submit the batch; the worker's refusal as a Response, None when it was applied."""
+        wanted = self.wanted
+        if wanted:
+            req, target = self.req, self.target
+            detail = self.results is not None
+            command = BulkBlock(target.chain, tuple(n for _, n in wanted), self.expires_at, req.user.name,
+                                str(req.client), target.owner, target.scope, detail=detail)
+            with req.body.busy():
+                # A large batch takes longer in the worker; allow it about 2 ms an item on top.
+                # One overload of submit names what detail gives, list[Blocked]; without, it is BulkBlocked.
+                pending: Pending[Any] = self.app.runtime.worker.submit(command)
+                done: object = self.app._wait(req.gen, pending, extra_time=len(wanted) / 500)
+            if isinstance(done, Response):
+                return done
+            if isinstance(done, BulkBlocked):
+                self.created += done.created
+                self.existing += done.existing
+            else:
+                assert isinstance(done, list) and self.results is not None
+                for (i, _), blocked in zip(wanted, done):
+                    self.results[i].update(status=201 if blocked.created else 200, entry=blocked.entry.to_json())
+                    if blocked.created:
+                        self.created += 1
+                    else:
+                        self.existing += 1
+            wanted.clear()
+        self.applied_through = self.through
+        self.failed_applied = self.failed
+        return None
+
+    def _stopped(self, refused: Response) -> Response:
+        """The answer when the load stopped half-way: the error, and what was applied before it."""
+        key = "line" if self.text else "index"
+        failures = [f for f in self.failures if f[key] <= self.applied_through]
+        body = {**refused.body, "chain": self.target.chain.name, "created": self.created, "existing": self.existing,
+                "failed": self.failed_applied, "failures": failures, "applied_through": self.applied_through}
+        return Response(refused.status, body, refused.headers)

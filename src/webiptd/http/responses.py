@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Generator, Mapping
 
 REALM = 'Basic realm="web-ipt-d", charset="UTF-8"'
 
 
 @dataclass(frozen=True)
 class Response:
-    """A JSON answer; or, with `raw`, those bytes as `content_type` (the metrics' text format, the API's document)."""
+    """A JSON answer; or, with `raw`, those bytes as `content_type` (the metrics' text format, the API's document);
+    or, with `stream`, the pieces it makes, sent as they come in a chunked body (a whole chain's listing)."""
 
     status: int
     body: Mapping[str, Any]
     headers: tuple[tuple[str, str], ...] = ()
     raw: bytes | None = None
     content_type: str = "application/json"
+    stream: Callable[[], Generator[bytes, None, None]] | None = None
 
 
 # Each error code the API answers with, and its status: a client can rely on the code.
@@ -26,6 +28,7 @@ ERRORS: dict[str, int] = {
     "bad_address": 400,
     "bad_query": 400,
     "bad_body": 400,
+    "incomplete_body": 400,  # a bulk body that stopped coming, or came too slowly, before its Content-Length
     "unauthorized": 401,
     "forbidden": 403,
     "read_only": 403,
@@ -37,6 +40,7 @@ ERRORS: dict[str, int] = {
     "never_block": 409,
     "never_allow": 409,
     "too_large": 413,  # a body, or a bulk list, over its limit
+    "unsupported_media_type": 415,  # a bulk body neither JSON nor text/plain
     "uri_too_long": 414,
     "throttled": 429,
     "headers_too_large": 431,

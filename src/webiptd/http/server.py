@@ -12,11 +12,13 @@ import ssl
 import struct
 import threading
 import time
-from typing import Any, Mapping, cast
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, cast
 
 from webiptd.admission import BODY, BUSY, HEAD, IDLE, Slot
 from webiptd.http import wire
 from webiptd.http.app import App, Generation, Runtime
+from webiptd.http.bulk import CHUNK, BodyIncomplete
 from webiptd.http.responses import Response, error
 from webiptd.log import Reason
 from webiptd.net import Address, peer_address
@@ -25,8 +27,81 @@ logger = logging.getLogger(__name__)
 
 EXPIRE_EVERY = 0.25  # seconds between looks for connections past their phase's deadline
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close(2) sends a reset
+# A streamed body (a bulk POST's) has limits.request_timeout, and one more second for each MIN_BODY_RATE bytes that
+# came (Apache mod_reqtimeout's MinRate): a large load at any honest speed passes, a trickle is cut. The time the
+# worker spends on its batches does not count.
+MIN_BODY_RATE = 16384
+LINGER_TIME = 1.0  # seconds to read and drop what a client still sends after an answer that did not read its body
+LINGER_BYTES = 1 << 20
 NO_THREAD = Reason("closed a connection from {source}: the system would not start another thread",
                    "closed {n} connections from {source}: the system would not start another thread")
+
+
+class StreamedBody:
+    """A POST's body, which the route reads in chunks as it goes (http/bulk.py's Body): each read under the
+    connection's body deadline, "100 Continue" sent only when the route first reads, that is once the request
+    passed its checks."""
+
+    def __init__(self, handler: Handler, length: int, expect_continue: bool, timeout: float):
+        self._handler = handler
+        self._left = length
+        self._expect_continue = expect_continue
+        self._timeout = timeout
+        self._started: float | None = None
+        self._received = 0
+        self._busy = 0.0  # seconds spent busy (the worker applying a batch) since the first read
+
+    @property
+    def done(self) -> bool:
+        return self._left == 0
+
+    def read(self, size: int = CHUNK) -> bytes:
+        if not self._left:
+            return b""
+        handler = self._handler
+        now = time.monotonic()
+        if self._started is None:
+            self._started = now
+            if self._expect_continue:
+                # curl sends "Expect: 100-continue" for bodies over 1 KiB and waits for this before the body.
+                handler.wfile.write(wire.CONTINUE)
+        left = self._started + self._busy + self._timeout + self._received / MIN_BODY_RATE - now
+        if left <= 0 or not handler.server.runtime.admission.enter(handler.slot, BODY, left):
+            raise BodyIncomplete("the body came too slowly (limits.request_timeout)")
+        try:
+            handler.connection.settimeout(min(left, self._timeout))
+            data = cast(io.BufferedReader, handler.rfile).read1(min(size, self._left))
+        except OSError:
+            raise BodyIncomplete("the body stopped coming (limits.request_timeout)") from None
+        if not data:
+            raise BodyIncomplete("the body ended before its Content-Length")
+        self._left -= len(data)
+        self._received += len(data)
+        return data
+
+    def skip_small(self) -> bool:
+        """Read and drop what is left of a small body (at most MAX_IGNORED_BODY bytes, as any other request may
+        send along), unless the client waits for "100 Continue", which it never got: then the connection stays
+        usable for the next request. False when it does not (too big, too slow, or not sent)."""
+        if self._left > wire.MAX_IGNORED_BODY or (self._expect_continue and self._started is None):
+            return False
+        self._expect_continue = False
+        try:
+            while self._left:
+                self.read()
+        except BodyIncomplete:
+            return False
+        return True
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        handler = self._handler
+        handler.server.runtime.admission.enter(handler.slot, BUSY, None)
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self._busy += time.monotonic() - started
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -95,21 +170,58 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._write(error(exc.code, exc.message), close=True)
             return
         self.close_connection = head.close
-        body = self._read_body(gen, length, head.expect_continue)
-        if body is None:
+        admission = self.server.runtime.admission
+        timeout = gen.config.limits.request_timeout
+        streamed = None
+        if head.method == "POST":
+            # The route reads the body itself, in chunks, once it has checked the request: a request it refuses
+            # is answered without its body being read, and a bulk load is applied as it arrives.
+            streamed = StreamedBody(self, length, head.expect_continue, timeout)
+        elif self._read_body(gen, length, head.expect_continue) is None:
+            # No other route takes a body; it is read only to keep the connection in step.
             self.close_connection = True
             return
-        # The request is whole: from here on its slot is not taken back, and it is answered or, if
-        # admission took the slot first, not acted on at all.
-        if not self.server.runtime.admission.enter(self.slot, BUSY, None):
+        # From here on the slot is not taken back while the request is worked on (a streamed body's reads
+        # excepted), and it is answered or, if admission took the slot first, not acted on at all.
+        if not admission.enter(self.slot, BUSY, None):
             self.close_connection = True
             return
-        self.connection.settimeout(gen.config.limits.request_timeout)  # for each write of the answer
-        if head.method != "POST":
-            body = b""  # no other route takes a body; it was read only to keep the connection in step
+        self.connection.settimeout(timeout)
         response = self.server.app.handle(head.method, head.target, wire.authorization(head), self._peer,
-                                          self._client_cert_cn(gen), body, generation=gen)
-        self._write(response, head_only=head.method == "HEAD")
+                                          self._client_cert_cn(gen), b"" if streamed is None else streamed,
+                                          generation=gen, content_type=head.content_type, accept=head.accept)
+        # A body the route did not read: a small one is read and dropped, as for any other request; a big one
+        # is not, and the connection closes after the answer.
+        unread = streamed is not None and not streamed.done and not streamed.skip_small()
+        if streamed is not None:
+            if not admission.enter(self.slot, BUSY, None):
+                self.close_connection = True
+                return
+            self.connection.settimeout(timeout)  # for each write of the answer
+        self._write(response, head_only=head.method == "HEAD", close=unread, http10=head.http10)
+        if unread:
+            self._linger()
+
+    def _linger(self) -> None:
+        """After an answer given without reading the body (a 401, say), close gently: stop sending, then read and
+        drop what the client still sends, a little while, so that the close does not reset the connection (and
+        the answer with it) under a client that is still sending."""
+        conn = self.connection
+        try:
+            conn.shutdown(socket.SHUT_WR)
+            until = time.monotonic() + LINGER_TIME
+            dropped = 0
+            while dropped < LINGER_BYTES:
+                left = until - time.monotonic()
+                if left <= 0:
+                    break
+                conn.settimeout(left)
+                data = conn.recv(65536)
+                if not data:
+                    break
+                dropped += len(data)
+        except (OSError, ValueError):
+            pass
 
     def _read_body(self, gen: Generation, length: int, expect_continue: bool) -> bytes | None:
         """The body, all `length` bytes of it within limits.request_timeout; None if it did not all come."""
@@ -148,11 +260,34 @@ class Handler(http.server.BaseHTTPRequestHandler):
         names = [value for rdn in self._peer_cert.get("subject", ()) for key, value in rdn if key == "commonName"]
         return names[0] if len(names) == 1 else None  # several CNs: ambiguous, so none
 
-    def _write(self, response: Response, head_only: bool = False, close: bool = False) -> None:
+    def _write(self, response: Response, head_only: bool = False, close: bool = False, http10: bool = False) -> None:
         if close or self.server.runtime.stopping:
             self.close_connection = True
         logger.debug('client=%s "%s" %s', self.client_address[0], self.requestline[:200], response.status)
-        self.wfile.write(wire.render(response, head_only=head_only, close=self.close_connection))
+        if response.stream is None:
+            self.wfile.write(wire.render(response, head_only=head_only, close=self.close_connection))
+            return
+        if http10:
+            self.close_connection = True  # HTTP/1.0 has no chunks: the body ends where the connection does
+        self.wfile.write(wire.render_stream_head(response, close=self.close_connection, chunked=not http10))
+        if head_only:
+            return
+        pieces = response.stream()
+        try:
+            for piece in pieces:
+                self.wfile.write(piece if http10 else wire.chunk(piece))
+        except OSError:
+            raise
+        except Exception:
+            # The status went out already: end the connection without the last chunk, so the client sees the
+            # body cut off rather than a short listing that looks whole.
+            logger.exception("streaming the answer to %s failed", self.requestline[:200])
+            self.close_connection = True
+            return
+        finally:
+            pieces.close()
+        if not http10:
+            self.wfile.write(wire.chunk(b""))
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("client=%s " + format, self.client_address[0], *args)

@@ -29,7 +29,9 @@ OWNER_VALUE_RE = re.compile(r"(?:[!-$&-~]|%(?:2[1-9A-Fa-f]|[3-6][0-9A-Fa-f]|7[0-
 # proto and port: words, numbers, ',' and ':' (fail2ban's port list), which a client may percent-encode (%2C, %3A,
 # and %2B for a '+'); checked by the route (scope.parse_scope) so that its error can say what is wrong.
 SCOPE_VALUE_RE = re.compile(r"(?:[A-Za-z0-9,:._+-]|%2[BbCc]|%3[Aa]){0,512}\Z")
-TEXT_VALUES = {"owner": OWNER_VALUE_RE, "proto": SCOPE_VALUE_RE, "port": SCOPE_VALUE_RE}
+# A listing's cursor (`after`): opaque base64url (RFC 4648 section 5) without padding, checked by the route.
+CURSOR_VALUE_RE = re.compile(r"[A-Za-z0-9_-]{0,512}\Z")
+TEXT_VALUES = {"owner": OWNER_VALUE_RE, "proto": SCOPE_VALUE_RE, "port": SCOPE_VALUE_RE, "after": CURSOR_VALUE_RE}
 METHOD_RE = re.compile(r"^[A-Z]{1,16}\Z")
 REQUEST_LINE_RE = re.compile(rb"[!-~]+ [!-~]+ HTTP/1\.[0-9]\r?\n\Z")  # RFC 9112 section 3
 # RFC 9112 section 5: field-name is a token and ':' follows it at once; the value is visible ASCII, obs-text,
@@ -61,6 +63,9 @@ class RequestHead(NamedTuple):
     transfer_encoding: bool
     close: bool  # the connection closes after the answer
     expect_continue: bool  # the client waits for "100 Continue" before its body
+    content_type: str | None = None  # the one Content-Type header's value ("" when there are several)
+    accept: str | None = None  # the Accept headers' values, joined with ","
+    http10: bool = False  # an HTTP/1.0 request: no chunked answer (RFC 9112 section 7.1)
 
 
 def parse_head(readline: Callable[[int], bytes]) -> RequestHead | None:
@@ -91,6 +96,8 @@ def parse_head(readline: Callable[[int], bytes]) -> RequestHead | None:
     transfer_encoding = False
     connection: str | None = None
     expect: str | None = None
+    content_types: list[str] = []
+    accepts: list[str] = []
     left = MAX_HEADER_BYTES
     for _ in range(MAX_HEADER_LINES):
         field = readline(left + 1)
@@ -106,8 +113,10 @@ def parse_head(readline: Callable[[int], bytes]) -> RequestHead | None:
             elif connection is not None and connection.lower() == "keep-alive":
                 close = False
             expect_continue = expect is not None and expect.lower() == "100-continue" and version >= "HTTP/1.1"
+            content_type = content_types[0] if len(content_types) == 1 else "" if content_types else None
             return RequestHead(line, method, target, lengths, authorizations, transfer_encoding, close,
-                               expect_continue)
+                               expect_continue, content_type, ",".join(accepts) if accepts else None,
+                               version == "HTTP/1.0")
         match = HEADER_LINE_RE.match(field)
         if match is None:
             raise HeadError("bad_request", "a folded header line is not accepted (RFC 9112 section 5.2)"
@@ -123,6 +132,10 @@ def parse_head(readline: Callable[[int], bytes]) -> RequestHead | None:
             connection = match.group(2).decode("latin-1")
         elif name == b"expect" and expect is None:
             expect = match.group(2).decode("latin-1")
+        elif name == b"content-type":
+            content_types.append(match.group(2).decode("latin-1").strip())
+        elif name == b"accept" and len(accepts) < 8:
+            accepts.append(match.group(2).decode("latin-1")[:1024])
     raise HeadError("headers_too_large", "Request Header Fields Too Large")
 
 
@@ -198,6 +211,45 @@ def http_date() -> str:
     if cached[0] != int(now):
         cached = _date = (int(now), email.utils.formatdate(now, usegmt=True))
     return cached[1]
+
+
+def media_type(value: str | None) -> tuple[str, dict[str, str]]:
+    """A Content-Type's media type, lower-cased, and its parameters (RFC 9110 section 8.3.1); ("", {}) for none."""
+    if not value:
+        return "", {}
+    kind, *params = value.split(";")
+    found = {}
+    for param in params:
+        name, _, val = param.strip().partition("=")
+        found[name.strip().lower()] = val.strip().strip('"').lower()
+    return kind.strip().lower(), found
+
+
+def wants_text(accept: str | None) -> bool:
+    """Whether an Accept header asks for text/plain rather than JSON: it names text/plain and not
+    application/json (weights are not weighed: a client asks for one of the two)."""
+    if not accept:
+        return False
+    kinds = {part.split(";", 1)[0].strip().lower() for part in accept.split(",")}
+    return "text/plain" in kinds and "application/json" not in kinds
+
+
+def render_stream_head(response: Response, *, close: bool = False, chunked: bool = True) -> bytes:
+    """The status line and headers of an answer whose body follows in chunks (RFC 9112 section 7.1), or, for
+    HTTP/1.0 (`chunked` False), until the connection closes."""
+    extra = "".join(f"{name}: {value}\r\n" for name, value in response.headers)
+    if chunked:
+        extra += "Transfer-Encoding: chunked\r\n"
+    if close:
+        extra += "Connection: close\r\n"
+    status_line = STATUS_LINES.get(response.status) or f"HTTP/1.1 {response.status} "
+    return (f"{status_line}\r\nServer: {SERVER}\r\nDate: {http_date()}\r\n"
+            f"Content-Type: {response.content_type}\r\nCache-Control: no-store\r\n{extra}\r\n").encode("latin-1")
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body; b"" gives the last chunk, which ends the body."""
+    return b"%x\r\n%s\r\n" % (len(data), data) if data else b"0\r\n\r\n"
 
 
 def render(response: Response, *, head_only: bool = False, close: bool = False) -> bytes:
