@@ -543,8 +543,11 @@ class Worker:
 
     def _prefetch(self, batch: _Batch, cmd: BulkBlock) -> None:
         """Look the bulk's networks up in the store in a few queries, rather than one each."""
-        name, scope = cmd.chain.name, cmd.scope
-        fresh = [n for n in cmd.networks if (name, n, scope) not in batch.after and (name, n, scope) not in batch.known]
+        self._look_up(batch, cmd.chain.name, cmd.scope, cmd.networks)
+
+    def _look_up(self, batch: _Batch, name: str, scope: Scope | None, networks: Iterable[Network]) -> None:
+        """Put the committed entries of `networks` in (name, scope) in `batch.known`, from a few queries."""
+        fresh = [n for n in networks if (name, n, scope) not in batch.after and (name, n, scope) not in batch.known]
         found = self._store.get_many(name, scope, fresh)
         batch.known.update(((name, n, scope), found.get(n)) for n in fresh)
 
@@ -629,6 +632,11 @@ class Worker:
         host does not share (a reload since the follower looked) skips its events."""
         applied = skipped = 0
         now = self._clock()
+        keys: dict[tuple[str, Scope | None], list[Network]] = {}
+        for change in cmd.changes:  # a run of the stream is looked up in a few queries, as a bulk load is
+            keys.setdefault((change.chain, change.scope), []).append(change.network)
+        for (name, scope), networks in keys.items():
+            self._look_up(batch, name, scope, networks)
         for change in cmd.changes:
             if self._shares(change.chain) and self._remote(batch, change, now):
                 applied += 1
