@@ -148,14 +148,16 @@ class Profiler:
     threads blocked in a system call (waiting on a socket, a future or fsync) are not sampled.
     """
 
-    def __init__(self, pid: int, out: Path):
+    def __init__(self, pid: int, out: Path, options: Sequence[str] = (), top: int = 25):
+        """`options`: more of py-spy record's; `top`: the functions each thread's summary lists."""
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         out.parent.mkdir(parents=True, exist_ok=True)
         self.out = out.with_suffix(".txt")
+        self._top = top
         self._err = open(out.with_suffix(".stderr"), "wb")
         self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
             [spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--threads", "--nonblocking",
-             "--output", str(self.out)], stdout=subprocess.DEVNULL, stderr=self._err)
+             *options, "--output", str(self.out)], stdout=subprocess.DEVNULL, stderr=self._err)
         time.sleep(1.0)  # let it attach before the first phase starts
         if self._proc.poll() is not None:
             self._err.close()
@@ -168,14 +170,14 @@ class Profiler:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
             try:
-                proc.wait(30)
+                proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
         self._err.close()
         if self.out.exists():
             summary = self.out.with_suffix(".summary.txt")
-            summary.write_text(profile_summary(self.out.read_text()), encoding="utf-8")
+            summary.write_text(profile_summary(self.out.read_text(), self._top), encoding="utf-8")
             print(f"  profile: {self.out} and {summary}", file=sys.stderr)
 
 

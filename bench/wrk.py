@@ -99,7 +99,7 @@ def wrk_passes(ns: NetNS, server: Server, target: str, existing: int, family: st
     out: list[WrkResult] = []
     profiler = None
     if args.profile is not None and existing == max(args.sizes):
-        profiler = Spy(server.pid, args.profile / f"{target}-{existing}-block", args.seconds)
+        profiler = spy(server.pid, args.profile / f"{target}-{existing}-block", args.seconds)
     elif args.perf is not None and existing == max(args.sizes):
         profiler = Perf(server.pid, args.perf / f"{target}-{existing}-block", args.seconds)
     try:
@@ -129,43 +129,18 @@ def wrk_passes(ns: NetNS, server: Server, target: str, existing: int, family: st
     return out
 
 
-class Spy:
-    """py-spy record of the daemon for about `seconds` (raw stacks per thread, and their summary)."""
+def spy(pid: int, out: Path, seconds: float) -> Any:
+    """py-spy record of the daemon for about `seconds` (raw stacks per thread, and their summary): the throughput
+    section's Profiler with two more options.
 
-    def __init__(self, pid: int, out: Path, seconds: float):
-        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        self.out = out.with_suffix(".txt")
-        self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-            # Not --native: it cannot be --nonblocking (py-spy then stops the daemon for every sample: 95 blocks/s
-            # instead of 1,000 here) and it samples waiting threads as if they ran. A C call (OpenSSL, SQLite,
-            # netlink) shows as the Python frame that made it.
-            # --gil: only the thread holding the GIL, so waits (a lock, the next request's SSL read) are left out;
-            # C work done with the GIL released (OpenSSL's crypto, SQLite's fsync) is then left out too: the
-            # per-thread CPU from /proc that wrk_passes prints with a profile covers it.
-            [spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--threads", "--nonblocking",
-             "--gil",
-             "--duration", str(int(seconds) + 2), "--output", str(self.out)],
-            stdout=subprocess.DEVNULL, stderr=open(out.with_suffix(".stderr"), "wb"))
-        time.sleep(1.0)
+    Not --native: it cannot be --nonblocking (py-spy then stops the daemon for every sample: 95 blocks/s instead of
+    1,000 here) and it samples waiting threads as if they ran. A C call (OpenSSL, SQLite, netlink) shows as the
+    Python frame that made it. --gil: only the thread holding the GIL, so waits (a lock, the next request's SSL
+    read) are left out; C work done with the GIL released (OpenSSL's crypto, SQLite's fsync) is then left out too:
+    the per-thread CPU from /proc that wrk_passes prints with a profile covers it."""
+    from throughput import Profiler
 
-    def stop(self) -> None:
-        from throughput import profile_summary
-
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        if self.out.exists():
-            summary = self.out.with_suffix(".summary.txt")
-            summary.write_text(profile_summary(self.out.read_text(), top=40), encoding="utf-8")
-            print(f"  profile: {self.out} and {summary}", file=sys.stderr)
+    return Profiler(pid, out, ["--gil", "--duration", str(int(seconds) + 2)], top=40)
 
 
 def warm(ns: NetNS, pki: BenchPki) -> None:

@@ -7,7 +7,9 @@ import random
 
 import pytest
 
-from webiptd.net import compact, net_text, parse_cidr, parse_item, parse_stored, v4_network, v6_network
+from webiptd.net import (
+    compact, net_text, network_of, parse_cidr, parse_item, parse_listed, parse_stored, v4_network, v6_network,
+)
 
 
 @pytest.mark.parametrize("text", ["203.0.113.7/32", "198.18.0.0/15", "0.0.0.0/1", "2001:db8::1/128",
@@ -96,3 +98,16 @@ def test_parse_item_takes_and_refuses_what_ipaddress_does(family: str, item: str
     except ValueError:
         fast = ValueError
     assert fast == slow
+
+
+def test_network_of_and_parse_listed_agree_with_ipaddress() -> None:
+    for version, address, length in _random_networks(2000, 2):
+        slow = (ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network)((address, length))
+        assert network_of(version, address, length) == slow
+        listed = str(slow.network_address) if length == (32 if version == 4 else 128) else str(slow)
+        assert parse_listed(listed) == slow == ipaddress.ip_network(listed)
+    for version, address, length in ((4, 1, 24), (4, 1 << 32, 32), (4, 0, 33), (6, 1, 64), (6, 0, 129)):
+        with pytest.raises(ValueError):
+            network_of(version, address, length)
+    with pytest.raises(ValueError):
+        parse_listed("203.0.113.7/24")

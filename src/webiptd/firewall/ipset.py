@@ -21,7 +21,6 @@ ports of tcp, udp, sctp and udplite only (ip_set_get_port()): dccp has its proto
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import math
 import shutil
@@ -39,7 +38,7 @@ from webiptd.firewall.ipset_netlink import (
 )
 from webiptd.firewall.ops import Add, CapacityExceeded, Key, Op, Remove, key_of
 from webiptd.firewall.xtables import ANY, DEFAULT_REJECT, LOCK_PATH, VERSIONS, Xtables, new_rule, per_address, verdict
-from webiptd.net import Network
+from webiptd.net import Network, parse_listed
 from webiptd.scope import PROTOCOL_NAMES, PROTOCOLS, Ranges, Scope
 
 logger = logging.getLogger(__name__)
@@ -495,7 +494,7 @@ class IpsetBackend:
         if name_of not in PORT_PROTOCOLS or not port.isdigit():
             logger.warning("ipset %s holds an entry web-ipt-d did not make; leaving it alone: %s", name, element)
             return None
-        return ipaddress.ip_network(network), name_of, int(port)
+        return parse_listed(network), name_of, int(port)
 
     def _kinds_present(self, chain: str, version: int) -> list[SetKind]:
         """The chain's port and protocol sets that exist in `version`."""
@@ -682,7 +681,7 @@ class IpsetBackend:
                     network, proto, port = member
                     ports.setdefault((chain, network, proto), (target, []))[1].append((port, port))
                 continue
-            yield (chain, ipaddress.ip_network(words[2]), None if kind.proto is None else Scope(kind.proto)), target
+            yield (chain, parse_listed(words[2]), None if kind.proto is None else Scope(kind.proto)), target
         for (chain, network, proto), (target, ranges) in ports.items():
             yield (chain, network, Scope.of(proto, ranges)), target
         for sname, held in orphans.items():

@@ -22,7 +22,7 @@ from webiptd.firewall.netlink import (
     open_socket, replies,
 )
 from webiptd.firewall.ops import Add, CapacityExceeded, Key, Op
-from webiptd.net import Network
+from webiptd.net import Network, network_of
 from webiptd.scope import PROTOCOL_NAMES, PROTOCOLS, Scope
 
 logger = logging.getLogger(__name__)
@@ -644,11 +644,10 @@ class NftablesBackend:
                     logger.warning("no rule of chain %s matches set %s; its elements block nothing", chain, name)
                     continue
                 width = 4 if version == 4 else 16
-                network_of = NETWORK[version]
                 seq += 1
                 for key, end in set_elements(sock, seq, name):
                     try:
-                        network = network_of((int.from_bytes(key[:width], "big"), prefixlen))  # strict: no host bits
+                        network = network_of(version, int.from_bytes(key[:width], "big"), prefixlen)  # no host bits
                         if kind == ALL:
                             if len(key) != width:
                                 raise ValueError("not an address")
