@@ -148,6 +148,20 @@ def module_daemon(pki: PKI, user_hashes: dict[str, str], backend: str = "iptable
 
 
 @pytest.fixture
+def h(tmp_path: Path) -> Iterator[Any]:
+    """The firewall worker's harness without root (tests/test_worker_logic.py's Harness: a real store, a recording
+    backend, a clock the test moves); the test fails if the backend saw an anomaly."""
+    from tests.test_worker_logic import Harness
+
+    harness = Harness(tmp_path)
+    try:
+        yield harness
+    finally:
+        harness.close()
+    assert harness.backend.anomalies == []
+
+
+@pytest.fixture
 def workdir() -> Iterator[Path]:
     # Short, so the notify socket path fits in sun_path.
     path = Path(tempfile.mkdtemp(prefix="wipt-", dir="/tmp"))

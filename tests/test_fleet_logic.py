@@ -9,7 +9,7 @@ import dataclasses
 import json
 import sqlite3
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -21,16 +21,6 @@ from webiptd.fleet import Malformed, parse_event, refusal, snapshot_field
 from webiptd.scope import parse_scope
 
 SHARED = Chain("f2b-web", ("INPUT",), "DROP", shared=True)
-
-
-@pytest.fixture
-def h(tmp_path: Path) -> Iterator[Harness]:
-    harness = Harness(tmp_path)
-    try:
-        yield harness
-    finally:
-        harness.close()
-    assert harness.backend.anomalies == []
 
 
 def fleet_worker(h: Harness, node: str = "a") -> Any:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -26,16 +26,6 @@ TCP22 = Scope("tcp", ((22, 22),))
 @pytest.fixture
 def call(tmp_path: Path) -> Client:
     return Client(tmp_path)
-
-
-@pytest.fixture
-def h(tmp_path: Path) -> Iterator[Harness]:
-    harness = Harness(tmp_path)
-    try:
-        yield harness
-    finally:
-        harness.close()
-    assert harness.backend.anomalies == []
 
 
 # -- the format ------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import stat
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 import pytest
 
@@ -193,16 +193,6 @@ class Harness:
 
 def _order(e: Entry) -> tuple[Any, ...]:
     return (e.chain, e.network.version, e.network)
-
-
-@pytest.fixture
-def h(tmp_path: Path) -> Iterator[Harness]:
-    harness = Harness(tmp_path)
-    try:
-        yield harness
-    finally:
-        harness.close()
-    assert harness.backend.anomalies == []
 
 
 def block(chain: Chain, network: str, expires_at: float | None = None, actor: str = "admin", owner: str = "") -> Block:
