@@ -798,6 +798,30 @@ def test_protected_by_overlaps_both_ways(tmp_path: Path, base: dict[str, Any]) -
     assert cfg.protected_by(net("2001:db8:2::/48")) is None
 
 
+def test_protected_packed_agrees_with_protected_by(tmp_path: Path, base: dict[str, Any]) -> None:
+    """A bulk load asks with the packed address (Config.protected_packed): the same answer for any network."""
+    import random
+
+    cfg = _config(tmp_path, base, ["10.0.0.0/8", "198.51.100.250/32", "2001:db8:1::/48", "::1/128"])
+    base["never_allow"] = ["0.0.0.0/1"]
+    allow = load(write(tmp_path, base))
+    rng = random.Random(5)
+    picks = [ipaddress.ip_network(t) for t in ("10.255.255.255/32", "9.255.255.255/32", "0.0.0.0/1", "::/1",
+                                               "2001:db8:1:ffff::/64", "2001:db8::/31", "::1/128", "::/127")]
+    for _ in range(5000):
+        bits = rng.choice((32, 128))
+        length = rng.randint(1, bits)
+        value = rng.getrandbits(bits) & ~((1 << (bits - length)) - 1)
+        if rng.random() < 0.3:  # at the edges of the protected ones
+            edge = rng.choice((10 << 24, 0xC63364FA) if bits == 32 else (0x20010DB8_0001 << 80, 1))
+            value = (edge + rng.randint(-2, 2)) % (1 << bits) & ~((1 << (bits - length)) - 1)
+        picks.append(ipaddress.ip_network((value, length)))
+    for network in picks:
+        for config, target in ((cfg, "DROP"), (allow, "ACCEPT"), (allow, "DROP")):
+            assert config.protected_packed(network.network_address.packed, network.prefixlen, target) == \
+                config.protected_by(network, target), (network, target)
+
+
 def test_protected_by_agrees_with_overlaps_on_random_networks(tmp_path: Path, base: dict[str, Any]) -> None:
     # protected_by compares ranges of ints (it runs for every item of a bulk load): the same answers as overlaps().
     protected = ["10.0.0.0/8", "198.51.100.250/32", "203.0.113.128/25", "2001:db8:1::/48", "::1/128"]

@@ -24,7 +24,7 @@ from webiptd.commands import (
     Unblocked,
 )
 from webiptd.config import Chain, Limits
-from webiptd.firewall.ops import Add, CapacityExceeded, Key, Op, Remove, apply_in_parts, key_of, undo
+from webiptd.firewall.ops import Add, CapacityExceeded, Items, Key, Op, Remove, adds, apply_in_parts, key_of, undo
 from webiptd.firewall.router import ByChain
 from webiptd.firewall.worker import Worker, kernel_ops
 from webiptd.scope import Scope
@@ -131,6 +131,10 @@ class RecordingBackend:
                 if self.kernel.get(key) != op.target:
                     self.anomalies.append(f"missing {op}")
                 self.kernel.pop(key, None)
+
+    def load(self, chain: str, target: str, expires_at: float | None, scope: Scope | None, items: Items,
+             chains: Mapping[str, Chain]) -> None:
+        self.apply(adds(chain, target, expires_at, scope, items), chains)
 
     def missing(self, chains: Iterable[Chain], counts: Mapping[str, int]) -> str | None:
         self.calls.append(("missing",))

@@ -132,9 +132,8 @@ class Block:
 
 @dataclass(frozen=True)
 class BulkBlock:
-    """Many blocks in one chain, applied in one group commit (a threat feed, say). With `detail`, the worker
-    answers a Blocked per network and audits each; without (one batch of a large streamed load), it answers
-    BulkBlocked counts and audits the batch in one line."""
+    """Many blocks in one chain, applied in one group commit (a bulk POST of at most DETAIL items): the worker
+    answers a Blocked per network and audits each. A larger load comes in batches of BulkLoad."""
 
     chain: Chain
     networks: tuple[Network, ...]
@@ -143,7 +142,26 @@ class BulkBlock:
     client: str
     owner: str = ""
     scope: Scope | None = None
-    detail: bool = True
+
+
+# One item of a large load as the edge parsed it: the network's store text (net_text), its address packed (4 or 16
+# bytes, host bits clear) and its prefix length. A million of these cost a fraction of as many ipaddress networks.
+Packed = tuple[str, bytes, int]
+
+
+@dataclass(frozen=True)
+class BulkLoad:
+    """One batch of a large streamed load (past DETAIL items): the blocks of `items`, answered with BulkBlocked
+    counts and audited in one line. The networks nobody holds go to the store and the kernel as rows and packed
+    addresses, without an Entry or an ipaddress object each; the rest as a Block each."""
+
+    chain: Chain
+    items: tuple[Packed, ...]
+    expires_at: float | None
+    actor: str
+    client: str
+    owner: str = ""
+    scope: Scope | None = None
 
 
 @dataclass(frozen=True)
@@ -233,7 +251,7 @@ class FleetApplied:
     skipped: int  # events refused here (a chain this host does not share), or that changed nothing
 
 
-Command = Union[Block, BulkBlock, Unblock, Lookup, ListChain, Reconfigure, FleetApply, FleetResync]
+Command = Union[Block, BulkBlock, BulkLoad, Unblock, Lookup, ListChain, Reconfigure, FleetApply, FleetResync]
 
 
 @dataclass(frozen=True)
@@ -243,7 +261,7 @@ class Blocked:
 
 
 class BulkBlocked(NamedTuple):
-    """What a BulkBlock without detail did: networks newly blocked, and those this claimant already held or that
+    """What a BulkLoad did: networks newly blocked, and those this claimant already held or that
     someone else blocked (its claim added)."""
 
     created: int

@@ -169,6 +169,12 @@ def _to_v5(db: sqlite3.Connection) -> None:
 BLOCKS_DUE_V5 = "CREATE INDEX blocks_due ON blocks (due) WHERE due IS NOT NULL"
 
 
+_UPSERT = ("INSERT INTO blocks (chain, network, proto, ports, target, created_at, expires_at, created_by, removing, "
+           "due) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?) ON CONFLICT (chain, network, proto, ports) DO UPDATE SET "
+           "target=excluded.target, created_at=excluded.created_at, expires_at=excluded.expires_at, "
+           "created_by=excluded.created_by, removing=0, due=excluded.due")
+
+
 def scope_columns(scope: Scope | None) -> tuple[str, str]:
     return ("", "") if scope is None else (scope.proto, scope.port_text)
 
@@ -240,6 +246,20 @@ def _entry(chain: str, network: Network, scope: Scope | None, rows: list[Any]) -
     if rows[0][4] is None:
         return Entry(chain, network, target, created_at, expires_at, created_by, (), scope)
     return Entry.of(chain, network, target, created_at, created_by, [Claim(*r[4:8]) for r in rows], scope)
+
+
+class Fresh(NamedTuple):
+    """New blocks of one load in one chain and scope, all with the same times and claimant: `items` are
+    (net_text, packed address, prefix length), none of them held (live) in the store. Written as rows without
+    claims rows (one claim, its creator's: see _to_v5); a tombstone on the same key is replaced."""
+
+    chain: str
+    scope: Scope | None
+    target: str
+    created_at: float
+    expires_at: float | None
+    owner: str
+    items: list[tuple[str, bytes, int]]
 
 
 class Counts(NamedTuple):
@@ -372,10 +392,11 @@ class Store:
 
     def write(self, puts: Iterable[Entry], removes: Iterable[Entry], purges: Iterable[Entry] = (),
               outbox: Iterable[str] = (), fleet: Mapping[str, str] | None = None,
-              published: int | None = None, stale: Collection[tuple[str, str, str, str]] | None = None) -> None:
+              published: int | None = None, stale: Collection[tuple[str, str, str, str]] | None = None,
+              fresh: Iterable[Fresh] = ()) -> None:
         """In one durable transaction: upsert `puts`, tombstone `removes`, delete `purges`' tombstones; add the
         `outbox` events (JSON), set the `fleet` keys, and drop the outbox rows up to `published`. `stale`: the row
-        keys of `puts` that had claims rows before (None: any may have)."""
+        keys of `puts` that had claims rows before (None: any may have). `fresh`: a load's new blocks."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -389,14 +410,16 @@ class Store:
                 db.execute("DELETE FROM outbox WHERE seq <= ?", (published,))
             puts = list(puts)
             keys = [row_key(e) for e in puts]  # str(network) costs: once an entry
-            db.executemany(
-                "INSERT INTO blocks (chain, network, proto, ports, target, created_at, expires_at, created_by, "
-                "removing, due) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?) ON CONFLICT (chain, network, proto, ports) DO "
-                "UPDATE SET target=excluded.target, created_at=excluded.created_at, expires_at=excluded.expires_at, "
-                "created_by=excluded.created_by, removing=0, due=excluded.due",
-                [(*key, e.target, e.created_at, e.expires_at, e.created_by, e.due) for key, e in zip(keys, puts)],
-            )
+            db.executemany(_UPSERT, [(*key, e.target, e.created_at, e.expires_at, e.created_by, e.due)
+                                     for key, e in zip(keys, puts)])
             self._put_claims(db, puts, keys, stale)
+            for f in fresh:
+                proto, ports = scope_columns(f.scope)
+                db.executemany(_UPSERT, zip(itertools.repeat(f.chain), [item[0] for item in f.items],
+                                            itertools.repeat(proto), itertools.repeat(ports),
+                                            itertools.repeat(f.target), itertools.repeat(f.created_at),
+                                            itertools.repeat(f.expires_at), itertools.repeat(f.owner),
+                                            itertools.repeat(f.expires_at)))
             # A tombstone needs no claims (it only has to leave the kernel), and a block made again on its key
             # must not find them.
             removed = [row_key(e) for e in removes]
@@ -415,9 +438,12 @@ class Store:
             raise
 
     def restore(self, before: Iterable[tuple[tuple[str, Network, Scope | None], Entry | None]],
-                outbox_after: int = 0, fleet: Mapping[str, str | None] | None = None) -> None:
+                outbox_after: int = 0, fleet: Mapping[str, str | None] | None = None,
+                fresh: Iterable[Fresh] = ()) -> None:
         """Put rows back as they were before a batch whose kernel change failed: the outbox rows after
-        `outbox_after` go (their changes never were), and the `fleet` keys take their old values (None: none)."""
+        `outbox_after` go (their changes never were), the `fleet` keys take their old values (None: none), and
+        the rows of `fresh` go (a tombstone they replaced only had to leave the kernel, which the reconcile after
+        a failed batch makes sure of)."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -428,6 +454,10 @@ class Store:
                     db.execute("DELETE FROM fleet WHERE key = ?", (name,))
                 else:
                     db.execute("INSERT OR REPLACE INTO fleet (key, value) VALUES (?, ?)", (name, value))
+            for f in fresh:
+                proto, ports = scope_columns(f.scope)
+                db.executemany("DELETE FROM blocks WHERE chain=? AND network=? AND proto=? AND ports=?",
+                               [(f.chain, item[0], proto, ports) for item in f.items])
             for (chain, network, scope), entry in before:
                 if entry is None:
                     key = (chain, net_text(network), *scope_columns(scope))
@@ -458,8 +488,13 @@ class Store:
     def get_many(self, chain: str, scope: Scope | None, networks: Iterable[Network]) -> dict[Network, Entry]:
         """The live entries of `networks` in (chain, scope): one query per few hundred networks."""
         by_text = {net_text(n): n for n in networks}
-        texts = list(by_text)
-        found: dict[Network, Entry] = {}
+        return {e.network: e for e in self.held(chain, scope, list(by_text), by_text).values()}
+
+    def held(self, chain: str, scope: Scope | None, texts: Sequence[str],
+             networks: Mapping[str, Network] | None = None) -> dict[str, Entry]:
+        """The live entries of the networks of `texts` (net_text) in (chain, scope), by text: one query per few
+        hundred; `networks`: the Network of each text, when the caller has them."""
+        found: dict[str, Entry] = {}
         proto, ports = scope_columns(scope)
         for i in range(0, len(texts), _IN_CHUNK):
             part = texts[i:i + _IN_CHUNK]
@@ -467,8 +502,8 @@ class Store:
                 _ENTRY_NET + f"WHERE b.chain=? AND b.proto=? AND b.ports=? AND b.removing=0 AND b.network IN "
                 f"({','.join('?' * len(part))}) ORDER BY b.network", (chain, proto, ports, *part)).fetchall()
             for text, group in itertools.groupby(rows, key=lambda r: r[0]):
-                network = by_text[text]
-                found[network] = _entry(chain, network, scope, [r[1:] for r in group])
+                network = parse_stored(text) if networks is None else networks[text]
+                found[text] = _entry(chain, network, scope, [r[1:] for r in group])
         return found
 
     def group(self, chain: str, network: Network, proto: str) -> list[Entry]:

@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Iterable, Mapping, Protocol
 
 from webiptd.config import Chain
-from webiptd.firewall.ops import Key, Op
+from webiptd.firewall.ops import Items, Key, Op
+from webiptd.scope import Scope
 
 
 class Backend(Protocol):
@@ -33,6 +34,12 @@ class Backend(Protocol):
 
     def apply(self, ops: Iterable[Op], chains: Mapping[str, Chain]) -> None:
         """Apply all `ops` atomically (or undo them and raise), after re-checking what they touch."""
+
+    def load(self, chain: str, target: str, expires_at: float | None, scope: Scope | None, items: Items,
+             chains: Mapping[str, Chain]) -> None:
+        """Add `items`, new blocks of one load that the kernel does not hold (as far as the store knows), all with
+        the same target, expiry and scope (never one with port lists): apply() of their Adds, atomically too, in
+        less time an item. An item the kernel holds already takes the new expiry, as an Add's does."""
 
     def missing(self, chains: Iterable[Chain], counts: Mapping[str, int]) -> str | None:
         """A cheap look, every few seconds: None while the kernel plausibly holds every atom (`counts`: how

@@ -36,9 +36,9 @@ from webiptd.config import TARGETS, Chain
 from webiptd.firewall.ipset_netlink import (
     IPSET_CMD_ADD, IPSET_CMD_DEL, IPSET_ERR_EXIST, IPSET_ERR_HASH_FULL, Element, Header, IpsetError, IpsetNetlink,
 )
-from webiptd.firewall.ops import Add, CapacityExceeded, Key, Op, Remove, key_of
+from webiptd.firewall.ops import Add, CapacityExceeded, Items, Key, Op, Remove, adds, key_of
 from webiptd.firewall.xtables import ANY, DEFAULT_REJECT, LOCK_PATH, VERSIONS, Xtables, new_rule, per_address, verdict
-from webiptd.net import Network, parse_listed
+from webiptd.net import Network, parse_listed, unpacked
 from webiptd.scope import PROTOCOL_NAMES, PROTOCOLS, Ranges, Scope
 
 logger = logging.getLogger(__name__)
@@ -690,6 +690,32 @@ class IpsetBackend:
 
     def apply(self, ops: Iterable[Op], chains: Mapping[str, Chain]) -> None:
         self._apply(list(ops), chains)
+
+    def load(self, chain: str, target: str, expires_at: float | None, scope: Scope | None, items: Items,
+             chains: Mapping[str, Chain]) -> None:
+        """Whole networks straight into the chain's sets over netlink (IpsetNetlink.add_packed); anything else, or a
+        set that is not there, as apply() of their Adds."""
+        if scope is not None:
+            self._apply(adds(chain, target, expires_at, scope, items), chains)
+            return
+        timeout = kernel_timeout(expires_at, self._clock())
+        done: list[tuple[str, Items]] = []
+        for version, size in ((4, 4), (6, 16)):
+            part = [item for item in items if len(item[1]) == size]
+            if not part:
+                continue
+            name = set_name(chain, version)
+            codes = self._nl.add_packed(name, part, timeout)
+            if any(codes):
+                self._undo([Element(IPSET_CMD_DEL, done_name, unpacked(packed, length), False)
+                            for done_name, taken in done for _, packed, length in taken]
+                           + [Element(IPSET_CMD_DEL, name, unpacked(packed, length), False)
+                              for (_, packed, length), code in zip(part, codes) if not code])
+                if IPSET_ERR_HASH_FULL in codes:
+                    raise CapacityExceeded(f"ipset {name} is full (maxelem)")
+                self._apply(adds(chain, target, expires_at, scope, items), chains)  # its errors, its remedies
+                return
+            done.append((name, part))
 
     def close(self) -> None:
         self._nl.close()

@@ -11,7 +11,7 @@ from typing import Iterable, Iterator, Mapping
 import iptc
 
 from webiptd.config import MATCHES, Chain
-from webiptd.firewall.ops import Add, Key, Op, apply_in_parts
+from webiptd.firewall.ops import Add, Items, Key, Op, adds, apply_in_parts
 from webiptd.firewall.xtables import LOCK_PATH, VERSIONS, Xtables, new_rule, per_address_scoped
 from webiptd.net import Network
 from webiptd.scope import PROTOCOLS, Ranges, Scope
@@ -196,6 +196,10 @@ class IptablesBackend:
             # Each table commits on its own; a failure undoes the ones that did, so the batch fails as a whole.
             apply_in_parts(by_version, lambda version, part: self._commit(version, part, chains),
                            label=lambda version: f"ipv{version}")
+
+    def load(self, chain: str, target: str, expires_at: float | None, scope: Scope | None, items: Items,
+             chains: Mapping[str, Chain]) -> None:
+        self.apply(adds(chain, target, expires_at, scope, items), chains)  # a rule an entry: no faster way
 
     def _commit(self, version: int, ops: list[Op], chains: Mapping[str, Chain]) -> None:
         table = self._xt.table(version)

@@ -21,7 +21,7 @@ from webiptd.firewall.netlink import (
     BE32, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, attr, attrs, error_code, message, nested, nfgen_attrs,
     open_socket, replies,
 )
-from webiptd.firewall.ops import Add, CapacityExceeded, Key, Op
+from webiptd.firewall.ops import Add, CapacityExceeded, Items, Key, Op, adds
 from webiptd.net import Network, network_of
 from webiptd.scope import PROTOCOL_NAMES, PROTOCOLS, Scope
 
@@ -712,6 +712,24 @@ class NftablesBackend:
                     elements[element] = _Change(delete_first, True, _timeout(op.expires_at, now))
                 else:
                     elements[element] = _Change(delete_first, False)
+        self._commit(changes, chains)
+
+    def load(self, chain: str, target: str, expires_at: float | None, scope: Scope | None, items: Items,
+             chains: Mapping[str, Chain]) -> None:
+        """Whole networks as one transaction's `add element`s, the elements made from the items' text (the address
+        before the slash: inet_ntop's form, or ipaddress' for the few it leaves to str(), which nft reads as well)
+        with no Op, dict lookup or _Change an item; anything else as apply() of their Adds."""
+        if scope is not None:
+            self.apply(adds(chain, target, expires_at, scope, items), chains)
+            return
+        added = _Change(False, True, _timeout(expires_at, self._clock()))
+        by_set: dict[tuple[int, int], list[str]] = {}
+        for text, packed, length in items:
+            by_set.setdefault((len(packed), length), []).append(text[:text.index("/")])
+        self._commit({(chain, 4 if size == 4 else 6, length, ALL): dict.fromkeys(addresses, added)
+                      for (size, length), addresses in by_set.items()}, chains)
+
+    def _commit(self, changes: Mapping[ElementKey, Mapping[Element, _Change]], chains: Mapping[str, Chain]) -> None:
         if not changes:
             return
         before = self._read_generation()

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence, TypeVar
 
-from webiptd.net import Network
+from webiptd.net import Network, unpacked
 from webiptd.scope import Scope
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,15 @@ class Remove:
 
 
 Op = Add | Remove
+
+
+# New blocks of a load as the worker hands them to Backend.load(): (net_text, packed address, prefix length) each.
+Items = Sequence[tuple[str, bytes, int]]
+
+
+def adds(chain: str, target: str, expires_at: float | None, scope: Scope | None, items: Items) -> list[Op]:
+    """A load as Adds: what a backend without a faster way does with it."""
+    return [Add(chain, unpacked(packed, length), target, expires_at, scope) for _, packed, length in items]
 
 
 def key_of(op: Op) -> Key:

@@ -8,7 +8,8 @@ from typing import Callable, Iterable, Mapping
 
 from webiptd.config import Chain
 from webiptd.firewall.backend import Backend, make_backend
-from webiptd.firewall.ops import Key, Op, apply_in_parts
+from webiptd.firewall.ops import Items, Key, Op, apply_in_parts
+from webiptd.scope import Scope
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,10 @@ class ByChain:
             by_backend.setdefault(self.backend_of(op.chain), []).append(op)
         # Each backend is atomic on its own; a failure undoes the ones that did their part.
         apply_in_parts(by_backend, lambda name, part: self._backend(name).apply(part, chains))
+
+    def load(self, chain: str, target: str, expires_at: float | None, scope: Scope | None, items: Items,
+             chains: Mapping[str, Chain]) -> None:
+        self._backend(self.backend_of(chain)).load(chain, target, expires_at, scope, items, chains)
 
     def missing(self, chains: Iterable[Chain], counts: Mapping[str, int]) -> str | None:
         chains = list(chains)

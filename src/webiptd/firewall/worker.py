@@ -16,17 +16,17 @@ from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Seque
 
 from webiptd import log
 from webiptd.commands import (
-    Block, Blocked, BulkBlock, BulkBlocked, Claim, Command, Entry, FirewallFull, FirewallUnavailable, FleetApplied,
-    FleetApply, FleetResync, ListChain, Lookup, Reconfigure, RemoteChange, Unblock, Unblocked,
+    Block, Blocked, BulkBlock, BulkBlocked, BulkLoad, Claim, Command, Entry, FirewallFull, FirewallUnavailable,
+    FleetApplied, FleetApply, FleetResync, ListChain, Lookup, Reconfigure, RemoteChange, Unblock, Unblocked,
 )
 from webiptd.config import ADOPTED, Chain, Limits
 from webiptd.firewall.backend import Backend
 from webiptd.firewall.ops import Add, CapacityExceeded, Key, Op, Remove
 from webiptd.firewall.pending import Pending
 from webiptd.metrics import Metrics
-from webiptd.net import Network, parse_stored, net_text
+from webiptd.net import Network, net_text, parse_stored, unpacked
 from webiptd.scope import Scope, stored_scope, union
-from webiptd.state import Counts, Store, row_key, scope_columns
+from webiptd.state import Counts, Fresh, Store, row_key, scope_columns
 
 logger = logging.getLogger(__name__)
 audit = logging.getLogger("webiptd.audit")
@@ -149,6 +149,7 @@ class _Batch:
     reconfigure: Reconfigure | None = None  # taken once the batch is committed
     outbox: list[str] = field(default_factory=list)  # the fleet's events of this batch's local changes (JSON)
     fleet: dict[str, str] = field(default_factory=dict)  # the follower's cursor, when the batch applies the stream
+    fresh: list[Fresh] = field(default_factory=list)  # a load's new blocks, as rows (see Worker._load)
 
     def committed(self, key: Key) -> Entry | None:
         return self.known[key] if key in self.known else self.entries.get(key)
@@ -206,6 +207,19 @@ def atom_changes(entries: _Index, changed: Mapping[Key, tuple[Entry | None, Entr
     return out
 
 
+def _parts(items: list[_Item]) -> Iterator[list[_Item]]:
+    """A batch's items in the parts that are processed (and committed) one after the other: a load (BulkLoad) ends
+    its part, so that no command after it can touch the rows it adds without a key in the batch (Worker._load)."""
+    part: list[_Item] = []
+    for item in items:
+        part.append(item)
+        if isinstance(item[0], BulkLoad):
+            yield part
+            part = []
+    if part:
+        yield part
+
+
 def _listing_order(entry: Entry) -> tuple[Any, ...]:
     """Family, network, then all traffic before a protocol, and a protocol's every port before its port lists."""
     scope = entry.scope
@@ -258,7 +272,9 @@ class Worker:
     @overload
     def submit(self, command: Block) -> Pending[Blocked]: ...
     @overload
-    def submit(self, command: BulkBlock) -> Pending[list[Blocked] | BulkBlocked]: ...
+    def submit(self, command: BulkBlock) -> Pending[list[Blocked]]: ...
+    @overload
+    def submit(self, command: BulkLoad) -> Pending[BulkBlocked]: ...
     @overload
     def submit(self, command: Unblock) -> Pending[Unblocked]: ...
     @overload
@@ -335,9 +351,9 @@ class Worker:
             stop = any(isinstance(cmd, _Stop) for cmd, _ in items)
             items = [(cmd, fut) for cmd, fut in items if not isinstance(cmd, _Stop)]
             items += [(_Expire(key), None) for key in self._due()]
-            if items:
-                self._process(items)
-            elif self.published > self._trimmed:
+            for part in _parts(items):
+                self._process(part)
+            if not items and self.published > self._trimmed:
                 self._trim_outbox()
             if stop:
                 if self._purge:
@@ -412,9 +428,9 @@ class Worker:
 
     def _safe_write(self, puts: list[Entry], removes: list[Entry], purges: list[Entry], outbox: Sequence[str] = (),
                     fleet: Mapping[str, str] | None = None, published: int | None = None,
-                    stale: Collection[tuple[str, str, str, str]] | None = None) -> None:
+                    stale: Collection[tuple[str, str, str, str]] | None = None, fresh: Sequence[Fresh] = ()) -> None:
         try:
-            self._store.write(puts, removes, purges, outbox, fleet, published, stale)
+            self._store.write(puts, removes, purges, outbox, fleet, published, stale, fresh)
         except Exception:
             logger.exception("could not write the state store")
             self._purge.extend(purges)
@@ -429,16 +445,18 @@ class Worker:
         self.metrics.batch_size.observe(len(items))
         answers = self._execute_all(batch, items)
         changes = batch.changes()
-        if changes or batch.outbox or batch.fleet:
+        if changes or batch.outbox or batch.fleet or batch.fresh:
             started = time.perf_counter()
             try:
                 self._commit(changes, batch)
             except Exception as exc:
                 self.metrics.batch_failures.inc()
-                self._refused(items, answers, len(changes), exc)
+                self._refused(items, answers, len(changes) + sum(len(f.items) for f in batch.fresh), exc)
                 return
             self.metrics.commit_seconds.observe(time.perf_counter() - started)
             self._count_changes(changes, batch.expired)
+            for fresh in batch.fresh:
+                self.metrics.blocks_added.labels(fresh.chain).inc(len(fresh.items))
         # Every acknowledged write is audited, also one that changed nothing (a block then an unblock
         # in one batch, an unblock of an absent network).
         with log.batch():
@@ -493,11 +511,11 @@ class Worker:
                 return self._block(batch, cmd)
             case BulkBlock():
                 self._prefetch(batch, cmd)
-                if cmd.detail:
-                    return [self._block(batch, Block(cmd.chain, network, cmd.expires_at, cmd.actor, cmd.client,
-                                                     cmd.owner, cmd.scope))
-                            for network in cmd.networks]
-                return self._bulk(batch, cmd)
+                return [self._block(batch, Block(cmd.chain, network, cmd.expires_at, cmd.actor, cmd.client,
+                                                 cmd.owner, cmd.scope))
+                        for network in cmd.networks]
+            case BulkLoad():
+                return self._load(batch, cmd)
             case Unblock():
                 return self._unblock(batch, cmd)
             case _Expire():
@@ -551,34 +569,44 @@ class Worker:
         found = self._store.get_many(name, scope, fresh)
         batch.known.update(((name, n, scope), found.get(n)) for n in fresh)
 
-    def _bulk(self, batch: _Batch, cmd: BulkBlock) -> BulkBlocked:
-        """One batch of a large load: the blocks of `cmd.networks`, audited in one line for the whole batch."""
-        created = 0
-        audits = len(batch.audits)
-        name, scope, target, expires_at = cmd.chain.name, cmd.scope, cmd.chain.target, cmd.expires_at
-        owner = cmd.owner or cmd.actor
+    def _load(self, batch: _Batch, cmd: BulkLoad) -> BulkBlocked:
+        """One batch of a large load, audited in one line. A network nobody holds (most of a load) becomes a row of
+        `batch.fresh`, which _commit writes to the store and hands the backend as it is: no Entry, no ipaddress
+        object, no key in the batch's dicts. A network that is held, or that this batch touched already, is a Block
+        like any other. _parts makes a load the last command of its batch, so no later one can touch its rows."""
+        name, scope, owner = cmd.chain.name, cmd.scope, cmd.owner or cmd.actor
         now = self._clock()
-        shares = self._shares(name)
-        after, before, known = batch.after, batch.before, batch.known
-        for network in cmd.networks:
-            key = (name, network, scope)
-            if key not in after and known.get(key, False) is None:
-                # Not blocked, and not yet touched by this batch (most of a load): what _block does for it.
-                before[key] = None
-                after[key] = Entry(name, network, target, now, expires_at, owner, (), scope)
-                if shares:
-                    self._announce(batch, "block", key, owner, Claim(owner, now, expires_at))
-                created += 1
-            else:
-                created += self._block(batch, Block(cmd.chain, network, expires_at, cmd.actor, cmd.client,
-                                                    cmd.owner, scope)).created
-        del batch.audits[audits:]
-        if cmd.networks:
+        created = 0
+        found = self._store.held(name, scope, [item[0] for item in cmd.items])
+        batch.known.update(((name, e.network, scope), e) for e in found.values())
+        touched = {net_text(k[1]) for k in batch.after if k[0] == name and k[2] == scope}
+        # Twice in the batch: the second changes nothing, and counts as existing.
+        unique = {item[0]: item for item in cmd.items}
+        fresh: list[tuple[str, bytes, int]] = []
+        if found or touched or _has_ports(scope):
+            audits = len(batch.audits)
+            for text, item in unique.items():
+                if text in found or text in touched or _has_ports(scope):
+                    created += self._block(batch, Block(cmd.chain, unpacked(item[1], item[2]), cmd.expires_at,
+                                                        cmd.actor, cmd.client, cmd.owner, scope)).created
+                else:
+                    fresh.append(item)
+            del batch.audits[audits:]
+        else:  # most of a load: nothing in it is held yet
+            fresh = list(unique.values())
+        if fresh:
+            batch.fresh.append(Fresh(name, scope, cmd.chain.target, now, cmd.expires_at, owner, fresh))
+            created += len(fresh)
+            if self._shares(name):
+                claim = Claim(owner, now, cmd.expires_at)
+                for _, packed, length in fresh:
+                    self._announce(batch, "block", (name, unpacked(packed, length), scope), owner, claim)
+        if cmd.items:
             timeout = "permanent" if cmd.expires_at is None else str(max(0, round(cmd.expires_at - now)))
-            batch.bulk_audits.append((cmd.actor, cmd.client, cmd.chain.name, len(cmd.networks), cmd.networks[0],
-                                      cmd.networks[-1], cmd.owner or cmd.actor, timeout, created,
-                                      len(cmd.networks) - created, "all" if cmd.scope is None else cmd.scope))
-        return BulkBlocked(created, len(cmd.networks) - created)
+            batch.bulk_audits.append((cmd.actor, cmd.client, name, len(cmd.items), cmd.items[0][0],
+                                      cmd.items[-1][0], owner, timeout, created, len(cmd.items) - created,
+                                      "all" if scope is None else scope))
+        return BulkBlocked(created, len(cmd.items) - created)
 
     def _unblock(self, batch: _Batch, cmd: Unblock) -> Unblocked:
         """Release the claimant's claim (every claim with override), and the adopted one, which is nobody's;
@@ -801,25 +829,45 @@ class Worker:
         stale = {row_key(after) for before, after in changed.values()
                  if after is not None and not after.claims and before is not None and before.claims}
         self._safe_write(puts, removes, self._take_purges(), batch.outbox, batch.fleet,
-                         published if published > self._trimmed else None, stale)
+                         published if published > self._trimmed else None, stale, batch.fresh)
         self._trimmed = max(self._trimmed, published)
+        loaded: list[Fresh] = []
         try:
+            for fresh in batch.fresh:  # each is atomic in its backend
+                self._backend.load(fresh.chain, fresh.target, fresh.expires_at, fresh.scope, fresh.items,
+                                   self._chains)
+                loaded.append(fresh)
             if ops:
                 self._backend.apply(ops, self._chains)
         except Exception:
+            self._unload(loaded)
             try:
                 self._store.restore([(k, before) for k, (before, _) in changed.items()], outbox_before,
-                                    {k: self._fleet_state.get(k) for k in batch.fleet})
+                                    {k: self._fleet_state.get(k) for k in batch.fleet}, batch.fresh)
             except Exception:
                 # The store now says more than the kernel has; the next start re-adds it.
                 logger.exception("could not restore the state store after a failed firewall change")
             raise
         self._entries.update(changed, atoms)
+        for fresh in batch.fresh:  # every one a new block, its own kernel atom (no port lists: see _load)
+            n = len(fresh.items)
+            self._entries.entries[fresh.chain] = self._entries.entries.get(fresh.chain, 0) + n
+            self._entries.atoms[fresh.chain] = self._entries.atoms.get(fresh.chain, 0) + n
         self._purge.extend(removes)
         self._fleet_state.update(batch.fleet)
         if batch.outbox:
             self.outbox_committed = self._store.outbox_seq
             self.on_outbox()
+
+    def _unload(self, loaded: list[Fresh]) -> None:
+        """Take a failed batch's loads back out of the kernel; what this leaves behind, the reconcile that follows
+        every failed batch settles."""
+        try:
+            for fresh in loaded:
+                self._backend.apply([Remove(fresh.chain, unpacked(packed, length), fresh.target, fresh.scope)
+                                     for _, packed, length in fresh.items], self._chains)
+        except Exception:
+            logger.exception("could not take a failed batch's new blocks back out of the firewall")
 
     def _reconcile(self) -> None:
         """Make the kernel match the store: re-add missing, drop expired, finish removals, adopt strays.

@@ -18,7 +18,9 @@ import yaml
 from webiptd import __version__
 from webiptd.admission import Admission
 from webiptd.auth import AuthFailure, Authenticator, FailureThrottle
-from webiptd.commands import Block, BulkBlock, BulkBlocked, FirewallFull, FirewallUnavailable, Lookup, Unblock
+from webiptd.commands import (
+    Block, BulkBlock, BulkBlocked, BulkLoad, FirewallFull, FirewallUnavailable, Lookup, Packed, Unblock,
+)
 from webiptd.config import CHAIN_NAME_RE, OWNER_LABEL_RE, Chain, Config, User
 from webiptd.firewall.pending import Pending
 from webiptd.firewall.worker import Worker
@@ -29,7 +31,7 @@ from webiptd.http.wire import media_type, parse_target, wants_text
 from webiptd.log import Reason
 from webiptd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from webiptd.metrics import Metric, Metrics, states
-from webiptd.net import Address, Network, client_key, parse_item, parse_segments
+from webiptd.net import Address, Network, client_key, packed_item, packed_of, parse_item, parse_segments
 from webiptd.scope import Scope, parse_scope, scope_refusal
 from webiptd.state import ListingKey, Reader
 
@@ -503,7 +505,11 @@ class App:
 class _BulkLoad:
     """One bulk POST, item by item as its body is parsed: bad items are counted (the first MAX_FAILURES listed),
     good ones go to the worker in batches of at most BATCH networks. Up to DETAIL items, the one batch is submitted
-    when the body has ended, with a result per item; past that, each batch as it fills, answered with counts.
+    when the body has ended, with a result per item (a BulkBlock); past that, each batch as it fills, answered with
+    counts (a BulkLoad of packed networks: the common item costs no ipaddress object, see net.packed_item).
+
+    A batch of counts is applied while the next one is read and parsed (the worker's SQLite and kernel work runs
+    without the GIL); it is waited for before the next is submitted, so one is in flight at a time, in order.
 
     When a batch is refused (the worker's 503 or 507), or the body stops or turns out not to be a list, every batch
     before stays applied and the answer has the error, the counts and `applied_through`: the last line (or index)
@@ -522,10 +528,14 @@ class _BulkLoad:
         self.failed = 0
         self.failures: list[dict[str, Any]] = []
         self.results: list[dict[str, Any]] | None = []  # None once past DETAIL items
-        self.wanted: list[tuple[int, Network]] = []  # (index in results, or -1; the network) of the batch
+        self.wanted: list[tuple[int, Network]] = []  # (index in results; the network) of the batch, with results
+        self.loading: list[Packed] = []  # the batch, without
+        self.protected = req.gen.config.protected_packed
         self.through = self.none = 0 if text else -1  # where the batch being filled ends
         self.applied_through = self.none
         self.failed_applied = 0  # the failures up to applied_through
+        # The batch the worker is applying: its answer, then its applied_through, failed_applied and size.
+        self.in_flight: tuple[Pending[BulkBlocked], int, int, int] | None = None
 
     def run(self, items: Iterator[Item]) -> Response:
         try:
@@ -541,7 +551,7 @@ class _BulkLoad:
                         return self._stopped(refused)
                 self._take(item)
                 self.through = item.at
-                if self.results is None and len(self.wanted) >= BATCH:
+                if self.results is None and len(self.loading) >= BATCH:
                     refused = self._flush()
                     if refused is not None:
                         return self._stopped(refused)
@@ -549,7 +559,7 @@ class _BulkLoad:
             return self._stopped(error("bad_body", str(exc)))
         except BodyIncomplete as exc:
             return self._stopped(error("incomplete_body", str(exc)))
-        refused = self._flush()
+        refused = self._flush() or self._settle()
         if refused is not None:
             return self._stopped(refused)
         body: dict[str, Any] = {"chain": self.target.chain.name}
@@ -559,6 +569,12 @@ class _BulkLoad:
         return Response(200, body)
 
     def _take(self, item: Item) -> None:
+        if self.results is None and item.problem is None and item.scope is None and item.text is not None \
+                and len(item.text) <= MAX_ITEM:
+            fast = packed_item(item.text)
+            if fast is not None and self.protected(fast[1], fast[2], self.target.chain.target) is None:
+                self.loading.append(fast)
+                return
         result: dict[str, Any] = {"item": item.text if item.text is not None and len(item.text) <= MAX_ITEM
                                   else None}
         problem: Response | None = None
@@ -588,7 +604,10 @@ class _BulkLoad:
             if len(self.failures) < MAX_FAILURES:
                 self.failures.append({"line" if self.text else "index": item.at, **result})
             return
-        self.wanted.append((-1 if self.results is None else len(self.results) - 1, network))
+        if self.results is None:
+            self.loading.append(packed_of(network))
+        else:
+            self.wanted.append((len(self.results) - 1, network))
 
     @staticmethod
     def _scope_of(fields: tuple[str | None, str | None]) -> Scope | None | str:
@@ -599,37 +618,62 @@ class _BulkLoad:
 
     def _flush(self) -> Response | None:
         """Submit the batch; the worker's refusal as a Response, None when it was applied."""
-        wanted = self.wanted
+        wanted, loading = self.wanted, self.loading
+        if self.results is None and wanted:  # past DETAIL items: the batch so far goes with counts too
+            loading[:0] = [packed_of(n) for _, n in wanted]
+            wanted.clear()
+        refused = self._settle()
+        if refused is not None:
+            return refused
+        req, target = self.req, self.target
+        if loading:  # in flight until the next flush, or the end, settles it
+            command = BulkLoad(target.chain, tuple(loading), self.expires_at, req.user.name, str(req.client),
+                               target.owner, target.scope)
+            self.in_flight = (self.app.runtime.worker.submit(command), self.through, self.failed, len(loading))
+            loading.clear()
+            return None
         if wanted:
-            req, target = self.req, self.target
-            detail = self.results is not None
-            command = BulkBlock(target.chain, tuple(n for _, n in wanted), self.expires_at, req.user.name,
-                                str(req.client), target.owner, target.scope, detail=detail)
             with req.body.busy():
                 # A large batch takes longer in the worker; allow it about 2 ms an item on top.
-                # One overload of submit names what detail gives, list[Blocked]; without, it is BulkBlocked.
-                pending: Pending[Any] = self.app.runtime.worker.submit(command)
-                done: object = self.app._wait(req.gen, pending, extra_time=len(wanted) / 500)
+                pending = self.app.runtime.worker.submit(BulkBlock(
+                    target.chain, tuple(n for _, n in wanted), self.expires_at, req.user.name, str(req.client),
+                    target.owner, target.scope))
+                done = self.app._wait(req.gen, pending, extra_time=len(wanted) / 500)
             if isinstance(done, Response):
                 return done
-            if isinstance(done, BulkBlocked):
-                self.created += done.created
-                self.existing += done.existing
-            else:
-                assert isinstance(done, list) and self.results is not None
-                for (i, _), blocked in zip(wanted, done):
-                    self.results[i].update(status=201 if blocked.created else 200, entry=blocked.entry.to_json())
-                    if blocked.created:
-                        self.created += 1
-                    else:
-                        self.existing += 1
+            assert self.results is not None
+            for (i, _), blocked in zip(wanted, done):
+                self.results[i].update(status=201 if blocked.created else 200, entry=blocked.entry.to_json())
+                if blocked.created:
+                    self.created += 1
+                else:
+                    self.existing += 1
             wanted.clear()
         self.applied_through = self.through
         self.failed_applied = self.failed
         return None
 
+    def _settle(self) -> Response | None:
+        """Wait for the batch in flight; the worker's refusal as a Response, None when it was applied (or none was
+        in flight)."""
+        if self.in_flight is None:
+            return None
+        pending, through, failed, size = self.in_flight
+        self.in_flight = None
+        with self.req.body.busy():
+            done = self.app._wait(self.req.gen, pending, extra_time=size / 500)
+        if isinstance(done, Response):
+            return done
+        self.created += done.created
+        self.existing += done.existing
+        self.applied_through = through
+        self.failed_applied = failed
+        return None
+
     def _stopped(self, refused: Response) -> Response:
-        """The answer when the load stopped half-way: the error, and what was applied before it."""
+        """The answer when the load stopped half-way: the error, and what was applied before it (the batch in
+        flight is waited for: a refusal of it is the error then, being the first)."""
+        refused = self._settle() or refused
         key = "line" if self.text else "index"
         failures = [f for f in self.failures if f[key] <= self.applied_through]
         body = {**refused.body, "chain": self.target.chain.name, "created": self.created, "existing": self.existing,

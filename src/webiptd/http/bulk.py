@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import itertools
 import json
 import re
 from typing import Iterable, Iterator, NamedTuple, Protocol
@@ -84,46 +85,55 @@ def text_items(pieces: Iterable[bytes]) -> Iterator[Item]:
     whitespace around an item are ignored, CRLF is a line end too. After the item, `proto=P` and `port=P` (as in
     the query) may say the entry's scope, as the text listing writes it."""
     line = 0
-    tail = b""
+    tail = b""  # the start of a line whose end has not come yet
     skipping = False  # inside a line already too long, or a long comment: its rest is dropped
     overlong = False
     for piece in pieces:
         parts = piece.split(b"\n")
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            if skipping:
-                if last:
-                    continue
+        rest = parts.pop()  # no line end yet: kept for the next piece, bounded
+        if parts:
+            if skipping:  # the long line ends: what was kept of it is the line
                 skipping = False
                 data = tail
             else:
-                data = tail + part if tail else part
-                if last:  # no line end yet: keep it for the next piece, bounded
-                    if len(data) > MAX_LINE:
-                        hash_at = data.find(b"#")
-                        if 0 <= hash_at <= MAX_LINE:
-                            data = data[:hash_at]  # a long comment: only what is before it counts
-                        else:
-                            data, overlong = b"", True
-                        skipping = True
-                    tail = data
-                    continue
+                data = tail + parts[0] if tail else parts[0]
             tail = b""
             line += 1
             item = _line_item(line, data, overlong)
             overlong = False
             if item is not None:
                 yield item
+            for data in itertools.islice(parts, 1, None):  # whole lines: most of a body
+                line += 1
+                item = _line_item(line, data, False)
+                if item is not None:
+                    yield item
+        if skipping:
+            continue
+        data = tail + rest if tail else rest
+        if len(data) > MAX_LINE:
+            hash_at = data.find(b"#")
+            if 0 <= hash_at <= MAX_LINE:
+                data = data[:hash_at]  # a long comment: only what is before it counts
+            else:
+                data, overlong = b"", True
+            skipping = True
+        tail = data
     if tail or overlong:
         item = _line_item(line + 1, tail, overlong)
         if item is not None:
             yield item
 
 
+_new_item = tuple.__new__  # an Item made without NamedTuple's __new__ (its defaults cost a call): a load's millions
+
+
 def _line_item(line: int, data: bytes, overlong: bool) -> Item | None:
     if overlong:
         return Item(line, None, f"the line is longer than {MAX_LINE} bytes")
-    data = data.split(b"#", 1)[0].strip()
+    if b"#" in data:
+        data = data.split(b"#", 1)[0]
+    data = data.strip()
     if not data:
         return None
     try:
@@ -131,6 +141,8 @@ def _line_item(line: int, data: bytes, overlong: bool) -> Item | None:
     except UnicodeDecodeError:
         return Item(line, None, "an item is an address or ADDRESS/PREFIX, in ASCII")
     fields = text.split()
+    if len(fields) == 1:
+        return _new_item(Item, (line, fields[0], None, None))
     proto = port = None
     for extra in fields[1:]:
         match = SCOPE_FIELD_RE.match(extra)

@@ -1,0 +1,250 @@
+"""A large load's own path (issue 13): items parsed without an ipaddress object (net.packed_item), the networks nobody
+holds written to the store as rows and handed to the backend as packed addresses (Worker._load, Backend.load), and
+the same results as a Block each: with the recording backend, then each set backend's load() in a namespace, then
+through the daemon on nftables (ipset's half-way failure is in test_bulk_stream.py)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Daemon
+from tests.netns import NetNS
+from tests.test_backend_ipset import set_members
+from tests.test_backend_nftables import elements
+from tests.test_bulk_stream import hosts, post
+from tests.test_worker_logic import SSH, T0, WAIT, WEB, Harness, block, unblock
+from webiptd.commands import BulkBlocked, BulkLoad, Claim, Entry, FirewallFull, FirewallUnavailable, Packed
+from webiptd.config import Chain
+from webiptd.firewall.ops import CapacityExceeded
+from webiptd.net import net_text, packed_item, packed_of, parse_item
+
+# -- net.packed_item: what parse_item gives, or None -------------------------------------------------------
+
+
+def _random_items(rng: random.Random, n: int) -> list[str]:
+    out = []
+    for _ in range(n):
+        version = rng.choice((4, 6))
+        bits = 32 if version == 4 else 128
+        length = rng.choice((bits, bits, rng.randint(0, bits)))
+        value = rng.getrandbits(bits)
+        if rng.random() < 0.8:
+            value &= ~((1 << (bits - length)) - 1)  # mostly valid: host bits clear
+        address = str(ipaddress.ip_address(value) if version == 4 else ipaddress.IPv6Address(value))
+        if version == 6 and rng.random() < 0.2:
+            address = address.upper()
+        out.append(address if length == bits and rng.random() < 0.5 else f"{address}/{length}")
+    return out
+
+
+EDGES = ["0.0.0.0/1", "255.255.255.255", "203.0.113.0/24", "203.0.113.7/24", "01.2.3.4", "1.2.3.4/032",
+         "1.2.3.4/", "1.2.3.4/33", "1.2.3.4/0", "::/1", "::1", "::ffff:1.2.3.4", "::1.2.3.4", "::ffff:0:0/96",
+         "2001:DB8::1", "2001:db8::/32", "2001:db8::1/64", "2001:db8::1%eth0", "2001:db8::1/+64", "2001:0db8::1",
+         "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", "1::", "1:2:3:4:5:6:7:8:9", "2001:db8::/129", "", "/", "x"]
+
+
+def test_packed_item_gives_parse_items_network_or_leaves_it_to_parse_item() -> None:
+    rng = random.Random(13)
+    taken = 0
+    for text in EDGES + _random_items(rng, 20_000):
+        fast = packed_item(text)
+        try:
+            network = parse_item(text)
+        except ValueError:
+            assert fast is None, text  # what parse_item refuses, the fast path never takes
+            continue
+        if fast is not None:
+            taken += 1
+            assert fast == packed_of(network), text
+            assert fast[0] == net_text(network)
+    assert taken > 10_000  # the common forms do take the fast path
+
+
+# -- the worker, with the recording backend ------------------------------------------------------------
+
+
+def load(chain: Chain, texts: list[str], expires_at: float | None = None, actor: str = "feed") -> BulkLoad:
+    return BulkLoad(chain, tuple(packed_of(parse_item(t)) for t in texts), expires_at, actor, "198.51.100.9")
+
+
+def stored(h: Harness) -> dict[str, Entry]:
+    return {net_text(e.network): e for e in h.stored().entries if e.chain == WEB.name}
+
+
+def test_a_load_makes_new_blocks_rows_and_the_rest_claims(h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    w = h.worker()
+    h.clock.now = T0
+    h.run(w, block(WEB, "203.0.113.1/32", actor="alice"))  # held by another: the load claims it too
+    h.run(w, block(WEB, "203.0.113.2/32", actor="feed"))  # held by the loader: exists
+    h.run(w, block(WEB, "203.0.113.3/32"))
+    h.run(w, unblock(WEB, "203.0.113.3/32"))  # a tombstone on the key: replaced by the new row
+    h.clock.now = T0 + 10
+    texts = ["203.0.113.1/32", "203.0.113.2/32", "203.0.113.3/32", "203.0.113.4/32", "2001:db8:ffff::/48",
+             "203.0.113.4/32"]  # the last one twice
+    with caplog.at_level(logging.INFO, logger="webiptd.audit"):
+        done = h.run(w, load(WEB, texts, T0 + 600))
+    assert done == BulkBlocked(created=3, existing=3)
+    entries = stored(h)
+    assert entries["203.0.113.1/32"].claims == (Claim("alice", T0, None), Claim("feed", T0 + 10, T0 + 600))
+    assert entries["203.0.113.2/32"] == Entry(WEB.name, parse_item("203.0.113.2"), "DROP", T0, T0 + 600, "feed")
+    for text in ("203.0.113.3/32", "203.0.113.4/32", "2001:db8:ffff::/48"):
+        assert entries[text] == Entry(WEB.name, parse_item(text), "DROP", T0 + 10, T0 + 600, "feed"), text
+    assert h.stored().tombstones == []
+    assert {net_text(k[1]) for k in h.backend.kernel if k[0] == WEB.name} == set(entries)
+    assert w.count == 5 and w.entry_counts() == {WEB.name: 5}
+    lines = [r.getMessage() for r in caplog.records if r.name == "webiptd.audit"]
+    assert lines == ["user=feed client=198.51.100.9 action=bulk_block chain=f2b-web networks=6 first=203.0.113.1/32 "
+                     "last=203.0.113.4/32 owner=feed timeout=590 created=3 existing=3 scope=all"]
+    # The new blocks expire like any other, from the store's index.
+    h.clock.now = T0 + 601
+    h.run(w, block(WEB, "198.18.0.1/32", actor="feed"))  # the due expiries come in its batch
+    assert set(stored(h)) == {"203.0.113.1/32", "198.18.0.1/32"}
+    assert w.count == 2
+
+
+def test_a_load_ends_its_batch_so_a_later_command_sees_its_rows(h: Harness) -> None:
+    w = h.worker(start=False)
+    first = w.submit(load(WEB, ["203.0.113.5/32", "203.0.113.6/32"]))
+    then = w.submit(unblock(WEB, "203.0.113.5/32", actor="feed"))
+    again = w.submit(load(WEB, ["203.0.113.6/32"]))
+    w.start(timeout=WAIT)  # all three in the first batch the worker takes
+    assert first.result(WAIT) == BulkBlocked(2, 0)
+    assert then.result(WAIT).deleted
+    assert again.result(WAIT) == BulkBlocked(0, 1)
+    assert set(stored(h)) == {"203.0.113.6/32"} and w.count == 1
+
+
+def test_a_load_the_kernel_refuses_changes_nothing(h: Harness) -> None:
+    w = h.worker()
+    h.run(w, block(WEB, "203.0.113.1/32", actor="alice"))
+    before = h.stored()
+    h.backend.fail_applies = 1
+    with pytest.raises(FirewallUnavailable):
+        h.run(w, load(WEB, ["203.0.113.1/32", "203.0.113.8/32", "203.0.113.9/32"], T0 + 600))
+    assert h.stored() == before
+    h.backend.capacity = 2
+    with pytest.raises(FirewallFull):
+        h.run(w, load(WEB, ["203.0.113.8/32", "203.0.113.9/32"]))
+    assert h.stored() == before and w.count == 1 and w.entry_counts() == {WEB.name: 1}
+    h.backend.capacity = None
+    assert h.run(w, load(WEB, ["203.0.113.8/32", "203.0.113.9/32"])) == BulkBlocked(2, 0)
+    assert w.count == 3
+
+
+def test_loads_in_two_chains_do_not_meet(h: Harness) -> None:
+    w = h.worker()
+    assert h.run(w, load(WEB, ["203.0.113.1/32"])) == BulkBlocked(1, 0)
+    assert h.run(w, load(SSH, ["203.0.113.1/32"])) == BulkBlocked(1, 0)
+    assert h.backend.kernel == {("f2b-web", parse_item("203.0.113.1")): "DROP",
+                                ("f2b-ssh", parse_item("203.0.113.1")): "REJECT"}
+
+
+# -- each set backend's load(), in a namespace -------------------------------------------------------------
+
+
+def packed(texts: list[str]) -> list[Packed]:
+    return [packed_of(parse_item(t)) for t in texts]
+
+
+@pytest.mark.root
+@pytest.mark.backends("ipset")
+def test_ipset_load_puts_both_families_in_and_a_full_set_leaves_nothing(ns: NetNS, workdir: Path) -> None:
+    from webiptd.firewall.ipset import IpsetBackend
+
+    chains = {c.name: c for c in (Chain("loaded", ("INPUT",), "DROP", backend="ipset", maxelem=65536),
+                                  Chain("tiny", ("INPUT",), "DROP", backend="ipset", maxelem=4))}
+    backend = ns.call(lambda: IpsetBackend(str(workdir / "xtables.lock")))
+    try:
+        ns.call(lambda: backend.prepare(chains.values()))
+        ns.run(["ipset", "add", "loaded-v4", "203.0.113.1", "timeout", "50"])  # there already: takes the new one
+        items = packed(["203.0.113.1", "203.0.113.0/25", "2001:db8:ffff::1", "2001:db8:ffff:1::/64"]
+                       + [f"198.18.{i >> 8}.{i & 255}" for i in range(3000)])  # more than one message (SEND_MAX)
+        ns.call(lambda: backend.load("loaded", "DROP", time.time() + 600, None, items, chains))
+        v4, v6 = set_members(ns, "loaded-v4"), set_members(ns, "loaded-v6")
+        assert len(v4) == 3002 and set(v6) == {"2001:db8:ffff::1/128", "2001:db8:ffff:1::/64"}
+        assert all(590 <= t <= 600 for t in [*v4.values(), *v6.values()])
+        # A family that does not fit takes back what the other family's part did.
+        full = packed(["203.0.113.10", "203.0.113.11", "2001:db8:ffff::10"] + [f"2001:db8:ffff::{i:x}"
+                                                                                 for i in range(32, 40)])
+        with pytest.raises(CapacityExceeded):
+            ns.call(lambda: backend.load("tiny", "DROP", None, None, full, chains))
+        assert set_members(ns, "tiny-v4") == {} and set_members(ns, "tiny-v6") == {}
+    finally:
+        ns.call(backend.close)
+
+
+@pytest.mark.root
+@pytest.mark.backends("nftables")
+def test_nftables_load_makes_a_set_per_prefix_length_in_one_transaction(ns: NetNS) -> None:
+    from webiptd.firewall.nftables import NftablesBackend
+
+    chains = {c.name: c for c in (Chain("loaded", ("INPUT",), "DROP", backend="nftables"),
+                                  Chain("tiny", ("INPUT",), "DROP", backend="nftables", maxelem=4))}
+    backend = ns.call(lambda: NftablesBackend())
+    try:
+        ns.call(lambda: backend.prepare(chains.values()))
+        items = packed(["203.0.113.1", "203.0.113.0/25", "2001:db8:ffff::1", "2001:db8:ffff:1::/64"]
+                       + [f"198.18.{i >> 8}.{i & 255}" for i in range(3000)])
+        ns.call(lambda: backend.load("loaded", "DROP", time.time() + 600, None, items, chains))
+        hosts_v4 = elements(ns, "loaded-v4")
+        assert len(hosts_v4) == 3001 and 590 <= hosts_v4["203.0.113.1"]["timeout"] <= 600
+        assert set(elements(ns, "loaded-v4-25")) == {"203.0.113.0"}
+        assert set(elements(ns, "loaded-v6")) == {"2001:db8:ffff::1"}
+        assert set(elements(ns, "loaded-v6-64")) == {"2001:db8:ffff:1::"}
+        full = packed(["203.0.113.10", "2001:db8:ffff::10"] + [f"203.0.113.{i}" for i in range(32, 40)])
+        with pytest.raises(CapacityExceeded):
+            ns.call(lambda: backend.load("tiny", "DROP", None, None, full, chains))
+        assert elements(ns, "tiny-v4") == {} and not ns.run(["nft", "list", "set", "inet", "web-ipt-d", "tiny-v6"],
+                                                             check=False).stdout.count("2001:db8")
+    finally:
+        ns.call(backend.close)
+
+
+# -- through the daemon ------------------------------------------------------------------------------------
+
+
+@pytest.mark.root
+@pytest.mark.backends("nftables")
+def test_a_load_past_a_full_nftables_set_keeps_the_batches_before(daemon: Daemon) -> None:
+    d = daemon
+    d.config["limits"]["max_bulk_items"] = 50_000
+    d.config["chains"]["f2b-web"].update(backend="nftables", maxelem=25_000)
+    d.start()
+    assert d.request("PUT", "/chain/f2b-web/ipv4/198.18.0.5?owner=alice").status == 201  # in the load too
+    r = post(d, "f2b-web", "\n".join(hosts(40_000)).encode())
+    assert r.status == 507 and r.json["error"] == "firewall_full", r
+    j: dict[str, Any] = r.json
+    # Batches of 10,000 lines: the first (the item held by alice among them) and the second went in.
+    assert (j["applied_through"], j["created"], j["existing"]) == (20_000, 19_999, 1), j
+    assert len(d.kernel_entries("f2b-web", 4)) == 20_000
+    held = d.request("GET", "/chain/f2b-web/ipv4/198.18.0.5").json
+    assert sorted(c["owner"] for c in held["claims"]) == ["admin", "admin/alice"], held
+    # The load goes on from where it stopped once there is room (a reload raises maxelem).
+    d.config["chains"]["f2b-web"]["maxelem"] = 50_000
+    d.reload()
+    r = post(d, "f2b-web", "\n".join(hosts(20_000, 20_000)).encode())
+    assert r.status == 200 and (r.json["created"], r.json["failed"]) == (20_000, 0), r
+    assert len(d.kernel_entries("f2b-web", 4)) == 40_000
+
+
+def test_a_load_into_a_shared_chain_announces_what_it_changed(h: Harness) -> None:
+    from tests.test_fleet_logic import SHARED, fleet_worker, outbox
+
+    w = fleet_worker(h, node="fw1")
+    h.clock.now = T0
+    h.run(w, block(SHARED, "203.0.113.1/32", actor="feed"))  # held already by the loader: nothing to announce
+    assert h.run(w, load(SHARED, ["203.0.113.1/32", "203.0.113.2/32", "2001:db8:ffff::/48"], T0 + 600)) == \
+        BulkBlocked(2, 1)
+    events = outbox(h)[1:]
+    assert [(e["op"], e["network"], e["owner"], e["node"], float(e["expires_at"])) for e in events] == [
+        ("block", "203.0.113.1/32", "feed", "fw1", T0 + 600),  # its claim's new expiry
+        ("block", "203.0.113.2/32", "feed", "fw1", T0 + 600),
+        ("block", "2001:db8:ffff::/48", "feed", "fw1", T0 + 600)]
+    assert w.outbox_committed == h.store.outbox_seq == 4
