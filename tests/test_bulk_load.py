@@ -221,16 +221,16 @@ def test_a_load_past_a_full_nftables_set_keeps_the_batches_before(daemon: Daemon
     r = post(d, "f2b-web", "\n".join(hosts(40_000)).encode())
     assert r.status == 507 and r.json["error"] == "firewall_full", r
     j: dict[str, Any] = r.json
-    # Batches of 10,000 lines: the first (the item held by alice among them) and the second went in.
-    assert (j["applied_through"], j["created"], j["existing"]) == (20_000, 19_999, 1), j
-    assert len(d.kernel_entries("f2b-web", 4)) == 20_000
+    # The first 10,000 lines went in (the item held by alice among them); the other 30,000, one batch, do not fit.
+    assert (j["applied_through"], j["created"], j["existing"]) == (10_000, 9_999, 1), j
+    assert len(d.kernel_entries("f2b-web", 4)) == 10_000
     held = d.request("GET", "/chain/f2b-web/ipv4/198.18.0.5").json
     assert sorted(c["owner"] for c in held["claims"]) == ["admin", "admin/alice"], held
     # The load goes on from where it stopped once there is room (a reload raises maxelem).
     d.config["chains"]["f2b-web"]["maxelem"] = 50_000
     d.reload()
-    r = post(d, "f2b-web", "\n".join(hosts(20_000, 20_000)).encode())
-    assert r.status == 200 and (r.json["created"], r.json["failed"]) == (20_000, 0), r
+    r = post(d, "f2b-web", "\n".join(hosts(30_000, 10_000)).encode())
+    assert r.status == 200 and (r.json["created"], r.json["failed"]) == (30_000, 0), r
     assert len(d.kernel_entries("f2b-web", 4)) == 40_000
 
 
@@ -248,3 +248,44 @@ def test_a_load_into_a_shared_chain_announces_what_it_changed(h: Harness) -> Non
         ("block", "203.0.113.2/32", "feed", "fw1", T0 + 600),
         ("block", "2001:db8:ffff::/48", "feed", "fw1", T0 + 600)]
     assert w.outbox_committed == h.store.outbox_seq == 4
+
+
+def test_packed_elements_are_the_bytes_of_an_element_each() -> None:
+    from webiptd.firewall.ipset_netlink import IPSET_CMD_ADD, Element, IpsetNetlink, packed_elements
+
+    nl = IpsetNetlink()  # no socket is opened to make the bytes
+    for texts in (["203.0.113.1", "203.0.113.0/24", "0.0.0.0/1"], ["2001:db8::1", "2001:db8::/32", "8000::/1"]):
+        items = packed(texts)
+        for timeout in (None, 0, 600):
+            assert packed_elements(items, timeout) == b"".join(
+                nl._element_data(Element(IPSET_CMD_ADD, "s", parse_item(t), False, timeout), i)
+                for i, t in enumerate(texts, 1))
+
+
+def test_a_load_guessed_new_that_meets_the_stores_rows_is_looked_up_and_done_again(h: Harness) -> None:
+    from tests.test_fleet_logic import SHARED, fleet_worker, outbox
+
+    w = fleet_worker(h, node="fw1")
+    h.clock.now = T0
+    lookups: list[str] = []
+    held = h.store.held
+    h.store.held = lambda chain, *rest: lookups.append(chain) or held(chain, *rest)  # type: ignore[method-assign]
+    assert h.run(w, load(SHARED, ["203.0.113.1/32"])) == BulkBlocked(1, 0)  # nothing held: the next is not looked up
+    assert lookups == ["f2b-web"]
+    h.run(w, block(SHARED, "203.0.113.2/32", actor="alice"))
+    h.run(w, block(SHARED, "203.0.113.3/32", actor="alice"))
+    h.run(w, unblock(SHARED, "203.0.113.3/32", actor="alice"))  # a tombstone
+    events = len(outbox(h))
+    done = h.run(w, load(SHARED, ["203.0.113.2/32", "203.0.113.3/32", "203.0.113.4/32"], T0 + 600))
+    assert done == BulkBlocked(2, 1)
+    assert lookups == ["f2b-web"] * 2  # the first try without a lookup, then the try again with one
+    entries = stored(h)
+    assert entries["203.0.113.2/32"].claims == (Claim("alice", T0, None), Claim("feed", T0, T0 + 600))
+    assert entries["203.0.113.3/32"] == Entry(WEB.name, parse_item("203.0.113.3"), "DROP", T0, T0 + 600, "feed")
+    assert set(entries) == {"203.0.113.1/32", "203.0.113.2/32", "203.0.113.3/32", "203.0.113.4/32"}
+    assert h.stored().tombstones == []
+    # The first try's events went with its rollback: one event a change, once.
+    assert [(e["op"], e["network"]) for e in outbox(h)[events:]] == [
+        ("block", "203.0.113.2/32"), ("block", "203.0.113.3/32"), ("block", "203.0.113.4/32")]
+    assert w.outbox_committed == h.store.outbox_seq == events + 3
+    assert w.count == 4

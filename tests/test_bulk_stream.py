@@ -100,12 +100,12 @@ def test_more_than_ten_thousand_items_get_counts_and_the_first_100_failures(daem
     assert (j["created"], j["existing"], j["failed"]) == (24_750, 0, 250)
     assert len(j["failures"]) == 100 and j["failures"][0]["line"] == 1 and j["failures"][99]["line"] == 9901
     assert len(d.kernel_entries("f2b-web", 4)) == 24_750
-    # one audit line a batch, not one an entry: 3 batches of at most 10,000
-    assert d.log().count("action=bulk_block chain=f2b-web") == 3
-    # Over the item limit: 413, with what was applied before it.
+    # one audit line a batch, not one an entry: the first 10,000 lines, then the rest (batches of up to 100,000)
+    assert d.log().count("action=bulk_block chain=f2b-web") == 2
+    # Over the item limit: 413, with what was applied before it (the first batch; the second was not full yet).
     r = post(d, "f2b-web", "\n".join(hosts(30_001, 100_000)).encode())
     assert r.status == 413 and r.json["error"] == "too_large", r
-    assert r.json["applied_through"] == 30_000 and r.json["created"] == 30_000
+    assert r.json["applied_through"] == 10_000 and r.json["created"] == 10_000
 
 
 def test_a_failure_half_way_keeps_the_batches_before(daemon: Daemon) -> None:
@@ -116,10 +116,11 @@ def test_a_failure_half_way_keeps_the_batches_before(daemon: Daemon) -> None:
     r = post(d, "f2b-web", json.dumps(hosts(40_000)).encode(), "application/json")
     assert r.status == 507 and r.json["error"] == "firewall_full", r
     j = r.json
-    assert j["applied_through"] == 19_999 and j["created"] == 20_000, j  # JSON: the index of the last applied
-    assert len(d.kernel_entries("f2b-web", 4)) == 20_000
-    listed = d.request("GET", "/chain/f2b-web?limit=10000").json
-    assert len(listed["entries"]) == 10_000 and listed["next"]
+    # The first 10,000 items, then the other 30,000 in one batch, which does not fit.
+    assert j["applied_through"] == 9_999 and j["created"] == 10_000, j  # JSON: the index of the last applied
+    assert len(d.kernel_entries("f2b-web", 4)) == 10_000
+    listed = d.request("GET", "/chain/f2b-web?limit=5000").json
+    assert len(listed["entries"]) == 5_000 and listed["next"]
 
 
 def test_unauthenticated_and_refused_posts_are_answered_without_reading_the_body(daemon: Daemon) -> None:
@@ -176,13 +177,13 @@ def test_a_body_cut_off_mid_way_keeps_what_was_applied(daemon: Daemon) -> None:
     finally:
         conn.close()
     assert time.monotonic() - started < 20
-    # Two whole batches stay (lines 1 to 20,000); the third, cut off, was not applied.
+    # The first batch stays (lines 1 to 10,000); the second, cut off, was not applied.
     deadline = time.monotonic() + 5
-    while len(d.kernel_entries("f2b-web", 4)) != 20_000 and time.monotonic() < deadline:
+    while len(d.kernel_entries("f2b-web", 4)) != 10_000 and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert len(d.kernel_entries("f2b-web", 4)) == 20_000
+    assert len(d.kernel_entries("f2b-web", 4)) == 10_000
     if reply:  # admission may have shut the socket before the answer
-        assert b" 400 " in reply.split(b"\r\n", 1)[0] and b'"applied_through":20000' in reply, reply[:400]
+        assert b" 400 " in reply.split(b"\r\n", 1)[0] and b'"applied_through":10000' in reply, reply[:400]
 
 
 def test_a_trickling_body_is_cut(running: Daemon) -> None:

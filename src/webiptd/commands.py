@@ -151,9 +151,10 @@ Packed = tuple[str, bytes, int]
 
 @dataclass(frozen=True)
 class BulkLoad:
-    """One batch of a large streamed load (past DETAIL items): the blocks of `items`, answered with BulkBlocked
-    counts and audited in one line. The networks nobody holds go to the store and the kernel as rows and packed
-    addresses, without an Entry or an ipaddress object each; the rest as a Block each."""
+    """One batch of a large streamed load (past DETAIL items): the blocks of `items` (sorted by their text, as the
+    store's key), answered with BulkBlocked counts and audited in one line. The networks nobody holds go to the
+    store and the kernel as rows and packed addresses, without an Entry or an ipaddress object each; the rest as a
+    Block each."""
 
     chain: Chain
     items: tuple[Packed, ...]

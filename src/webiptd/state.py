@@ -175,6 +175,11 @@ _UPSERT = ("INSERT INTO blocks (chain, network, proto, ports, target, created_at
            "created_by=excluded.created_by, removing=0, due=excluded.due")
 
 
+_INSERT_NEW = ("INSERT INTO blocks (chain, network, proto, ports, target, created_at, expires_at, created_by, "
+               "removing, due) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?) ON CONFLICT (chain, network, proto, ports) DO "
+               "NOTHING")
+
+
 def scope_columns(scope: Scope | None) -> tuple[str, str]:
     return ("", "") if scope is None else (scope.proto, scope.port_text)
 
@@ -260,6 +265,13 @@ class Fresh(NamedTuple):
     expires_at: float | None
     owner: str
     items: list[tuple[str, bytes, int]]
+    # Not looked up: the store was not asked whether it holds any of them (Worker._load's guess). Then they are
+    # written only if it holds none, not even a tombstone; else write() raises Held and writes nothing.
+    unseen: bool = False
+
+
+class Held(Exception):
+    """A load's rows written without a lookup (Fresh.unseen) met a row of the store: nothing was written."""
 
 
 class Counts(NamedTuple):
@@ -398,6 +410,7 @@ class Store:
         `outbox` events (JSON), set the `fleet` keys, and drop the outbox rows up to `published`. `stale`: the row
         keys of `puts` that had claims rows before (None: any may have). `fresh`: a load's new blocks."""
         db = self._db
+        outbox_seq = self.outbox_seq
         db.execute("BEGIN IMMEDIATE")
         try:
             outbox = list(outbox)
@@ -415,11 +428,14 @@ class Store:
             self._put_claims(db, puts, keys, stale)
             for f in fresh:
                 proto, ports = scope_columns(f.scope)
-                db.executemany(_UPSERT, zip(itertools.repeat(f.chain), [item[0] for item in f.items],
-                                            itertools.repeat(proto), itertools.repeat(ports),
-                                            itertools.repeat(f.target), itertools.repeat(f.created_at),
-                                            itertools.repeat(f.expires_at), itertools.repeat(f.owner),
-                                            itertools.repeat(f.expires_at)))
+                # In key order, each page of the table is read and changed once (a load's items come sorted).
+                before = db.total_changes
+                db.executemany(_INSERT_NEW if f.unseen else _UPSERT, zip(
+                    itertools.repeat(f.chain), sorted([item[0] for item in f.items]), itertools.repeat(proto),
+                    itertools.repeat(ports), itertools.repeat(f.target), itertools.repeat(f.created_at),
+                    itertools.repeat(f.expires_at), itertools.repeat(f.owner), itertools.repeat(f.expires_at)))
+                if f.unseen and db.total_changes - before != len(f.items):
+                    raise Held(f"a row of chain {f.chain} is in the store already")
             # A tombstone needs no claims (it only has to leave the kernel), and a block made again on its key
             # must not find them.
             removed = [row_key(e) for e in removes]
@@ -435,6 +451,7 @@ class Store:
         except BaseException:
             if db.in_transaction:  # SQLite ends it by itself after some errors (SQLITE_FULL, SQLITE_IOERR)
                 db.execute("ROLLBACK")
+            self.outbox_seq = outbox_seq
             raise
 
     def restore(self, before: Iterable[tuple[tuple[str, Network, Scope | None], Entry | None]],
@@ -496,6 +513,8 @@ class Store:
         hundred; `networks`: the Network of each text, when the caller has them."""
         found: dict[str, Entry] = {}
         proto, ports = scope_columns(scope)
+        texts = sorted(texts)  # each query's keys close together in the table: its pages read once (timsort: at
+        # once when they are in order already, as a load's are)
         for i in range(0, len(texts), _IN_CHUNK):
             part = texts[i:i + _IN_CHUNK]
             rows = self._db.execute(

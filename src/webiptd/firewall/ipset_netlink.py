@@ -71,6 +71,8 @@ _LINENO_VALUE = struct.Struct("=I")
 _ADDRESS = {4: struct.Struct("=HHHH4sHHB3x"), 16: struct.Struct("=HHHH16sHHB3x")}
 _ADDRESS_HEADERS = {4: (12, IPSET_ATTR_IP | NLA_F_NESTED, 8, IPSET_ATTR_IPADDR_IPV4 | NLA_F_NET_BYTEORDER),
                     16: (24, IPSET_ATTR_IP | NLA_F_NESTED, 20, IPSET_ATTR_IPADDR_IPV6 | NLA_F_NET_BYTEORDER)}
+_CIDR = struct.Struct("=HHB3x")  # IPSET_ATTR_CIDR, as the end of _ADDRESS packs it
+_LINENOS = [_LINENO_VALUE.pack(i) for i in range(SEND_MAX + 1)]  # the values of IPSET_ATTR_LINENO in a message
 _FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
 _ADDR_ATTR = {4: IPSET_ATTR_IPADDR_IPV4, 6: IPSET_ATTR_IPADDR_IPV6}
 
@@ -116,6 +118,20 @@ class Element(NamedTuple):
     timeout: int | None = None
     proto: int | None = None  # hash:net,port only, with `ports`
     ports: tuple[int, int] | None = None
+
+
+def packed_elements(items: Sequence[tuple[str, bytes, int]], timeout: int | None) -> bytes:
+    """The IPSET_ATTR_DATA of each of `items` (of one family; at most SEND_MAX), numbered from 1, as
+    IpsetNetlink._element_data makes them. Every one is as long, and only three parts differ: the address, the
+    prefix length, the line number; so each is put together from bytes made once (a fifth of the time)."""
+    size = len(items[0][1])
+    address, headers = _ADDRESS[size], _ADDRESS_HEADERS[size]
+    extra = b"" if timeout is None else _NLA.pack(8, IPSET_ATTR_TIMEOUT | NLA_F_NET_BYTEORDER) + BE32.pack(timeout)
+    head = _NLA.pack(4 + address.size + len(extra) + _LINENO.size, IPSET_ATTR_DATA | NLA_F_NESTED) \
+        + _NLA.pack(*headers[:2]) + _NLA.pack(*headers[2:])
+    after = [_CIDR.pack(5, IPSET_ATTR_CIDR, length) + extra + _NLA.pack(8, IPSET_ATTR_LINENO)
+             for length in range(size * 8 + 1)]
+    return b"".join([head + packed + after[length] + _LINENOS[i] for i, (_, packed, length) in enumerate(items, 1)])
 
 
 class IpsetNetlink:
@@ -245,18 +261,12 @@ class IpsetNetlink:
             return []
         sock = self._open()
         size = len(items[0][1])
-        address, headers = _ADDRESS[size], _ADDRESS_HEADERS[size]
-        extra = b"" if timeout is None else _NLA.pack(8, IPSET_ATTR_TIMEOUT | NLA_F_NET_BYTEORDER) + BE32.pack(timeout)
-        # Every element's IPSET_ATTR_DATA is as long: its header, then the address, the timeout, the line number.
-        nested = _NLA.pack(4 + address.size + len(extra) + _LINENO.size, IPSET_ATTR_DATA | NLA_F_NESTED)
         prefix = self._prefix(name) + _LINENO.pack(8, IPSET_ATTR_LINENO, 0)
         codes: list[int] = []
         start = 0
         while start < len(items):
             chunk = items[start:start + SEND_MAX]
-            adt = b"".join([nested + address.pack(*headers, packed, 5, IPSET_ATTR_CIDR, length) + extra
-                            + _LINENO.pack(8, IPSET_ATTR_LINENO, i)
-                            for i, (_, packed, length) in enumerate(chunk, 1)])
+            adt = packed_elements(chunk, timeout)
             seq = next(self._seq) & 0xFFFFFFFF
             try:
                 sock.send(message(NFNL_SUBSYS_IPSET, IPSET_CMD_ADD, NLM_F_REQUEST | NLM_F_ACK, seq,

@@ -21,8 +21,8 @@ from webiptd.firewall.netlink import (
     BE32, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, attr, attrs, error_code, message, nested, nfgen_attrs,
     open_socket, replies,
 )
-from webiptd.firewall.ops import Add, CapacityExceeded, Items, Key, Op, adds
-from webiptd.net import Network, network_of
+from webiptd.firewall.ops import Add, CapacityExceeded, Items, Key, Op, Remove, adds
+from webiptd.net import Network, network_of, unpacked
 from webiptd.scope import PROTOCOL_NAMES, PROTOCOLS, Scope
 
 logger = logging.getLogger(__name__)
@@ -211,6 +211,11 @@ def _timeout(expires_at: float | None, now: float) -> int | None:
     # Rounded up, so the kernel never lets go before the worker's own expiry does.
     return None if expires_at is None else max(1, math.ceil(expires_at - now))
 
+
+# Elements of a load in one transaction. A transaction the kernel refuses answers each of its messages with an
+# error that echoes it; past some 10,000 elements those overflow the socket (ENOBUFS) and the cause (ENFILE: the
+# set is full, a 507) is lost.
+LOAD_CHUNK = 10_000
 
 GENERATION_TIMEOUT = 10.0  # the kernel answers at once; the worker must never wait for ever on it
 
@@ -723,11 +728,24 @@ class NftablesBackend:
             self.apply(adds(chain, target, expires_at, scope, items), chains)
             return
         added = _Change(False, True, _timeout(expires_at, self._clock()))
-        by_set: dict[tuple[int, int], list[str]] = {}
-        for text, packed, length in items:
-            by_set.setdefault((len(packed), length), []).append(text[:text.index("/")])
-        self._commit({(chain, 4 if size == 4 else 6, length, ALL): dict.fromkeys(addresses, added)
-                      for (size, length), addresses in by_set.items()}, chains)
+        done: list[tuple[str, bytes, int]] = []
+        for start in range(0, len(items), LOAD_CHUNK):
+            part = items[start:start + LOAD_CHUNK]
+            by_set: dict[tuple[int, int], list[str]] = {}
+            for text, packed, length in part:
+                by_set.setdefault((len(packed), length), []).append(text[:text.index("/")])
+            try:
+                self._commit({(chain, 4 if size == 4 else 6, length, ALL): dict.fromkeys(addresses, added)
+                              for (size, length), addresses in by_set.items()}, chains)
+            except Exception:
+                if done:  # take back the transactions before; the worker's reconcile settles what this leaves
+                    try:
+                        self.apply([Remove(chain, unpacked(packed, length), target) for _, packed, length in done],
+                                   chains)
+                    except Exception:
+                        logger.exception("could not take back the part of a load that went in")
+                raise
+            done += part
 
     def _commit(self, changes: Mapping[ElementKey, Mapping[Element, _Change]], chains: Mapping[str, Chain]) -> None:
         if not changes:

@@ -8,6 +8,7 @@ import functools
 import importlib.resources
 import json
 import logging
+import operator
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -40,9 +41,10 @@ T = TypeVar("T")
 
 MAX_TIMEOUT = 10 * 365 * 86400  # ten years; anything longer is a typo, and permanent is -1 or 0
 MAX_ITEM = 64  # characters of one bulk item: the longest IPv6 network is 43
-BATCH = 10_000  # networks of a bulk POST submitted to the worker at a time
+BATCH = 100_000  # networks of a bulk POST submitted to the worker at a time
 DETAIL = 10_000  # a bulk POST of at most this many items gets a result per item
 MAX_FAILURES = 100  # the failures a bulk POST's answer lists
+_text = operator.itemgetter(0)  # of a Packed
 EVERY_OWNER = "*"  # DELETE ?owner=*: every claim at once, for a user with override
 AUTH_FAILED = Reason("authentication failed: client={source} (unknown user, wrong password or bad credentials)",
                      "authentication failed {n} more times: client={source}")
@@ -627,6 +629,9 @@ class _BulkLoad:
             return refused
         req, target = self.req, self.target
         if loading:  # in flight until the next flush, or the end, settles it
+            # In key order (the store's text): the worker's lookups and writes then take each page of the table
+            # once, whatever the order of the list (a real feed's is random: 2.5 times the time without).
+            loading.sort(key=_text)
             command = BulkLoad(target.chain, tuple(loading), self.expires_at, req.user.name, str(req.client),
                                target.owner, target.scope)
             self.in_flight = (self.app.runtime.worker.submit(command), self.through, self.failed, len(loading))
