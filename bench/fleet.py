@@ -12,6 +12,8 @@ import json
 import math
 import mmap
 import os
+import re
+import shutil
 import signal
 import socket
 import struct
@@ -300,46 +302,71 @@ class _Endpoint:
 
 
 def cost(pki: Any, hashes: dict[str, str], backend: str, seconds: float, pairs: int, clients: int,
-         ops: int = 60_000) -> dict[str, Any]:
+         ops: int = 60_000, profile: Path | None = None, reference: Path | None = None) -> dict[str, Any]:
     """A's block rate with a fleet (shared chain, Redis in its namespace, no other node) against the same config
-    without; runs interleaved, the order swapped each pair. Every run's entries are unblocked after it."""
+    without; runs interleaved, the order swapped each pair. Every run's entries are unblocked after it. With
+    `reference` (another checkout's src/), a third variant `fleet-ref`: the fleet run by that code, interleaved with
+    the other two, so that a change is compared under the same load."""
     from tests.fleet_net import CHAIN, Fleet, wait_until
     made: list[Any] = []
     pool: ClientPool | None = None
     runs: list[dict[str, Any]] = []
     try:
         fleets = {}
-        for variant, on in (("fleet", True), ("plain", False)):
+        variants = [("fleet", True), ("plain", False)] + ([("fleet-ref", True)] if reference is not None else [])
+        for variant, on in variants:
             fl = Fleet(pki, hashes, (backend,), names=("a",), fleet=on, configure=_configure)
             made.append(fl)
-            fl.start("a", redis_too=on)
+            if variant == "fleet-ref":
+                fl.redis.start()
+                fl["a"].start(PYTHONPATH=str(reference))
+            else:
+                fl.start("a", redis_too=on)
             if on:
                 wait_until(lambda fl=fl: fl.caught_up("a"), 30, "A follows the stream")
             fleets[variant] = fl
         pool = ClientPool(clients)
         todo = [_path(CHAIN, i) for i in range(ops)]
         for pair in range(pairs):
-            for variant in (("fleet", "plain") if pair % 2 == 0 else ("plain", "fleet")):
+            order = [v for v, _ in variants]
+            for variant in order[pair % len(order):] + order[:pair % len(order)] if len(order) > 2 else (
+                    order if pair % 2 == 0 else order[::-1]):
                 fl = fleets[variant]
                 d = fl["a"]
                 pool.connect(_Endpoint(d.ns, "127.0.0.1", PORT, pki.ca, basic("admin", PASSWORDS["admin"])))
-                pids = [d.pid] + ([fl.redis.proc.pid] if variant == "fleet" else [])
-                def cpu(pids: list[int] = pids) -> list[float]:
-                    return [proc_cpu_seconds(p) for p in pids]
+                pids = [d.pid] + ([fl.redis.proc.pid] if variant != "plain" else [])
+                names = thread_names(d.pid)
 
-                replies, sent, cpu0, cpu1 = pool.run(clients, "PUT", todo, 201, budget=seconds, sample=cpu)
+                def cpu(pids: list[int] = pids) -> tuple[list[float], dict[int, tuple[float, float]]]:
+                    return [proc_cpu_seconds(p) for p in pids], thread_cpu(pids[0])
+
+                batches0 = _batches(d)
+                profiler = None
+                if profile is not None:
+                    from throughput import Profiler
+                    profiler = Profiler(d.pid, profile / f"{backend}-{variant}-{pair + 1}",
+                                        ["--gil", "--duration", str(int(seconds) + 2)], top=40)
+                try:
+                    replies, sent, (cpu0, threads0), (cpu1, threads1) = pool.run(clients, "PUT", todo, 201,
+                                                                                 budget=seconds, sample=cpu)
+                finally:
+                    if profiler is not None:
+                        profiler.stop()
                 span = max(r["t1"] for r in replies) - min(r["t0"] for r in replies)
                 lat = sorted(x for r in replies for x in r["latencies"])
                 errors = sum(len(r["errors"]) for r in replies)
-                outbox = fl.status("a")["outbox"] if variant == "fleet" else None
+                batches1 = _batches(d)
+                outbox = fl.status("a")["outbox"] if variant != "plain" else None
                 pool.run(clients, "DELETE", sent, 200)
-                if variant == "fleet":
+                if variant != "plain":
                     wait_until(lambda fl=fl: fl.published("a"), 120, "A published its outbox", every=0.2)
                 pool.disconnect()
                 runs.append({"pair": pair + 1, "variant": variant, "blocks": len(sent), "rate": len(sent) / span,
                              "p50_ms": percentile(lat, 50) * 1000, "p99_ms": percentile(lat, 99) * 1000,
                              "errors": errors, "outbox_at_end": outbox, "loadavg": loadavg(),
                              "daemon_cpu_ms": 1000 * (cpu1[0] - cpu0[0]) / max(1, len(sent)),
+                             "thread_cpu_ms": by_thread(names, threads0, threads1, len(sent)),
+                             "batch_mean": (batches1[1] - batches0[1]) / max(1, batches1[0] - batches0[0]),
                              "redis_cpu_ms": 1000 * (cpu1[1] - cpu0[1]) / max(1, len(sent)) if len(pids) > 1 else None})
     finally:
         if pool is not None:
@@ -348,16 +375,76 @@ def cost(pki: Any, hashes: dict[str, str], backend: str, seconds: float, pairs: 
             fl.close()
     rate = {(r["pair"], r["variant"]): r["rate"] for r in runs}
     mean = {v: sum(rate[p, v] for p in range(1, pairs + 1)) / pairs for v in ("fleet", "plain")}
-    return {"backend": backend, "clients": clients, "seconds": seconds, "runs": runs,
-            "ratio": mean["fleet"] / mean["plain"],
+    cpu_ms = {v: sum(r["daemon_cpu_ms"] for r in runs if r["variant"] == v) / pairs for v, _ in variants}
+    ref: dict[str, float] = {}
+    if reference is not None:
+        ref = {"ref_ratio": sum(rate[p, "fleet-ref"] for p in range(1, pairs + 1)) / pairs / mean["plain"],
+               "ref_cpu_ratio": cpu_ms["plain"] / cpu_ms["fleet-ref"]}
+    return {"backend": backend, "clients": clients, "seconds": seconds, "runs": runs, **ref,
+            "ratio": mean["fleet"] / mean["plain"], "cpu_ratio": cpu_ms["plain"] / cpu_ms["fleet"],
             "pair_ratios": [rate[p, "fleet"] / rate[p, "plain"] for p in range(1, pairs + 1)]}
+
+
+# -- where a daemon's CPU goes, by thread ---------------------------------------------------------------------
+
+
+def _py_spy() -> str:
+    return shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    """The daemon's threads by OS thread id, from `py-spy dump` (Python 3.11 does not name them in /proc); the
+    connection threads pooled as `conn-*`. Empty without py-spy."""
+    try:
+        dump = subprocess.run([_py_spy(), "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    names = {}
+    for tid, name in re.findall(r'^Thread (\d+) \([^)]*\): "([^"]*)"', dump.stdout, re.M):
+        names[int(tid)] = "conn-*" if name.startswith("conn-") else name
+    return names
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[float, float]]:
+    """CPU seconds (user, system) of each thread of `pid` so far (proc(5), /proc/PID/task/TID/stat)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue  # ended meanwhile
+        tick = os.sysconf("SC_CLK_TCK")
+        out[int(tid)] = int(fields[11]) / tick, int(fields[12]) / tick
+    return out
+
+
+def _batches(d: Any) -> tuple[float, float]:
+    """The worker's batches so far and the commands in them (webiptd_batch_size_commands' count and sum)."""
+    r = d.request("GET", "/metrics")
+    found = dict(re.findall(r"^webiptd_batch_size_commands_(count|sum) (\S+)$", r.raw.decode(), re.M))
+    return float(found.get("count", 0)), float(found.get("sum", 0))
+
+
+def by_thread(names: dict[int, str], before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]],
+              blocks: int) -> dict[str, list[float]]:
+    """CPU ms a block of each named thread, [user + system, system] (threads of one name summed; unnamed ones as
+    `other`)."""
+    out: dict[str, list[float]] = {}
+    for tid, (user, system) in after.items():
+        user0, system0 = before.get(tid, (0.0, 0.0))
+        total = out.setdefault(names.get(tid, "other"), [0.0, 0.0])
+        total[0] += 1000 * (user + system - user0 - system0) / max(1, blocks)
+        total[1] += 1000 * (system - system0) / max(1, blocks)
+    return dict(sorted(out.items(), key=lambda x: -x[1][0]))
 
 
 # -- the section --------------------------------------------------------------------------------------------
 
 
 def run(backends: Sequence[str], parts: Sequence[str], rate: float, seconds: float, catchup_total: int,
-        cost_seconds: float, pairs: int, clients: int, log: Callable[[str], None]) -> dict[str, Any]:
+        cost_seconds: float, pairs: int, clients: int, log: Callable[[str], None],
+        profile: Path | None = None, reference: Path | None = None) -> dict[str, Any]:
     from tests.fleet_net import Fleet, wait_until
     results: dict[str, Any] = {"propagation": [], "catchup": [], "cost": [], "loadavg_start": loadavg()}
     root = Path(tempfile.mkdtemp(prefix="wipt-fleet-", dir="/tmp"))
@@ -377,9 +464,9 @@ def run(backends: Sequence[str], parts: Sequence[str], rate: float, seconds: flo
                     results["catchup"].append(catchup(f, backend, catchup_total))
         if "cost" in parts:
             log(f"{backend}: cost, {pairs} pairs of {cost_seconds:g} s runs, {clients} clients")
-            results["cost"].append(cost(pki, hashes, backend, cost_seconds, pairs, clients))
+            results["cost"].append(cost(pki, hashes, backend, cost_seconds, pairs, clients, profile=profile,
+                                        reference=reference))
     results["loadavg_end"] = loadavg()
-    import shutil
     shutil.rmtree(root, ignore_errors=True)
     return results
 
@@ -425,7 +512,19 @@ def tables(results: dict[str, Any]) -> list[str]:
                            f"{'-' if r['redis_cpu_ms'] is None else format(r['redis_cpu_ms'], '.2f')} | "
                            f"{'-' if r['outbox_at_end'] is None else r['outbox_at_end']} | {r['errors']} |")
             out.append(f"| {c['backend']} | all | fleet ÷ plain | **{c['ratio']:.3f}** | per pair "
-                       f"{', '.join(f'{x:.3f}' for x in c['pair_ratios'])} | | | |")
+                       f"{', '.join(f'{x:.3f}' for x in c['pair_ratios'])} | daemon plain ÷ fleet "
+                       f"**{c['cpu_ratio']:.3f}** | | |")
+            if "ref_ratio" in c:
+                out.append(f"| {c['backend']} | all | fleet-ref ÷ plain | **{c['ref_ratio']:.3f}** | | daemon plain ÷ "
+                           f"fleet-ref **{c['ref_cpu_ratio']:.3f}** | | |")
+        out += ["", "The daemon's CPU ms a block by thread, and of it in the kernel (/proc/PID/task, threads named by "
+                "`py-spy dump`)", ""]
+        for c in results["cost"]:
+            for r in c["runs"]:
+                parts = ", ".join(f"{name} {ms:.3f} (sys {sys_ms:.3f})" for name, (ms, sys_ms)
+                                  in r["thread_cpu_ms"].items() if ms >= 0.0005)
+                out.append(f"- {c['backend']} pair {r['pair']} {r['variant']} ({r['batch_mean']:.2f} commands a "
+                           f"batch): {parts}")
     return out
 
 
@@ -440,6 +539,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pairs", type=int, default=2, help="fleet/plain pairs of cost runs (default 2)")
     p.add_argument("--clients", type=int, default=4, help="keep-alive clients of a cost run (default 4)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write every figure")
+    p.add_argument("--profile", type=Path, metavar="DIR", help="py-spy record of A during each cost run (raw stacks "
+                   "per thread and their summary, as the throughput section's --profile)")
+    p.add_argument("--reference", type=Path, metavar="SRC", help="cost: also run the fleet with the code of SRC "
+                   "(another checkout's src/), interleaved, as variant fleet-ref")
     args = p.parse_args(argv)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
@@ -452,7 +555,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def section(args: argparse.Namespace) -> dict[str, Any]:
     return run(args.backends, args.parts, args.rate, args.seconds, args.catchup, args.cost_seconds, args.pairs,
-               args.clients, lambda text: print(text, file=sys.stderr, flush=True))
+               args.clients, lambda text: print(text, file=sys.stderr, flush=True), args.profile, args.reference)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -14,12 +14,15 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from common import BENCH, CHAIN, HOST, POOLS, PORT, int_list, loadavg, machine_info, proc_cpu_seconds
+from common import (
+    BENCH, CHAIN, HOST, POOLS, PORT, USER, int_list, loadavg, machine_info, proc_cpu_seconds, proc_sys_seconds,
+)
 
 from targets import BenchPki, Server, WebiptdTarget, catalog, make_bench_pki
 from tests.harness import proc_status_kib
@@ -47,6 +50,9 @@ class WrkResult:
     p99_ms: float
     max_ms: float
     server_cpu_ms: float  # the daemon's CPU (every thread) per request wrk counted
+    server_sys_ms: float = math.nan  # its kernel part
+    switches: float = math.nan  # the daemon's threads' context switches (voluntary and not) per request
+    batch: float = math.nan  # commands in one of the worker's batches, on average over the pass
     kernel_after: int = -1
     kernel_expected: int = -1
     sent: list[int] = field(default_factory=list)  # per wrk thread: addresses sent (in flight at a cut included)
@@ -61,20 +67,54 @@ def wrk_command(connections: int, threads: int, seconds: float, script: str, url
     return [*argv, url, "--", *script_args]
 
 
-def run_wrk(ns: NetNS, pid: int, argv: list[str], seconds: float) -> tuple[dict[str, Any], float, float]:
-    """wrk in the namespace: its JSON line, the wall seconds and the daemon's CPU seconds over the run."""
-    cpu0, t0 = proc_cpu_seconds(pid), time.monotonic()
-    done = ns.run(argv, timeout=seconds + 120, check=False)
+def context_switches(pid: int) -> dict[int, int]:
+    """Each thread's context switches so far, voluntary (it waited: a lock, the GIL, a socket) and not (proc(5))."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "status").read_text(encoding="ascii")
+        except OSError:
+            continue  # the thread ended
+        out[int(task.name)] = sum(int(line.split()[1]) for line in text.splitlines()
+                                  if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")))
+    return out
+
+
+def run_wrk(ns: NetNS, pid: int, argv: list[str], seconds: float
+            ) -> tuple[dict[str, Any], float, float, tuple[float, int]]:
+    """wrk in the namespace: its JSON line, the wall seconds and the daemon's CPU seconds over the run, and its
+    system seconds and context switches (each thread's, read every 0.2 s: a connection thread that ends when wrk
+    closes its connection keeps its last reading)."""
+    switches0 = context_switches(pid)
+    seen = dict(switches0)
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.2):
+            seen.update(context_switches(pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    cpu0, sys0, t0 = proc_cpu_seconds(pid), proc_sys_seconds(pid), time.monotonic()
+    try:
+        done = ns.run(argv, timeout=seconds + 120, check=False)
+    finally:
+        stop.set()
+        sampler.join()
     wall, cpu = time.monotonic() - t0, proc_cpu_seconds(pid) - cpu0
+    kernel = proc_sys_seconds(pid) - sys0
+    seen.update(context_switches(pid))
+    switches = sum(n - switches0.get(tid, 0) for tid, n in seen.items())
     line = next((x for x in done.stdout.splitlines() if x.startswith("WRK-JSON ")), None)
     if done.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-2000:]} {done.stderr[-2000:]}")
     if done.stderr.strip():
         print("  " + done.stderr.strip().replace("\n", "\n  "), file=sys.stderr)
-    return json.loads(line.removeprefix("WRK-JSON ")), wall, cpu
+    return json.loads(line.removeprefix("WRK-JSON ")), wall, cpu, (kernel, switches)
 
 
-def result(target: str, existing: int, op: str, connections: int, got: dict[str, Any], cpu: float) -> WrkResult:
+def result(target: str, existing: int, op: str, connections: int, got: dict[str, Any], cpu: float,
+           extra: tuple[float, int] = (math.nan, 0)) -> WrkResult:
     threads = got["threads"]
     answered = sum(t["answered"] for t in threads)
     ok = sum(t.get("created", 0) + t.get("deleted", 0) for t in threads) if op != "health" else answered
@@ -86,13 +126,31 @@ def result(target: str, existing: int, op: str, connections: int, got: dict[str,
     return WrkResult(target, existing, op, connections, got["requests"], answered, ok, other, got["errors"], seconds,
                      answered / seconds if seconds else math.nan, got["p50_us"] / 1000, got["p99_us"] / 1000,
                      got["max_us"] / 1000, cpu / got["requests"] * 1000 if got["requests"] else math.nan,
+                     extra[0] / got["requests"] * 1000 if got["requests"] else math.nan,
+                     extra[1] / got["requests"] if got["requests"] else math.nan,
                      sent=[t["sent"] for t in threads if "sent" in t])
 
 
+def batch_totals(ns: NetNS, pki: BenchPki) -> tuple[float, float]:
+    """The worker's batches so far and the commands in them: webiptd_batch_size_commands' count and sum."""
+    conn = ns.https_connection(HOST, PORT, pki.certs.client_context(), timeout=30)
+    try:
+        conn.request("GET", "/metrics", headers={"Authorization": pki.authorization})
+        reply = conn.getresponse()
+        text = reply.read().decode()
+    finally:
+        conn.close()
+    found = dict(line.split(" ", 1) for line in text.splitlines() if line.startswith("webiptd_batch_size_commands_"))
+    return float(found.get("webiptd_batch_size_commands_count", "nan")), float(
+        found.get("webiptd_batch_size_commands_sum", "nan"))
+
+
 def wrk_passes(ns: NetNS, server: Server, target: str, existing: int, family: str, start: int, count: int,
-               args: argparse.Namespace, count_kernel: Any = None) -> list[WrkResult]:
+               args: argparse.Namespace, count_kernel: Any = None,
+               batches: Callable[[], tuple[float, float]] | None = None) -> list[WrkResult]:
     """Block `count` fresh addresses of WRK_POOLS[family] from index `start` (wrk, bounded by --seconds), unblock
-    every address sent, then /health; the kernel's count after each of the first two (`count_kernel`, optional)."""
+    every address sent, then /health; the kernel's count after each of the first two (`count_kernel`, optional), and
+    the worker's mean batch in each of them (`batches`, batch_totals() of the daemon, optional)."""
     url = f"https://{HOST}:{PORT}/"
     threads = args.threads
     quotas = [count // threads + (1 if t < count % threads else 0) for t in range(threads)]
@@ -102,31 +160,43 @@ def wrk_passes(ns: NetNS, server: Server, target: str, existing: int, family: st
         profiler = spy(server.pid, args.profile / f"{target}-{existing}-block", args.seconds)
     elif args.perf is not None and existing == max(args.sizes):
         profiler = Perf(server.pid, args.perf / f"{target}-{existing}-block", args.seconds)
+    before = batches() if batches is not None else None
     try:
-        got, wall, cpu = run_wrk(ns, server.pid, wrk_command(
+        got, wall, cpu, extra = run_wrk(ns, server.pid, wrk_command(
             args.connections, threads, args.seconds, "block.lua", url, server.authorization,
             ["PUT", CHAIN, family, str(start), ",".join(map(str, quotas))]), args.seconds)
     finally:
         if profiler is not None:
             profiler.stop()
-    block = result(target, existing, "block", args.connections, got, cpu)
+    block = result(target, existing, "block", args.connections, got, cpu, extra)
+    if batches is not None and before is not None:
+        after = batches()
+        block.batch, before = mean_batch(before, after), after
 
     out.append(block)
     if count_kernel is not None:
         block.kernel_after, block.kernel_expected = count_kernel(), existing + block.ok
     # The unblock pass deletes every address a thread sent, answered or still in flight when wrk stopped; its
     # bound is twice the block pass's, so that it normally finishes and the kernel is back at N.
-    got, wall, cpu = run_wrk(ns, server.pid, wrk_command(
+    got, wall, cpu, extra = run_wrk(ns, server.pid, wrk_command(
         args.connections, threads, 2 * args.seconds, "block.lua", url, server.authorization,
         ["DELETE", CHAIN, family, str(start), ",".join(map(str, block.sent))]), args.seconds)
-    unblock = result(target, existing, "unblock", args.connections, got, cpu)
+    unblock = result(target, existing, "unblock", args.connections, got, cpu, extra)
+    if batches is not None and before is not None:
+        unblock.batch = mean_batch(before, batches())
     out.append(unblock)
     if count_kernel is not None:
         unblock.kernel_after, unblock.kernel_expected = count_kernel(), existing
-    got, wall, cpu = run_wrk(ns, server.pid, wrk_command(args.connections, threads, args.health_seconds,
-                                                         "health.lua", url, None), args.health_seconds)
-    out.append(result(target, existing, "health", args.connections, got, cpu))
+    got, wall, cpu, extra = run_wrk(ns, server.pid, wrk_command(args.connections, threads, args.health_seconds,
+                                                                "health.lua", url, None), args.health_seconds)
+    out.append(result(target, existing, "health", args.connections, got, cpu, extra))
     return out
+
+
+def mean_batch(before: tuple[float, float], after: tuple[float, float]) -> float:
+    """Commands a batch between two batch_totals()."""
+    batches, commands = after[0] - before[0], after[1] - before[1]
+    return commands / batches if batches > 0 else math.nan
 
 
 def spy(pid: int, out: Path, seconds: float) -> Any:
@@ -186,9 +256,20 @@ class Perf:
         print(f"  perf: {self.out.with_suffix('.perf-dso.txt')} and .perf-sym.txt", file=sys.stderr)
 
 
+@dataclass
+class _MetricsTarget(WebiptdTarget):
+    """The target's daemon, with the bench user allowed to read /metrics (for batch_totals)."""
+
+    def config(self, workdir: Path, pki: BenchPki) -> dict[str, Any]:
+        config = super().config(workdir, pki)
+        config["users"][USER]["metrics"] = True
+        return config
+
+
 def bench_target(target: WebiptdTarget, pki: BenchPki, root: Path, args: argparse.Namespace,
                  existing: int) -> list[WrkResult]:
     """A fresh namespace and daemon with `existing` entries (198.18.0.0 + 0..N-1), then wrk_passes() on fresh ones."""
+    target = _MetricsTarget(**{f.name: getattr(target, f.name) for f in fields(target)})
     pool = WRK_POOLS["ipv4"].num_addresses
     count = min(args.count, pool - existing)
     if count < args.threads:
@@ -202,7 +283,8 @@ def bench_target(target: WebiptdTarget, pki: BenchPki, root: Path, args: argpars
             if server.count() != existing:
                 raise RuntimeError(f"expected {existing} entries after start, found {server.count()}")
             warm(ns, pki)
-            got = wrk_passes(ns, server, target.name, existing, "ipv4", existing, count, args, server.count)
+            got = wrk_passes(ns, server, target.name, existing, "ipv4", existing, count, args, server.count,
+                             lambda: batch_totals(ns, pki))
         finally:
             code = server.stop()
     if code != 0:
@@ -214,14 +296,14 @@ def bench_target(target: WebiptdTarget, pki: BenchPki, root: Path, args: argpars
 
 def table(results: list[WrkResult]) -> list[str]:
     out = ["| target | N | op | requests | ok | other | errors | s | per s | p50 ms | p99 ms | max ms "
-           "| server CPU ms/req | kernel after (expected) |",
-           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+           "| server CPU ms/req | of it sys | switches/req | cmds/batch | kernel after (expected) |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         errors = sum(r.errors.values())
         kernel = "" if r.kernel_after < 0 else f"{r.kernel_after:,} ({r.kernel_expected:,})"
         out.append(f"| {r.target} | {r.existing:,} | {r.op} | {r.requests:,} | {r.ok:,} | {r.other:,} | {errors} | "
                    f"{r.seconds:.2f} | {r.per_s:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.max_ms:.1f} | "
-                   f"{r.server_cpu_ms:.3f} | {kernel} |")
+                   f"{r.server_cpu_ms:.3f} | {r.server_sys_ms:.3f} | {r.switches:.1f} | {r.batch:.1f} | {kernel} |")
     return out
 
 
@@ -233,7 +315,10 @@ def tables(results: list[WrkResult], args: argparse.Namespace) -> list[str]:
                 "at most a few). ok: 201 (block), 200 with deleted true (unblock), 200 (health); other: any other "
                 "status. s and per s: from a thread's first request to the last answer, the pass's own answers a "
                 "second (/health: wrk's duration); p50/p99/max: wrk's latency of every request. server CPU: the "
-                "daemon's CPU seconds (all threads) / requests. The kernel count after the block pass may exceed "
+                "daemon's CPU seconds (all threads) / requests, of it sys: the kernel's part; switches: its "
+                "threads' context switches (voluntary and not; a thread's last reading, every 0.2 s, if it ended) / "
+                "requests; cmds/batch: the worker's commands a batch (webiptd_batch_size_commands). The kernel count "
+                "after the block pass may exceed "
                 "the expected by requests in flight when wrk stopped at its duration."]
     found = checks(results)
     if found:

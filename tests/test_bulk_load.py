@@ -89,6 +89,7 @@ def test_a_load_makes_new_blocks_rows_and_the_rest_claims(h: Harness, caplog: py
     texts = ["203.0.113.1/32", "203.0.113.2/32", "203.0.113.3/32", "203.0.113.4/32", "2001:db8:ffff::/48",
              "203.0.113.4/32"]  # the last one twice
     with caplog.at_level(logging.INFO, logger="webiptd.audit"):
+        caplog.clear()
         done = h.run(w, load(WEB, texts, T0 + 600))
     assert done == BulkBlocked(created=3, existing=3)
     entries = stored(h)
@@ -186,7 +187,8 @@ def test_nftables_load_makes_a_set_per_prefix_length_in_one_transaction(ns: NetN
     from webiptd.firewall.nftables import NftablesBackend
 
     chains = {c.name: c for c in (Chain("loaded", ("INPUT",), "DROP", backend="nftables"),
-                                  Chain("tiny", ("INPUT",), "DROP", backend="nftables", maxelem=4))}
+                                  Chain("tiny", ("INPUT",), "DROP", backend="nftables", maxelem=4),
+                                  Chain("mid", ("INPUT",), "DROP", backend="nftables", maxelem=15_000))}
     backend = ns.call(lambda: NftablesBackend())
     try:
         ns.call(lambda: backend.prepare(chains.values()))
@@ -203,6 +205,11 @@ def test_nftables_load_makes_a_set_per_prefix_length_in_one_transaction(ns: NetN
             ns.call(lambda: backend.load("tiny", "DROP", None, None, full, chains))
         assert elements(ns, "tiny-v4") == {} and not ns.run(["nft", "list", "set", "inet", "web-ipt-d", "tiny-v6"],
                                                              check=False).stdout.count("2001:db8")
+        # A load of more than one transaction (LOAD_CHUNK) that does not fit: the transactions before are taken back.
+        many = packed([f"198.{18 + (i >> 16)}.{(i >> 8) & 255}.{i & 255}" for i in range(25_000)])
+        with pytest.raises(CapacityExceeded):
+            ns.call(lambda: backend.load("mid", "DROP", None, None, many, chains))
+        assert elements(ns, "mid-v4") == {}
     finally:
         ns.call(backend.close)
 

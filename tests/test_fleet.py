@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import time
 from datetime import datetime
 from pathlib import Path
@@ -265,6 +266,37 @@ def test_redis_down(make_fleet: Callable[..., Fleet]) -> None:
     wait_until(lambda: f.published("a"), 10, "A's outbox empty")
     from_a = [e for _, e in f.stream() if e.get("node") == "a"]
     assert sorted(e["network"] for e in from_a) == sorted(items)
+
+
+def test_one_publish_leaves_each_key_as_its_last_event_and_the_outbox_empty(make_fleet: Callable[..., Fleet]) -> None:
+    """While Redis is down, A blocks and unblocks x, and blocks, unblocks and blocks y again. Published together (one
+    MULTI, the snapshot's changes in one HSET and one HDEL), the stream has the five events in order, the snapshot
+    holds y and not x, and once the publisher is idle A's store keeps no published row."""
+    f = started(make_fleet(("ipset",), names=("a",), appendonly=True))
+    a = f["a"]
+    assert f.redis.stop() == 0
+    x, y = "203.0.113.90/32", "203.0.113.91/32"
+    steps = [("PUT", x, 201), ("DELETE", x, 200), ("PUT", y, 201), ("DELETE", y, 200), ("PUT", y, 201)]
+    for method, network, status in steps:
+        r = a.request(method, path(network))
+        assert r.status == status, (method, network, r)
+    assert f.status("a")["outbox"] == 5
+    f.redis.start()
+    wait_until(lambda: f.published("a"), 15, "A published its five events")
+    events = [(e["op"], e["network"]) for _, e in f.stream() if e.get("node") == "a"]
+    assert events == [("block" if m == "PUT" else "unblock", n) for m, n, _ in steps]
+    snapshot = {tuple(json.loads(k)): json.loads(v) for k, v in f.redis.client().hgetall(STATE).items()}
+    assert [k[3] for k in snapshot] == [y], snapshot
+    assert next(iter(snapshot.values()))["expires_at"] is None
+    store = sqlite3.connect((a.workdir / "state" / "state.db").absolute().as_uri() + "?mode=ro", uri=True)
+    try:
+        def trimmed() -> bool:
+            (rows,) = store.execute("SELECT count(*) FROM outbox").fetchone()
+            published = store.execute("SELECT value FROM fleet WHERE key='published'").fetchone()
+            return rows == 0 and published == ("5",)
+        wait_until(trimmed, 10, "A's worker deleted the published rows")
+    finally:
+        store.close()
 
 
 def test_redis_lost_its_data(make_fleet: Callable[..., Fleet]) -> None:

@@ -56,6 +56,7 @@ APPLY_TIMEOUT = 300.0  # a resync of a million claims is one batch
 SEEN_IDS = 10_000  # event ids remembered against duplicates
 CURSOR_EVERY = 1.0  # seconds: a run of events this host only skips moves the stored cursor at most this often
 PUBLISH_DELAY = 0.01  # seconds between two MULTIs of a busy publisher (an idle one sends at once)
+TRIM_EVERY = 1.0  # seconds: a busy publisher lets the worker delete the published outbox rows at most this often
 FOLLOW_DELAY = 0.05  # seconds a follower waits after a run with nothing to apply (its own events, mostly)
 
 
@@ -178,17 +179,24 @@ def refusal(config: Config, change: RemoteChange) -> str | None:
     return scope_refusal(chain, change.scope)
 
 
-def event_fields(event: dict[str, Any]) -> dict[str, str]:
-    """An outbox row (JSON) as the stream entry's fields."""
-    return {k: str(v) for k, v in event.items() if v is not None}
-
-
 def snapshot_field(node: str, owner: str, chain: str, network: str, proto: str, ports: str) -> str:
     return json.dumps([node, owner, chain, network, proto, ports], separators=(",", ":"))
 
 
 def _event_snapshot_key(event: dict[str, Any]) -> tuple[str, str, str, str]:
     return (event["chain"], str(event["network"]), event.get("proto") or "", event.get("port") or "")
+
+
+def outbox_events(text: str) -> list[tuple[int, dict[str, Any]]]:
+    """OutboxReader.events's JSON array as (seq, event) pairs in seq order."""
+    return sorted(((seq, event) for seq, event in json.loads(text)), key=lambda pair: pair[0])
+
+
+def _snapshot_value(event: dict[str, Any]) -> str:
+    """The snapshot's value of a block event (an outbox row): json.dumps's text, as a float's repr is its JSON."""
+    expires = event.get("expires_at")
+    return (f'{{"created_at": {float(event["created_at"])!r}, "expires_at": '
+            f'{"null" if expires is None else repr(float(expires))}}}')
 
 
 def _change_ports(change: RemoteChange) -> tuple[str, str]:
@@ -375,6 +383,7 @@ class FleetNode:
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._node_bytes = settings.node.encode()
         self._cursor_written = 0.0
+        self._published_seq = 0  # the last outbox row in Redis; the worker's `published` follows it (TRIM_EVERY)
         state = worker.fleet_state()
         self._status.cursor = state.get("cursor", "")
         self._status.ordinal = int(state.get("ordinal", "0"))
@@ -423,7 +432,9 @@ class FleetNode:
 
     def _publish_loop(self, r: Client) -> None:
         marker = int(_text(r.hget(self.published_key, self.settings.node) or b"0"))
-        known = int(self._worker.fleet_state().get("published", "0"))
+        # What this host knows it published: the store's (the worker writes it when it trims the outbox), or this
+        # process's own count, which is ahead of it by what was published since the last trim.
+        known = max(int(self._worker.fleet_state().get("published", "0")), self._published_seq)
         if marker < known:
             # Redis lost what this host published (a restart without persistence, a failover to a replica that
             # lagged): its blocks are announced again, from the store, by the follower.
@@ -437,19 +448,19 @@ class FleetNode:
                            "a new state store under an old node name; publishing its outbox from the start",
                            self.settings.node, marker, self._worker.outbox_committed)
             marker = 0
-        self._worker.published = max(self._worker.published, marker)
+        self._published_seq = self._worker.published = max(self._worker.published, marker)
         self._link.up(self._outbox_note)
-        next_prune = time.monotonic()
+        next_prune = next_trim = time.monotonic()
         while not self._stop.is_set():
-            rows = self._reader.rows(marker, self._worker.outbox_committed, PUBLISH_COUNT)
-            if not rows:
+            events = outbox_events(self._reader.events(marker, self._worker.outbox_committed, PUBLISH_COUNT))
+            if not events:
+                self._worker.published = marker  # nothing more to send: the published rows may go
                 if time.monotonic() >= next_prune:
                     self._prune(r)
                     next_prune = time.monotonic() + PRUNE_EVERY
                 self._wake.wait(1.0)  # an idle host publishes a change at once
                 self._wake.clear()
                 continue
-            events = [(seq, json.loads(text)) for seq, text in rows]
             star = next((i for i, (_, e) in enumerate(events) if e.get("owner") == "*"), None)
             if star == 0:
                 self._publish_every_claim(r, *events[0])
@@ -458,35 +469,52 @@ class FleetNode:
                 run = events if star is None else events[:star]
                 self._publish(r, run)
                 marker = run[-1][0]
-            self._worker.published = marker
+            self._published_seq = marker
+            if time.monotonic() >= next_trim:
+                # While busy, the worker deletes the published rows (and stores the marker) at most this often:
+                # each time is two more statements in a batch's transaction (bench/README.md, fleet).
+                self._worker.published = marker
+                next_trim = time.monotonic() + TRIM_EVERY
             self._link.up(self._outbox_note)
-            if len(rows) < PUBLISH_COUNT:
-                # Busy (it had something to send): what comes in the next moments goes in one MULTI. A MULTI
-                # costs about as much as four events in it (bench/README.md, fleet).
+            if len(events) < PUBLISH_COUNT:
+                # Busy (it had something to send): what comes in the next moments goes in one MULTI. A round
+                # (a wake-up, the outbox read, the MULTI) costs this thread more than the events in it do
+                # (bench/README.md, fleet).
                 self._stop.wait(PUBLISH_DELAY)
 
     def _outbox_note(self) -> str:
         depth = self.outbox_depth()
         return f"; publishing {depth} queued events" if depth else ""
 
-    def _xadd(self, pipe: Any, event: dict[str, Any]) -> None:
-        minid = int((self._clock() - self.settings.retention) * 1000)
-        pipe.xadd(self.events, event_fields(event), minid=minid, approximate=True)
+    def _minid(self) -> int:
+        """XADD's MINID: the stream keeps `retention` seconds of events."""
+        return int((self._clock() - self.settings.retention) * 1000)
+
+    def _xadd(self, pipe: Any, event: dict[str, Any], minid: int) -> None:
+        """The XADD of an outbox row: its fields as the stream entry's. execute_command rather than pipe.xadd: the
+        same command, without xadd()'s checks of its options, a few µs an event on the publisher's hot path."""
+        pipe.execute_command("XADD", self.events, "MINID", "~", minid, "*",
+                             *(x for k, v in event.items() if v is not None for x in (k, str(v))))
 
     def _publish(self, r: Client, events: list[tuple[int, dict[str, Any]]]) -> None:
+        """One MULTI: an XADD an event, then the snapshot's changes of the run in one HSET and one HDEL (a key's last
+        event wins, as one HSET or HDEL an event in order would leave it), then this host's marker."""
         pipe = r.pipeline(transaction=True)
+        minid = self._minid()
+        snapshot: dict[str, str | None] = {}  # field -> its value after the run; None: deleted
         for _, event in events:
-            self._xadd(pipe, event)
+            self._xadd(pipe, event, minid)
             key = snapshot_field(event["node"], event["owner"], *_event_snapshot_key(event))
-            if event["op"] == "block":
-                pipe.hset(self.state, key, json.dumps({"created_at": float(event["created_at"]),
-                                                       "expires_at": None if "expires_at" not in event
-                                                       else float(event["expires_at"])}))
-            else:
-                pipe.hdel(self.state, key)
-        pipe.hset(self.published_key, self.settings.node, str(events[-1][0]))
+            snapshot[key] = _snapshot_value(event) if event["op"] == "block" else None
+        sets = [x for key, value in snapshot.items() if value is not None for x in (key, value)]
+        if sets:
+            pipe.execute_command("HSET", self.state, *sets)
+        gone = [key for key, value in snapshot.items() if value is None]
+        if gone:
+            pipe.execute_command("HDEL", self.state, *gone)
+        pipe.execute_command("HSET", self.published_key, self.settings.node, events[-1][0])
         ids = pipe.execute()
-        self._published(len(events), ids[-3])
+        self._published(len(events), ids[len(events) - 1])
 
     def _published(self, count: int, last_id: Any) -> None:
         with self._status.lock:
@@ -507,7 +535,7 @@ class FleetNode:
                         pipe.watch(self.state)
                     fields = self._scan(pipe if attempt < WATCH_TRIES else r, key)
                     pipe.multi()
-                    self._xadd(pipe, event)
+                    self._xadd(pipe, event, self._minid())
                     if fields:
                         pipe.hdel(self.state, *fields)
                     pipe.hset(self.published_key, self.settings.node, str(seq))
@@ -784,7 +812,7 @@ class FleetNode:
     # -- what it shows --------------------------------------------------------------------------------------------
 
     def outbox_depth(self) -> int:
-        return max(0, self._worker.outbox_committed - self._worker.published)
+        return max(0, self._worker.outbox_committed - self._published_seq)
 
     def status(self) -> dict[str, Any]:
         s = self._status

@@ -10,7 +10,7 @@ import logging.handlers
 import sys
 import threading
 import time
-from typing import Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from webiptd.config import Log
 
@@ -19,6 +19,9 @@ AUDIT = "webiptd.audit"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 _deferring = threading.local()
+# The handlers setup() installed, each with whether its lines carry the time: while they are the `webiptd` logger's
+# handlers, audit() writes their lines itself (see there).
+_installed: list[tuple[logging.Handler, bool]] = []
 
 
 class _StderrFilter(logging.Filter):
@@ -39,11 +42,14 @@ class _Formatter(logging.Formatter):
     _text = ""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second = int(record.created)
+        return self.stamp(record.created, record.msecs)
+
+    def stamp(self, created: float, msecs: float) -> str:
+        second = int(created)
         if second != self._second:
-            self._text = time.strftime(self.default_time_format, self.converter(record.created))
+            self._text = time.strftime(self.default_time_format, self.converter(created))
             self._second = second
-        return "%s,%03d" % (self._text, record.msecs)  # the stdlib's default_msec_format
+        return "%s,%03d" % (self._text, msecs)  # the stdlib's default_msec_format
 
 
 class _FlushOncePerBatch:
@@ -121,6 +127,61 @@ def setup(log: Log, *, verbose_stderr: bool = False) -> None:
         root.addHandler(handler)
     # The audit trail is kept whatever the level, because it is the record of every change.
     logging.getLogger(AUDIT).setLevel(logging.INFO)
+    _installed[:] = [(h, isinstance(h, _FileHandler)) for h in root.handlers]
+
+
+def audit(fmt: str, rows: Iterable[tuple[Any, ...]]) -> None:
+    """One audit line (logger `webiptd.audit`, INFO) per row of %-arguments for `fmt`, as `info(fmt, *row)` writes.
+
+    While setup()'s handlers are the only ones, the lines are formatted here, with one time for all, and each
+    handler's stream gets them in one write: the same bytes as logging's, without a LogRecord, findCaller and a
+    handler lock a line (bench/README.md). Any other set-up (a test's caplog, a handler added) gets the records.
+    """
+    logger = logging.getLogger(AUDIT)
+    root = logging.getLogger(ROOT)
+    handlers = root.handlers
+    if (not _installed or len(handlers) != len(_installed)
+            or any(h is not mine for h, (mine, _) in zip(handlers, _installed))
+            or logger.handlers or logger.filters or root.filters or not logger.propagate or logger.disabled
+            or root.disabled or not logger.isEnabledFor(logging.INFO)):
+        for row in rows:
+            logger.info(fmt, *row)
+        return
+    messages = [fmt % row for row in rows]
+    if not messages:
+        return
+    plain = "".join(f"INFO {AUDIT}: {m}\n" for m in messages)
+    timed = None
+    for handler, with_time in _installed:
+        if handler.level > logging.INFO:
+            continue
+        if with_time:
+            if timed is None:
+                now = time.time()
+                assert isinstance(handler.formatter, _Formatter)
+                stamp = handler.formatter.stamp(now, int((now - int(now)) * 1000))  # as a LogRecord's msecs
+                timed = "".join(f"{stamp} INFO {AUDIT}: {m}\n" for m in messages)
+            _write(handler, timed)
+        else:
+            _write(handler, plain)
+
+
+def _write(handler: logging.Handler, text: str) -> None:
+    """What StreamHandler.emit does for a record, for many lines at once."""
+    handler.acquire()
+    try:
+        if isinstance(handler, _FileHandler):
+            handler.reopenIfNeeded()
+            if handler.stream is None:
+                handler.stream = handler._open()
+        assert isinstance(handler, logging.StreamHandler)
+        handler.stream.write(text)
+        handler.flush()
+    except Exception:
+        handler.handleError(logging.makeLogRecord({"name": AUDIT, "levelno": logging.INFO, "levelname": "INFO",
+                                                   "msg": "%s", "args": (text,)}))
+    finally:
+        handler.release()
 
 
 class Reason(NamedTuple):

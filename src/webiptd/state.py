@@ -169,15 +169,19 @@ def _to_v5(db: sqlite3.Connection) -> None:
 BLOCKS_DUE_V5 = "CREATE INDEX blocks_due ON blocks (due) WHERE due IS NOT NULL"
 
 
-_UPSERT = ("INSERT INTO blocks (chain, network, proto, ports, target, created_at, expires_at, created_by, removing, "
-           "due) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?) ON CONFLICT (chain, network, proto, ports) DO UPDATE SET "
-           "target=excluded.target, created_at=excluded.created_at, expires_at=excluded.expires_at, "
-           "created_by=excluded.created_by, removing=0, due=excluded.due")
+
+_ROWS = 500  # rows of blocks one INSERT writes: 4,500 of SQLite's 32,766 variables
 
 
-_INSERT_NEW = ("INSERT INTO blocks (chain, network, proto, ports, target, created_at, expires_at, created_by, "
-               "removing, due) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?) ON CONFLICT (chain, network, proto, ports) DO "
-               "NOTHING")
+@functools.lru_cache(maxsize=16)
+def _rows_statement(rows: int, upsert: bool) -> str:
+    """An INSERT of `rows` blocks (each: chain, network, proto, ports, target, created_at, expires_at, created_by,
+    due): a row already there (a tombstone too) takes the new values (`upsert`), or is left as it is."""
+    return ("INSERT INTO blocks (chain, network, proto, ports, target, created_at, expires_at, created_by, removing, "
+            "due) VALUES " + ",".join(["(?, ?, ?, ?, ?, ?, ?, ?, 0, ?)"] * rows) +
+            (" ON CONFLICT (chain, network, proto, ports) DO UPDATE SET target=excluded.target, "
+             "created_at=excluded.created_at, expires_at=excluded.expires_at, created_by=excluded.created_by, "
+             "removing=0, due=excluded.due" if upsert else " ON CONFLICT (chain, network, proto, ports) DO NOTHING"))
 
 
 def scope_columns(scope: Scope | None) -> tuple[str, str]:
@@ -423,17 +427,23 @@ class Store:
                 db.execute("DELETE FROM outbox WHERE seq <= ?", (published,))
             puts = list(puts)
             keys = [row_key(e) for e in puts]  # str(network) costs: once an entry
-            db.executemany(_UPSERT, [(*key, e.target, e.created_at, e.expires_at, e.created_by, e.due)
-                                     for key, e in zip(keys, puts)])
+            # Many rows a statement: executemany's every row is a step of its own, and each step lets go of the GIL
+            # (a hand-off to another thread under load, bench/README.md).
+            for i in range(0, len(puts), _ROWS):
+                part = puts[i:i + _ROWS]
+                db.execute(_rows_statement(len(part), upsert=True),
+                           [x for key, e in zip(keys[i:i + _ROWS], part)
+                            for x in (*key, e.target, e.created_at, e.expires_at, e.created_by, e.due)])
             self._put_claims(db, puts, keys, stale)
             for f in fresh:
-                proto, ports = scope_columns(f.scope)
                 # In key order, each page of the table is read and changed once (a load's items come sorted).
+                texts = sorted([item[0] for item in f.items])
+                columns = (*scope_columns(f.scope), f.target, f.created_at, f.expires_at, f.owner, f.expires_at)
                 before = db.total_changes
-                db.executemany(_INSERT_NEW if f.unseen else _UPSERT, zip(
-                    itertools.repeat(f.chain), sorted([item[0] for item in f.items]), itertools.repeat(proto),
-                    itertools.repeat(ports), itertools.repeat(f.target), itertools.repeat(f.created_at),
-                    itertools.repeat(f.expires_at), itertools.repeat(f.owner), itertools.repeat(f.expires_at)))
+                for i in range(0, len(texts), _ROWS):
+                    chunk = texts[i:i + _ROWS]
+                    db.execute(_rows_statement(len(chunk), upsert=not f.unseen),
+                               [x for text in chunk for x in (f.chain, text, *columns)])
                 if f.unseen and db.total_changes - before != len(f.items):
                     raise Held(f"a row of chain {f.chain} is in the store already")
             # A tombstone needs no claims (it only has to leave the kernel), and a block made again on its key
@@ -636,9 +646,16 @@ class OutboxReader:
         self._db = sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True, isolation_level=None,
                                    check_same_thread=False)
 
-    def rows(self, after: int, upto: int, limit: int) -> list[tuple[int, str]]:
-        return self._db.execute("SELECT seq, event FROM outbox WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
-                                (after, upto, limit)).fetchall()
+    def events(self, after: int, upto: int, limit: int) -> str:
+        """The rows after seq `after` up to `upto`, at most `limit`, as one JSON array of [seq, event] pairs, made by
+        SQLite's JSON functions rather than fetched a row at a time: each row fetched lets go of the GIL and takes it
+        back, while the worker and the requests wait on it (bench/README.md, fleet). An aggregate's order is
+        SQLite's to choose: sort the pairs by seq."""
+        text: str = self._db.execute(
+            "SELECT json_group_array(json_array(seq, json(event))) FROM "
+            "(SELECT seq, event FROM outbox WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?)",
+            (after, upto, limit)).fetchone()[0]
+        return text
 
     def close(self) -> None:
         self._db.close()

@@ -29,7 +29,6 @@ from webiptd.scope import Scope, stored_scope, union
 from webiptd.state import Counts, Fresh, Held, Store, row_key, scope_columns
 
 logger = logging.getLogger(__name__)
-audit = logging.getLogger("webiptd.audit")
 
 MAX_BATCH = 4096
 MAX_QUEUE = 10_000
@@ -42,12 +41,17 @@ _Item = tuple[object, Pending[Any] | None]  # a command, and the answer its clie
 _Answer = tuple[Pending[Any], object, object]  # the answer, the command, and what the command returned
 
 
+AUDIT_LINE = "user=%s client=%s action=%s chain=%s network=%s owner=%s timeout=%s result=%s scope=%s"
+BULK_AUDIT_LINE = ("user=%s client=%s action=bulk_block chain=%s networks=%d first=%s last=%s owner=%s timeout=%s "
+                   "created=%d existing=%d scope=%s")
+
+
 def _audit(user: str, client: str, action: str, chain: str, network: Network, owner: str, timeout: str,
            result: str, scope: Scope | None) -> None:
     """The one greppable key=value line per change; `owner` is the claim's ("*": every claim, by override);
     `scope` is `all` (all traffic), a protocol (`tcp`) or a protocol and its ports (`tcp/22,80`)."""
-    audit.info("user=%s client=%s action=%s chain=%s network=%s owner=%s timeout=%s result=%s scope=%s",
-               user, client, action, chain, network, owner, timeout, result, "all" if scope is None else scope)
+    log.audit(AUDIT_LINE, [(user, client, action, chain, network, owner, timeout, result,
+                            "all" if scope is None else scope)])
 
 
 def _has_ports(scope: Scope | None) -> bool:
@@ -388,15 +392,18 @@ class Worker:
             self._resync = True
 
     def _next_batch(self) -> list[_Item]:
-        wait = HEARTBEAT
-        due = self._store.next_due()
-        if due is not None:
-            now = self._clock()
-            wait = min(wait, max(0.0, due - now, self._retry_at - now))
-        try:
-            items = [self._queue.get(timeout=wait)]
+        try:  # under load something is queued: then no query for how long to wait
+            items = [self._queue.get_nowait()]
         except queue.Empty:
-            return []
+            wait = HEARTBEAT
+            due = self._store.next_due()
+            if due is not None:
+                now = self._clock()
+                wait = min(wait, max(0.0, due - now, self._retry_at - now))
+            try:
+                items = [self._queue.get(timeout=wait)]
+            except queue.Empty:
+                return []
         while len(items) < MAX_BATCH:
             try:
                 items.append(self._queue.get_nowait())
@@ -472,11 +479,9 @@ class Worker:
         # Every acknowledged write is audited, also one that changed nothing (a block then an unblock
         # in one batch, an unblock of an absent network).
         with log.batch():
-            for args in batch.audits:
-                _audit(*args)
-            for args in batch.bulk_audits:
-                audit.info("user=%s client=%s action=bulk_block chain=%s networks=%d first=%s last=%s owner=%s "
-                           "timeout=%s created=%d existing=%d scope=%s", *args)
+            log.audit(AUDIT_LINE, [(*args[:8], "all" if args[8] is None else args[8]) for args in batch.audits])
+            if batch.bulk_audits:
+                log.audit(BULK_AUDIT_LINE, batch.bulk_audits)
         reconfigure_error = None if batch.reconfigure is None else self._reconfigure(batch.reconfigure)
         for fut, cmd, result in answers:
             if isinstance(result, Exception):
@@ -502,6 +507,16 @@ class Worker:
             (metrics.blocks_expired if at_expiry else metrics.blocks_removed).labels(chain).inc(n)
 
     def _execute_all(self, batch: _Batch, items: list[_Item]) -> list[_Answer]:
+        # The committed entries of the batch's blocks and unblocks from one query per (chain, scope), not one each:
+        # SQLite's every step lets go of the GIL, so each lookup was a hand-off under load (bench/README.md).
+        if len(items) > 1:
+            wanted: dict[tuple[str, Scope | None], list[Network]] = {}
+            for cmd, _ in items:
+                if isinstance(cmd, (Block, Unblock)):
+                    wanted.setdefault((cmd.chain.name, cmd.scope), []).append(cmd.network)
+            for (name, scope), networks in wanted.items():
+                if len(networks) > 1:
+                    self._look_up(batch, name, scope, networks)
         answers: list[_Answer] = []
         for cmd, fut in items:
             if fut is not None and not fut.set_running_or_notify_cancel():

@@ -263,9 +263,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _write(self, response: Response, head_only: bool = False, close: bool = False, http10: bool = False) -> None:
         if close or self.server.runtime.stopping:
             self.close_connection = True
-        logger.debug('client=%s "%s" %s', self.client_address[0], self.requestline[:200], response.status)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug('client=%s "%s" %s', self.client_address[0], self.requestline[:200], response.status)
         if response.stream is None:
-            self.wfile.write(wire.render(response, head_only=head_only, close=self.close_connection))
+            self.connection.sendall(wire.render(response, head_only=head_only, close=self.close_connection))
             return
         if http10:
             self.close_connection = True  # HTTP/1.0 has no chunks: the body ends where the connection does
