@@ -11,6 +11,7 @@ import http.client
 import ipaddress
 import json
 import math
+import random
 import re
 import shutil
 import signal
@@ -130,8 +131,10 @@ class Api:
         self.conn.close()
 
 
-def bulk_load(api: Api, pid: int, count: int, posts: int, fallback: bool) -> dict[str, Any]:
-    """`count` addresses in `posts` text/plain POSTs; with `fallback` (text/plain not built), JSON lists of PAGE."""
+def bulk_load(api: Api, pid: int, count: int, posts: int, fallback: bool,
+              order: Sequence[int] | None = None) -> dict[str, Any]:
+    """`count` addresses in `posts` text/plain POSTs; with `fallback` (text/plain not built), JSON lists of PAGE;
+    `order`: the pool's indices in the order to send them (a shuffle: a real feed's order), else 0, 1, 2, ..."""
     note = ""
     if fallback:
         posts = math.ceil(count / PAGE)
@@ -139,7 +142,7 @@ def bulk_load(api: Api, pid: int, count: int, posts: int, fallback: bool) -> dic
     created = existing = 0
     seconds = 0.0
     for lo in range(0, count, per):
-        items = [item(i) for i in range(lo, min(count, lo + per))]
+        items = [item(i if order is None else order[i]) for i in range(lo, min(count, lo + per))]
         if fallback:
             body, ctype = json.dumps(items).encode(), "application/json"
         else:
@@ -241,16 +244,18 @@ def daemon(target: MillionTarget, pki: BenchPki, root: Path, existing: int, name
 
 
 def bulk_part(target: MillionTarget, pki: BenchPki, root: Path, args: argparse.Namespace, res: BackendResult,
-              posts: int, latency: bool) -> bool:
+              posts: int, latency: bool, shuffled: bool = False) -> bool:
     """Into a fresh daemon: with `latency`, the single requests at 0 first; then the million in `posts` text/plain
-    POSTs, or, when the daemon does not take text/plain, in JSON lists of PAGE (then False)."""
-    with daemon(target, pki, root, 0, f"bulk{posts}") as (ns, server, api):
+    POSTs (`shuffled`: in a random order, fixed by a seed), or, when the daemon does not take text/plain, in JSON
+    lists of PAGE (then False)."""
+    order = random.Random(13).sample(range(args.count), args.count) if shuffled else None
+    with daemon(target, pki, root, 0, f"bulk{posts}{'s' if shuffled else ''}") as (ns, server, api):
         if latency:
             res.latency += singles(api, 0, args.count + 10, args.ops)
             print(f"  at 0: {res.latency[-2:]}", file=sys.stderr, flush=True)
         if "bulk" not in args.parts:
             return True
-        got = bulk_load(api, server.pid, args.count, posts, False)
+        got = bulk_load(api, server.pid, args.count, posts, False, order)
         text = "unsupported" not in got
         if not text:
             res.notes.append(f"text/plain bulk not built: {got['unsupported']} {got['answer']!r}; the bulk "
@@ -258,7 +263,8 @@ def bulk_part(target: MillionTarget, pki: BenchPki, root: Path, args: argparse.N
             got = bulk_load(api, server.pid, args.count, 1, True)
             got["way"] = f"JSON, {got['posts']} POST{'s' if got['posts'] > 1 else ''} of {PAGE:,}"
         else:
-            got["way"] = "text/plain, one POST" if posts == 1 else f"text/plain, {posts} POSTs"
+            got["way"] = ("text/plain, one POST" if posts == 1 else f"text/plain, {posts} POSTs") + (
+                ", shuffled" if shuffled else "")
         got["kernel"] = count_kernel(ns, target.backend)
         res.bulk.append(got)
         print(f"  bulk: {got}", file=sys.stderr, flush=True)
@@ -274,6 +280,8 @@ def bench_backend(target: MillionTarget, pki: BenchPki, root: Path, args: argpar
         text = bulk_part(target, pki, root, args, res, 1, "latency" in args.parts)
     if text and "bulk" in args.parts:
         bulk_part(target, pki, root, args, res, 10, False)
+        # The same million in a random order, as a real feed comes: each batch's keys spread over the whole store.
+        bulk_part(target, pki, root, args, res, 1, False, shuffled=True)
     # 3. The million in the state DB, restored at start; then single requests, listing and wrk at 1M.
     if "restore" not in args.parts:
         return res

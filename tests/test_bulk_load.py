@@ -171,6 +171,17 @@ def test_ipset_load_puts_both_families_in_and_a_full_set_leaves_nothing(ns: NetN
         v4, v6 = set_members(ns, "loaded-v4"), set_members(ns, "loaded-v6")
         assert len(v4) == 3002 and set(v6) == {"2001:db8:ffff::1/128", "2001:db8:ffff:1::/64"}
         assert all(590 <= t <= 600 for t in [*v4.values(), *v6.values()])
+        # `ipset test`, one element a message (bench/fleet.py's watcher asks this way).
+        from webiptd.firewall.ipset_netlink import IPSET_CMD_ADD, Element, IpsetNetlink
+
+        def test() -> list[bool]:
+            nl = IpsetNetlink()
+            try:
+                return nl.test([Element(IPSET_CMD_ADD, "loaded-v4", parse_item(t), True)
+                                for t in ("203.0.113.1", "198.18.11.183", "198.18.11.184", "203.0.113.200")])
+            finally:
+                nl.close()
+        assert ns.call(test) == [True, True, False, False]  # 198.18.11.183: item 2,999; .200 is outside the /25
         # A family that does not fit takes back what the other family's part did.
         full = packed(["203.0.113.10", "203.0.113.11", "2001:db8:ffff::10"] + [f"2001:db8:ffff::{i:x}"
                                                                                  for i in range(32, 40)])

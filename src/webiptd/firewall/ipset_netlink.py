@@ -26,7 +26,7 @@ NFNL_SUBSYS_IPSET = 6
 IPSET_PROTOCOL = 7  # what this client speaks; the kernel's is asked once (IPSET_CMD_PROTOCOL)
 IPSET_PROTOCOL_MIN = 6  # every kernel since 2.6.39 accepts this one, so it is what the question is asked in
 IPSET_CMD_PROTOCOL, IPSET_CMD_DESTROY, IPSET_CMD_SWAP, IPSET_CMD_LIST = 1, 3, 6, 7
-IPSET_CMD_ADD, IPSET_CMD_DEL = 9, 10
+IPSET_CMD_ADD, IPSET_CMD_DEL, IPSET_CMD_TEST = 9, 10, 11
 # Command-level attributes
 IPSET_ATTR_PROTOCOL, IPSET_ATTR_SETNAME, IPSET_ATTR_TYPENAME, IPSET_ATTR_FAMILY = 1, 2, 3, 5
 IPSET_ATTR_SETNAME2 = IPSET_ATTR_TYPENAME  # at swap
@@ -286,6 +286,25 @@ class IpsetNetlink:
                 codes += [0] * (failed - 1) + [code]
                 start += failed
         return codes
+
+    def test(self, elements: Sequence[Element]) -> list[bool]:
+        """Whether each element is in its set (`ipset test`). The kernel tests one element a message (the
+        IPSET_ATTR_DATA form: IPSET_ATTR_ADT is for add and del only), so each goes alone. The daemon never asks;
+        bench/fleet.py's watcher does."""
+        sock = self._open()
+        found: list[bool] = []
+        for element in elements:
+            seq = next(self._seq) & 0xFFFFFFFF
+            try:
+                sock.send(self._element_message(element._replace(cmd=IPSET_CMD_TEST, exclusive=False), seq))
+                code, _ = self._batch_ack(sock, seq)
+            except BaseException:
+                self.close()
+                raise
+            if code not in (0, IPSET_ERR_EXIST):
+                raise IpsetError(f"ipset test {element.set} {element.network}", code)
+            found.append(code == 0)
+        return found
 
     def _batch_ack(self, sock: socket.socket, seq: int) -> tuple[int, int | None]:
         """The answer to one message: (0, None), or (its error code, the number of the element refused, if it says);
