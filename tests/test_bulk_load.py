@@ -307,3 +307,18 @@ def test_a_load_guessed_new_that_meets_the_stores_rows_is_looked_up_and_done_aga
         ("block", "203.0.113.2/32"), ("block", "203.0.113.3/32"), ("block", "203.0.113.4/32")]
     assert w.outbox_committed == h.store.outbox_seq == events + 3
     assert w.count == 4
+
+
+def test_a_load_with_a_protocol_or_ports_keeps_its_scope(h: Harness) -> None:
+    from webiptd.scope import Scope
+
+    w = h.worker()
+    tcp, ssh = Scope("tcp"), Scope("tcp", ((22, 22),))
+    texts = ["203.0.113.1/32", "2001:db8:ffff::/48"]
+    items = tuple(packed_of(parse_item(t)) for t in texts)
+    for scope, expected in ((tcp, BulkBlocked(2, 0)), (ssh, BulkBlocked(2, 0)), (tcp, BulkBlocked(0, 2))):
+        assert h.run(w, BulkLoad(WEB, items, None, "feed", "198.51.100.9", scope=scope)) == expected
+    assert h.backend.kernel == {(WEB.name, parse_item(t), s): "DROP" for t in texts for s in (tcp, ssh)}
+    assert sorted((net_text(e.network), e.scope) for e in h.stored().entries) == sorted(
+        (t, s) for t in texts for s in (tcp, ssh))
+    assert w.count == 4
