@@ -214,6 +214,26 @@ def test_resync_after_redis_lost_its_data_keeps_remote_claims_and_announces_the_
         ("block", "203.0.113.1/32", "admin", T0 + 600)]
 
 
+def test_a_resync_sees_the_changes_of_its_own_batch_before_it(h: Harness) -> None:
+    """The resync walks the store's entries as it goes (no list of them all): a block earlier in the same batch, not
+    in the store yet, and an unblock of a stored one must be seen as that batch has them."""
+    from webiptd.firewall.worker import Worker
+
+    first = fleet_worker(h)
+    h.run(first, block(SHARED, "203.0.113.5/32"))
+    first.stop(timeout=WAIT)
+    w = Worker(h.backend, h.store, (SHARED, SSH), clock=h.clock, node="a")
+    h.workers.append(w)
+    new = w.submit(block(SHARED, "203.0.113.6/32"))
+    gone = w.submit(unblock(SHARED, "203.0.113.5/32"))
+    snapshot = (remote("block", "203.0.113.6/32", node="c"), remote("block", "203.0.113.7/32", node="c"))
+    resync = w.submit(FleetResync(snapshot, "10-0", 10))
+    w.start(timeout=WAIT)  # the three in the worker's first batch
+    assert new.result(WAIT).created and gone.result(WAIT).deleted and resync.result(WAIT).applied == 2
+    listed = {str(e.network): sorted((c.owner, c.node) for c in e.all_claims) for e in h.run(w, ListChain("f2b-web"))}
+    assert listed == {"203.0.113.6/32": [("admin", ""), ("c/ops", "c")], "203.0.113.7/32": [("c/ops", "c")]}
+
+
 # -- the events' parser -------------------------------------------------------------------------------------------
 
 

@@ -759,7 +759,7 @@ class Worker:
                 owner, change.created_at, change.expires_at, change.node)
         changed = 0
         for name in [n for n in self._chains if self._shares(n)]:
-            for entry in self._list(batch, name):
+            for entry in self._view(batch, name):
                 claims = wanted.pop(entry.key, {})
                 if cmd.keep:
                     mine = {(c.owner, c.node): c for c in entry.all_claims}
@@ -803,6 +803,15 @@ class Worker:
         for i, claim in enumerate(gone, 1):
             batch.audits.append(("-", "-", "expire", old.chain, old.network, claim.owner, "-",
                                  "deleted" if not kept and i == len(gone) else "released", old.scope))
+
+    def _view(self, batch: _Batch, chain: str) -> Iterator[Entry]:
+        """The entries of `chain` as the batch sees them, in no set order: the batch's own first, then the store's,
+        read as they are used (a resync walks every shared entry: no list of a million of them)."""
+        touched = {k: e for k, e in batch.after.items() if k[0] == chain}
+        yield from (e for e in touched.values() if e is not None)
+        for entry in self._store.entries(chain):
+            if entry.key not in touched:
+                yield entry
 
     def _list(self, batch: _Batch, chain: str) -> list[Entry]:
         view: dict[Key, Entry | None] = {e.key: e for e in self._store.entries(chain)}
