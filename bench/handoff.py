@@ -29,6 +29,8 @@ MODES = {
               "concurrent.futures.Future, as web-ipt-d did first",
     "pending": "the same through queue.SimpleQueue and a lock the worker releases, as the daemon's "
                "firewall.pending.Pending does now",
+    "selector": "one thread serves every connection (non-blocking TLS, a selector) and hands each batch of "
+                "requests to one worker thread, woken once a batch and answered through a pipe",
 }
 PORT = 8820
 
@@ -83,10 +85,78 @@ def serve(certfile: str, keyfile: str, mode: str) -> None:
 
     threading.Thread(target=future_worker, daemon=True).start()
     threading.Thread(target=pending_worker, daemon=True).start()
+    if mode == "selector":
+        serve_selector(ctx, listener, answers)
+        return
     print("ready", flush=True)
     while True:
         raw, _ = listener.accept()
         threading.Thread(target=connection, args=(raw,), daemon=True).start()
+
+
+def serve_selector(ctx: ssl.SSLContext, listener: socket.socket, answers: dict[bytes, bytes]) -> None:
+    import collections
+    import os
+    import selectors
+    sel = selectors.DefaultSelector()
+    jobs: queue.SimpleQueue[list[tuple[Any, bytes]]] = queue.SimpleQueue()
+    done: collections.deque[list[tuple[Any, bytes]]] = collections.deque()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    buffers: dict[Any, bytearray] = {}
+
+    def worker() -> None:
+        while True:
+            batch = jobs.get()
+            while not jobs.empty():
+                batch.extend(jobs.get_nowait())
+            done.append(batch)
+            os.write(wake_w, b"x")
+
+    def handshake(raw: socket.socket) -> None:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = ctx.wrap_socket(raw, server_side=True)
+        conn.setblocking(False)
+        buffers[conn] = bytearray()
+        sel.register(conn, selectors.EVENT_READ)
+
+    def accept() -> None:
+        while True:
+            raw, _ = listener.accept()
+            threading.Thread(target=handshake, args=(raw,), daemon=True).start()
+
+    threading.Thread(target=worker, daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+    sel.register(wake_r, selectors.EVENT_READ)
+    print("ready", flush=True)
+    while True:
+        batch = []
+        for key, _ in sel.select():
+            if key.fileobj == wake_r:
+                os.read(wake_r, 4096)
+                while done:
+                    for conn, method in done.popleft():
+                        conn.sendall(answers[method])
+                continue
+            conn = key.fileobj
+            buf = buffers[conn]
+            try:
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        sel.unregister(conn)
+                        conn.close()
+                        break
+                    buf += data
+                    if not conn.pending():
+                        break
+            except ssl.SSLWantReadError:
+                pass
+            while (end := buf.find(b"\r\n\r\n")) >= 0:
+                batch.append((conn, bytes(buf[:buf.index(b" ")])))
+                del buf[:end + 4]
+        if batch:
+            jobs.put(batch)
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from webiptd.auth import Authenticator
 from webiptd.commands import Reconfigure
 from webiptd.config import Config, ConfigError
 from webiptd.http.app import App, Generation, Runtime
-from webiptd.http.server import EXPIRE_EVERY, Server
+from webiptd.http.server import EXPIRE_EVERY, Loop, Server
 from webiptd.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -158,7 +158,9 @@ class Daemon:
         runtime = Runtime(Generation(config, Authenticator(config.users)), worker, metrics=metrics,
                           reader=Reader(store.path))
         app = App(runtime)
-        servers = [Server(sock, runtime, app) for sock in socks]
+        loop = Loop(runtime, app)  # one thread for every connection between requests and the common requests
+        loop.start()
+        servers = [Server(sock, runtime, app, loop) for sock in socks]
         for srv in servers:
             threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": EXPIRE_EVERY}, daemon=True,
                              name=f"accept-{srv.server_address}").start()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Generic, TypeVar
+from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -17,7 +17,7 @@ class Pending(Generic[T]):
     worker releases. Measured in bench/README.md.
     """
 
-    __slots__ = ("_done", "_state", "_value", "_error")
+    __slots__ = ("_done", "_state", "_value", "_error", "_callback")
     _value: T  # set by set_result, before _done is released
 
     def __init__(self) -> None:
@@ -25,6 +25,7 @@ class Pending(Generic[T]):
         self._done.acquire()
         self._state = _PENDING
         self._error: BaseException | None = None
+        self._callback: Callable[[Pending[T]], None] | None = None
 
     def result(self, timeout: float | None = None) -> T:
         """The worker's answer; raises what the worker set, or TimeoutError."""
@@ -34,6 +35,28 @@ class Pending(Generic[T]):
         if self._error is not None:
             raise self._error
         return self._value
+
+    def done(self) -> bool:
+        """True once answered: result() returns (or raises) at once."""
+        if self._done.acquire(blocking=False):
+            self._done.release()
+            return True
+        return False
+
+    def on_done(self, callback: Callable[[Pending[T]], None]) -> None:
+        """Call `callback(self)` once answered: on the answering thread (the worker's), or here and now if it is
+        already. It must be quick and must not raise."""
+        with _transitions:
+            if self._state != _DONE:
+                self._callback = callback
+                return
+        self._wait_released()
+        callback(self)
+
+    def _wait_released(self) -> None:
+        # _DONE is set just before the answer is stored and _done released: wait out that instant.
+        self._done.acquire()
+        self._done.release()
 
     def cancel(self) -> bool:
         """Withdraw the command if the worker has not taken it yet; True if it never will."""
@@ -54,11 +77,15 @@ class Pending(Generic[T]):
         self._take_answer()
         self._value = value
         self._done.release()
+        if self._callback is not None:
+            self._callback(self)
 
     def set_exception(self, error: BaseException) -> None:
         self._take_answer()
         self._error = error
         self._done.release()
+        if self._callback is not None:
+            self._callback(self)
 
     def _take_answer(self) -> None:
         """Mark the command answered; a second answer is a bug, and raises before it changes the first."""

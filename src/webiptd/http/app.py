@@ -118,6 +118,26 @@ class Request:
 
 
 @dataclass(frozen=True)
+class Started:
+    """A route's command, submitted to the worker: `finish` turns its answer into the Response. What a route
+    returns when all that is left is to wait; App.handle waits, the connection loop (http/server.py) does not."""
+
+    gen: Generation
+    pending: Pending[Any]
+    finish: Callable[[Any], Response]
+
+
+class Slow:
+    """App.begin's answer for a request the connection loop must not serve itself: its credentials are not in the
+    cache (checking them is a password hash's work), or its route is not one of FAST_ROUTES."""
+
+
+SLOW = Slow()
+# The routes the connection loop serves itself: no body, one command to the worker at most.
+FAST_ROUTES = frozenset({"health", "lookup", "block", "unblock"})
+
+
+@dataclass(frozen=True)
 class Target:
     """What a /chain/... request names. The owner is "" for the user's own claim, `user/label` with ?owner=label,
     and "*" for DELETE ?owner=*; the scope is None for all traffic."""
@@ -224,16 +244,47 @@ class App:
             body = BytesBody(body)
         try:
             response = self._handle(generation or self.runtime.generation, method, target, authorization, client,
-                                    client_cert_cn, body, route, content_type, accept)
+                                    client_cert_cn, body, route, content_type, accept, False)
+            if isinstance(response, Started):
+                response = self._complete(response, self._wait(response.gen, response.pending))
         except Exception:
             logger.exception("internal error on %s %s", method, target[:200])
             response = INTERNAL_ERROR
+        assert isinstance(response, Response)
         self.runtime.metrics.observe_request(route[0], method, response.status, time.perf_counter() - started)
         return response
 
+    def begin(self, method: str, target: str, authorization: str | None, client: Address,
+              client_cert_cn: str | None, generation: Generation, route: list[str]) -> Response | Started | Slow:
+        """A request without a body, as far as it goes without waiting: the Response, the command submitted
+        (Started: `finish` it once its Pending is done), or SLOW, having done nothing, for a request to be served
+        by App.handle on a thread of its own. `route[0]` is set to the metrics' label; the caller observes the
+        request (App.observe) once it has its Response."""
+        try:
+            return self._handle(generation, method, target, authorization, client, client_cert_cn, BytesBody(b""),
+                                route, None, None, True)
+        except Exception:
+            logger.exception("internal error on %s %s", method, target[:200])
+            return INTERNAL_ERROR
+
+    def finish(self, started: Started, method: str, target: str) -> Response:
+        """The Response to a Started whose Pending is done (or given up on: see Loop); never raises."""
+        try:
+            return self._complete(started, self._answer(started.pending))
+        except Exception:
+            logger.exception("internal error on %s %s", method, target[:200])
+            return INTERNAL_ERROR
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.runtime.metrics.observe_request(route, method, status, seconds)
+
+    @staticmethod
+    def _complete(started: Started, result: Any) -> Response:
+        return result if isinstance(result, Response) else started.finish(result)
+
     def _handle(self, gen: Generation, method: str, target: str, authorization: str | None, client: Address,
                 client_cert_cn: str | None, body: Body, label: list[str], content_type: str | None,
-                accept: str | None) -> Response:
+                accept: str | None, fast: bool) -> Response | Started | Slow:
         if target == "/":
             return NOT_FOUND
         try:
@@ -247,18 +298,20 @@ class App:
         if route is None:
             label[0] = segments[0]  # a known path (so a bounded label): chains, chain, ...
             return error("method_not_allowed", f"{method} is not allowed here", ("Allow", ", ".join(routes)))
+        if fast and route not in FAST_ROUTES:
+            return SLOW
         label[0] = route
         if route == "health":
             return Response(200, {"status": "ok"})  # no credentials: for load balancers and monitors
         if route == "openapi":  # no credentials: the API's shape, which the code on GitHub tells anyone anyway
             return Response(200, {}, raw=openapi_document())
-        user = self._authenticate(gen, authorization, client, client_cert_cn)
-        if isinstance(user, Response):
+        user = self._authenticate(gen, authorization, client, client_cert_cn, fast)
+        if isinstance(user, (Response, Slow)):
             return user
         if not user.may_connect_from(client):
             self.runtime.admission.events.event(NOT_ALLOWED, client_key(client))
             return error("forbidden", "this user may not connect from this address")
-        handler: Callable[[Request], Response] = getattr(self, "_" + route)
+        handler: Callable[[Request], Response | Started] = getattr(self, "_" + route)
         return handler(Request(gen, method, segments, query, user, client, body, content_type, accept))
 
     # -- the routes ---------------------------------------------------------------------------------------
@@ -320,21 +373,22 @@ class App:
                             content_type=content_type)
         return Response(200, {"chain": chain, "entries": [e.to_json() for e in entries], "next": cursor})
 
-    def _lookup(self, req: Request) -> Response:
+    def _lookup(self, req: Request) -> Response | Started:
         target = self._target(req)
         if isinstance(target, Response):
             return target
         chain, network = target.chain, target.network
         assert network is not None
-        found = self._wait(req.gen, self.runtime.worker.submit(Lookup(chain.name, network, target.scope)))
-        if isinstance(found, Response):
-            return found
-        if found is None:
-            what = "" if target.scope is None else f" for {target.scope}"
-            return error("not_blocked", f"{network} is not blocked{what} in chain {chain.name!r}")
-        return Response(200, found.to_json())
 
-    def _block(self, req: Request) -> Response:
+        def finish(found: Any) -> Response:
+            if found is None:
+                what = "" if target.scope is None else f" for {target.scope}"
+                return error("not_blocked", f"{network} is not blocked{what} in chain {chain.name!r}")
+            return Response(200, found.to_json())
+
+        return Started(req.gen, self.runtime.worker.submit(Lookup(chain.name, network, target.scope)), finish)
+
+    def _block(self, req: Request) -> Response | Started:
         target = self._target(req)
         if isinstance(target, Response):
             return target
@@ -345,12 +399,9 @@ class App:
             return refused
         expires_at = None if timeout is None else self.clock() + timeout
         command = Block(chain, network, expires_at, req.user.name, str(req.client), target.owner, target.scope)
-        result = self._wait(req.gen, self.runtime.worker.submit(command))
-        if isinstance(result, Response):
-            return result
-        return Response(201 if result.created else 200, result.entry.to_json())
+        return Started(req.gen, self.runtime.worker.submit(command), _blocked)
 
-    def _unblock(self, req: Request) -> Response:
+    def _unblock(self, req: Request) -> Response | Started:
         target = self._target(req)
         if isinstance(target, Response):
             return target
@@ -361,11 +412,7 @@ class App:
             return error("forbidden", f"user {req.user.name!r} may not remove every claim (owner=*): it needs "
                                       "override")
         command = Unblock(chain, network, req.user.name, str(req.client), "" if every else owner, every, target.scope)
-        result = self._wait(req.gen, self.runtime.worker.submit(command))
-        if isinstance(result, Response):
-            return result
-        return Response(200, {"deleted": result.deleted, "released": result.released,
-                              "entry": result.entry.to_json() if result.entry else None})
+        return Started(req.gen, self.runtime.worker.submit(command), _unblocked)
 
     def _bulk(self, req: Request) -> Response:
         """POST /chain/<chain>: addresses or networks, a JSON list or text/plain, blocked in batches as the body
@@ -458,7 +505,8 @@ class App:
         return None
 
     def _authenticate(self, gen: Generation, authorization: str | None, client: Address,
-                      client_cert_cn: str | None) -> User | Response:
+                      client_cert_cn: str | None, fast: bool = False) -> User | Response | Slow:
+        """The user, or the 401 or 429 to answer; with `fast`, SLOW for credentials that are not in the cache."""
         throttle = self.runtime.throttle
         limits = gen.config.limits
         wait = throttle.retry_after(client, self.clock())
@@ -474,6 +522,8 @@ class App:
             if cert_user is not None:
                 logger.debug("user=%s authenticated by client certificate, client=%s", cert_user.name, client)
                 return cert_user
+        if fast:
+            return gen.authenticator.cached(authorization) or SLOW
         try:
             return gen.authenticator.authenticate(authorization)
         except AuthFailure:
@@ -490,18 +540,45 @@ class App:
         """The worker's answer to a submitted command, within limits.worker_timeout; a Response on failure."""
         timeout = gen.config.limits.worker_timeout + extra_time
         try:
-            try:
-                return pending.result(timeout=timeout)
-            except TimeoutError:
-                if pending.cancel():
-                    return error("worker_timeout", "the firewall is busy; nothing was changed, try again")
-                return pending.result(timeout=timeout)
+            pending.result(timeout=timeout)
         except TimeoutError:
-            return error("worker_timeout", "the firewall is busy; the change may still be applied")
+            if pending.cancel():
+                return NOT_TAKEN
+            try:
+                pending.result(timeout=timeout)
+            except TimeoutError:
+                return NOT_ANSWERED
+        except Exception:
+            pass  # _answer's to say
+        return self._answer(pending)
+
+    @staticmethod
+    def _answer(pending: Pending[T]) -> T | Response:
+        """The answer of a Pending that is done: the command's result, or the Response for what the worker raised.
+        NOT_ANSWERED when it is not done (given up on)."""
+        if not pending.done():
+            return NOT_ANSWERED
+        try:
+            return pending.result(timeout=0)
         except FirewallFull as exc:
             return error("firewall_full", str(exc))
         except FirewallUnavailable as exc:
             return error("firewall_unavailable", str(exc))
+
+
+# What the client of a command the worker did not answer within limits.worker_timeout gets: while the command was
+# still in the queue, it is withdrawn; once the worker had taken it, it may yet be applied.
+NOT_TAKEN = error("worker_timeout", "the firewall is busy; nothing was changed, try again")
+NOT_ANSWERED = error("worker_timeout", "the firewall is busy; the change may still be applied")
+
+
+def _blocked(result: Any) -> Response:
+    return Response(201 if result.created else 200, result.entry.to_json())
+
+
+def _unblocked(result: Any) -> Response:
+    return Response(200, {"deleted": result.deleted, "released": result.released,
+                          "entry": result.entry.to_json() if result.entry else None})
 
 
 class _BulkLoad:

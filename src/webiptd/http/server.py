@@ -1,11 +1,21 @@
-"""The connections: a thread each for the TLS handshake and its requests, under the admission deadlines,
-reading heads and bodies off the wire and writing each answer in one write."""
+"""The connections, under the admission deadlines: a thread each for its TLS handshake; then one thread, the
+Loop, for all of them between requests and for the common requests (App.begin: a change or lookup of one entry,
+/health), reading heads off the wire and writing each answer in one write; a thread of its own (Handler) for any
+other request (a bulk POST, a listing, credentials to verify, anything odd), after which the connection goes back
+to the Loop.
+
+Why one thread for the common requests: each thread that serves a request takes the GIL, hands the command to the
+worker and is woken by its answer, and on two cores those hand-offs, not the work, were the larger part of a
+request's CPU (bench/README.md, the request path). The Loop reads every ready request, submits each, and is woken
+once by the worker for a whole batch of answers."""
 
 from __future__ import annotations
 
+import collections
 import http.server
-import io
 import logging
+import os
+import selectors
 import socket
 import socketserver
 import ssl
@@ -13,11 +23,12 @@ import struct
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, cast
+from typing import Any, Iterator, Mapping
 
-from webiptd.admission import BODY, BUSY, HEAD, IDLE, Slot
+from webiptd.admission import BODY, BUSY, HEAD, IDLE, Admission, Slot
+from webiptd.firewall.pending import Pending
 from webiptd.http import wire
-from webiptd.http.app import App, Generation, Runtime
+from webiptd.http.app import NOT_ANSWERED, NOT_TAKEN, SLOW, App, Generation, Runtime, Started
 from webiptd.http.bulk import CHUNK, BodyIncomplete
 from webiptd.http.responses import Response, error
 from webiptd.log import Reason
@@ -33,6 +44,10 @@ LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close(2) sends a re
 MIN_BODY_RATE = 16384
 LINGER_TIME = 1.0  # seconds to read and drop what a client still sends after an answer that did not read its body
 LINGER_BYTES = 1 << 20
+READ_SIZE = 65536
+# A complete head fits in this many bytes (wire.parse_head's bounds); past it without one, it is a Handler's to refuse.
+HEAD_MAX = wire.MAX_REQUEST_LINE + 1 + wire.MAX_HEADER_BYTES + 1
+LOOP_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE"})
 NO_THREAD = Reason("closed a connection from {source}: the system would not start another thread",
                    "closed {n} connections from {source}: the system would not start another thread")
 
@@ -70,7 +85,7 @@ class StreamedBody:
             raise BodyIncomplete("the body came too slowly (limits.request_timeout)")
         try:
             handler.connection.settimeout(min(left, self._timeout))
-            data = cast(io.BufferedReader, handler.rfile).read1(min(size, self._left))
+            data = handler.reader.read1(min(size, self._left))
         except OSError:
             raise BodyIncomplete("the body stopped coming (limits.request_timeout)") from None
         if not data:
@@ -104,8 +119,114 @@ class StreamedBody:
             self._busy += time.monotonic() - started
 
 
+class Connection:
+    """One admitted connection after its TLS handshake, whichever thread holds it: the Loop between requests, or a
+    Handler's thread for one request. `buffer` holds what was read of the next request(s)."""
+
+    __slots__ = ("sock", "raw", "addr", "peer", "peer_cert", "slot", "server", "tls", "buffer", "first", "eof",
+                 "events", "head", "route", "started", "given_up", "out", "close_after", "_cert_cn")
+
+    def __init__(self, sock: Any, raw: socket.socket, addr: Any, peer: Address, peer_cert: Mapping[str, Any],
+                 slot: Slot, server: Server):
+        self.sock = sock  # the SSLSocket, or `raw` itself with plain_http
+        self.raw = raw
+        self.addr = addr
+        self.peer = peer
+        self.peer_cert = peer_cert  # as getpeercert() gave it right after the handshake: {} without one
+        self.slot = slot
+        self.server = server
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.buffer = bytearray()
+        self.first = True  # no request yet: the first one's head is due within header_timeout of the handshake
+        self.eof = False  # the client has stopped sending
+        self.events = 0  # what the Loop's selector watches it for
+        # The request the Loop is serving: its head, metrics label and start, the command in the worker, whether
+        # limits.worker_timeout has passed once, the answer's bytes not yet sent and whether to close after them.
+        self.head: wire.RequestHead | None = None
+        self.route: tuple[list[str], float] = (["none"], 0.0)
+        self.started: Started | None = None
+        self.given_up = False
+        self.out = b""
+        self.close_after = False
+        self._cert_cn: tuple[ssl.SSLContext | None, str | None] | None = None
+
+    def cert_cn(self, gen: Generation) -> str | None:
+        """The subject CN of the client certificate this connection's handshake verified, or None.
+
+        Only while the current config trusts the same client CAs as the context that verified it:
+        after a reload that replaces tls.client_ca, a connection opened before it no longer logs in by it.
+        Worked out once per connection and config context, since a reload is what changes the answer.
+        """
+        current = gen.config.ssl_context
+        cached = self._cert_cn
+        if cached is None or cached[0] is not current:
+            cached = self._cert_cn = (current, self._verified_cn(current))
+        return cached[1]
+
+    def _verified_cn(self, current: ssl.SSLContext | None) -> str | None:
+        conn = self.sock
+        if not isinstance(conn, ssl.SSLSocket) or current is None or not self.peer_cert:
+            return None
+        if conn.context is not current and (
+                conn.context.get_ca_certs(binary_form=True) != current.get_ca_certs(binary_form=True)):
+            return None
+        names = [value for rdn in self.peer_cert.get("subject", ()) for key, value in rdn if key == "commonName"]
+        return names[0] if len(names) == 1 else None  # several CNs: ambiguous, so none
+
+    def close(self, admission: Admission) -> None:
+        admission.release(self.slot)  # before close: the descriptor cannot be reused under it
+        try:
+            self.sock.close()
+        finally:
+            self.raw.close()
+
+
+class Reader:
+    """A Handler's `rfile`: the bytes the Loop read ahead first, then the socket. What is left after the request
+    (the start of a pipelined next one) goes back to the Loop in `buffer`."""
+
+    def __init__(self, sock: Any, buffer: bytearray):
+        self._sock = sock
+        self.buffer = buffer
+
+    def _fill(self) -> bool:
+        data = self._sock.recv(READ_SIZE)
+        self.buffer += data
+        return bool(data)
+
+    def readline(self, limit: int = -1) -> bytes:
+        buffer = self.buffer
+        while True:
+            end = buffer.find(b"\n", 0, limit if limit >= 0 else len(buffer))
+            if end >= 0:
+                end += 1
+                break
+            if 0 <= limit <= len(buffer) or not self._fill():
+                end = len(buffer) if limit < 0 else min(limit, len(buffer))
+                break
+        line = bytes(buffer[:end])
+        del buffer[:end]
+        return line
+
+    def read(self, size: int) -> bytes:
+        while len(self.buffer) < size and self._fill():
+            pass
+        data = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return data
+
+    def read1(self, size: int) -> bytes:
+        if not self.buffer:
+            data: bytes = self._sock.recv(min(size, READ_SIZE))
+            return data
+        data = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return data
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
-    """One connection's requests, in order. Built by Server._serve once the TLS handshake is done."""
+    """One request of a connection on a thread of its own: what the Loop does not serve itself (App.begin's SLOW),
+    from the bytes the Loop read of it on."""
 
     protocol_version = "HTTP/1.1"
     # Unbuffered: each answer, status line to body, goes to one sendall(), so it leaves in one TLS record and
@@ -115,50 +236,36 @@ class Handler(http.server.BaseHTTPRequestHandler):
     sys_version = ""
     server: "Server"
 
-    def __init__(self, request: Any, client_address: Any, server: Server, slot: Slot, peer: Address,
-                 peer_cert: Mapping[str, Any]):
-        # Per connection, not per request: neither the peer nor its verified certificate changes.
-        self.slot = slot
-        self._peer = peer
-        self._peer_cert = peer_cert  # as getpeercert() gave it right after the handshake: {} without one
-        self._cert_cn: tuple[ssl.SSLContext | None, str | None] | None = None
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.slot = conn.slot
+        self.reader = Reader(conn.sock, conn.buffer)
         self.requestline = ""
-        super().__init__(request, client_address, server)
+        super().__init__(conn.sock, conn.addr, conn.server)
+
+    def setup(self) -> None:
+        self.connection = self.request
+        self.rfile = self.reader  # type: ignore[assignment]
+        self.wfile = socketserver._SocketWriter(self.connection)  # type: ignore[attr-defined]
+
+    def finish(self) -> None:
+        pass  # nothing buffered to flush; the connection is the Loop's again, or closed, after this
 
     def handle(self) -> None:
-        """Requests until the connection closes, each phase under its admission deadline (admission.py);
-        the socket timeout is only a backstop for the same bound."""
-        runtime = self.server.runtime
-        admission = runtime.admission
+        """The one request, under the admission phase the Loop set (its head is in the buffer already)."""
+        gen = self.server.runtime.generation  # one config snapshot for the whole request, taken as it starts
         self.close_connection = True
-        first = True
         try:
-            while True:
-                if not first:
-                    idle = runtime.generation.config.limits.idle_timeout
-                    if not admission.enter(self.slot, IDLE, idle):
-                        return
-                    self.connection.settimeout(idle)
-                    # The next request's first byte, or the end of the stream (rfile is a BufferedReader).
-                    if not cast(io.BufferedReader, self.rfile).peek(1):
-                        return
-                gen = runtime.generation  # one config snapshot for the whole request, taken as it starts
-                limits = gen.config.limits
-                if not admission.enter(self.slot, HEAD, limits.header_timeout):
-                    return
-                self.connection.settimeout(limits.header_timeout)
-                self.handle_one_request(gen)
-                if self.close_connection or runtime.stopping:
-                    return
-                first = False
+            self.connection.settimeout(gen.config.limits.header_timeout)  # a backstop: admission bounds the phase
+            self.handle_one_request(gen)
         except OSError:
-            pass  # the peer went, a backstop timeout fired, or admission shut the connection
+            self.close_connection = True  # the peer went, a backstop timeout fired, or admission shut it
 
     def handle_one_request(self, gen: Generation | None = None) -> None:
         gen = gen or self.server.runtime.generation
         self.close_connection = True
         try:
-            head = wire.parse_head(self.rfile.readline)
+            head = wire.parse_head(self.reader.readline)
             if head is None:
                 return
             self.requestline = head.line
@@ -187,8 +294,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self.connection.settimeout(timeout)
-        response = self.server.app.handle(head.method, head.target, wire.authorization(head), self._peer,
-                                          self._client_cert_cn(gen), b"" if streamed is None else streamed,
+        response = self.server.app.handle(head.method, head.target, wire.authorization(head), self.conn.peer,
+                                          self.conn.cert_cn(gen), b"" if streamed is None else streamed,
                                           generation=gen, content_type=head.content_type, accept=head.accept)
         # A body the route did not read: a small one is read and dropped, as for any other request; a big one
         # is not, and the connection closes after the answer.
@@ -234,31 +341,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not self.server.runtime.admission.enter(self.slot, BODY, timeout):
             return None
         self.connection.settimeout(timeout)
-        body = self.rfile.read(length)
+        body = self.reader.read(length)
         return body if len(body) == length else None
-
-    def _client_cert_cn(self, gen: Generation) -> str | None:
-        """The subject CN of the client certificate this connection's handshake verified, or None.
-
-        Only while the current config trusts the same client CAs as the context that verified it:
-        after a reload that replaces tls.client_ca, a connection opened before it no longer logs in by it.
-        Worked out once per connection and config context, since a reload is what changes the answer.
-        """
-        current = gen.config.ssl_context
-        cached = self._cert_cn
-        if cached is None or cached[0] is not current:
-            cached = self._cert_cn = (current, self._verified_cn(current))
-        return cached[1]
-
-    def _verified_cn(self, current: ssl.SSLContext | None) -> str | None:
-        conn = self.connection
-        if not isinstance(conn, ssl.SSLSocket) or current is None or not self._peer_cert:
-            return None
-        if conn.context is not current and (
-                conn.context.get_ca_certs(binary_form=True) != current.get_ca_certs(binary_form=True)):
-            return None
-        names = [value for rdn in self._peer_cert.get("subject", ()) for key, value in rdn if key == "commonName"]
-        return names[0] if len(names) == 1 else None  # several CNs: ambiguous, so none
 
     def _write(self, response: Response, head_only: bool = False, close: bool = False, http10: bool = False) -> None:
         if close or self.server.runtime.stopping:
@@ -294,17 +378,312 @@ class Handler(http.server.BaseHTTPRequestHandler):
         logger.debug("client=%s " + format, self.client_address[0], *args)
 
 
+class _NeedMore(Exception):
+    """The buffer ends within a line of the head: wait for more bytes."""
+
+
+class _Lines:
+    """wire.parse_head's `readline` over the bytes read so far: each line as a socket file's readline(limit)
+    would give it, or _NeedMore where that would wait for the client."""
+
+    def __init__(self, buffer: bytearray):
+        self._buffer = buffer
+        self.at = 0
+
+    def readline(self, limit: int) -> bytes:
+        buffer, at = self._buffer, self.at
+        end = buffer.find(b"\n", at, at + limit)
+        if end >= 0:
+            end += 1
+        elif len(buffer) - at >= limit:
+            end = at + limit
+        else:
+            raise _NeedMore
+        self.at = end
+        return bytes(buffer[at:end])
+
+
+class Loop:
+    """One thread for every connection between requests, and for the requests App.begin serves without waiting.
+
+    A connection is watched for reading while idle or reading a head; its phase moves to HEAD on the first byte.
+    A complete head of a request without a body goes to App.begin: its answer is sent at once, or its command is
+    in the worker and the connection waits, unwatched, until the worker answers (Pending.on_done: the worker puts
+    the answer on `_done` and wakes the Loop once for a batch), or limits.worker_timeout passes, as App._wait. Any
+    other request (SLOW, a body, a head that does not parse) is handed with what was read of it to a Handler on a
+    thread of its own, which gives the connection back when it stays open. The Loop never blocks: sockets are
+    non-blocking, and an answer the client does not take is sent as it makes room, within limits.request_timeout.
+    """
+
+    def __init__(self, runtime: Runtime, app: App):
+        self.runtime = runtime
+        self.app = app
+        self._selector = selectors.DefaultSelector()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._selector.register(self._wake, selectors.EVENT_READ, None)
+        self._signalled = False
+        self._incoming: collections.deque[Connection] = collections.deque()  # handed over by other threads
+        self._done: collections.deque[tuple[Connection, Pending[Any]]] = collections.deque()  # worker's answers
+        self._ready: collections.deque[Connection] = collections.deque()  # a request left in the buffer
+        self._deadlines: dict[Connection, float] = {}  # waiting on the worker, or sending an answer
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True, name="http-loop")
+        self._thread.start()
+
+    def add(self, conn: Connection) -> None:
+        """Take `conn` over (from any thread): its first request, or the next one."""
+        self._incoming.append(conn)
+        self._signal()
+
+    def _signal(self) -> None:
+        if not self._signalled:
+            self._signalled = True
+            os.eventfd_write(self._wake, 1)
+
+    def _answered(self, conn: Connection, pending: Pending[Any]) -> None:
+        """The worker's thread: a command the Loop submitted is answered."""
+        self._done.append((conn, pending))
+        self._signal()
+
+    def _run(self) -> None:
+        while True:
+            timeout = 0 if self._ready else EXPIRE_EVERY if self._deadlines else None
+            try:
+                for key, _ in self._selector.select(timeout):
+                    conn = key.data
+                    if conn is None:
+                        self._woken()
+                    elif conn.out:
+                        self._send(conn)
+                    else:
+                        self._read(conn)
+                for _ in range(len(self._ready)):
+                    self._serve(self._ready.popleft())
+                if self._deadlines:
+                    self._check_deadlines()
+            except Exception:
+                logger.exception("the connection loop failed; going on")
+
+    def _woken(self) -> None:
+        try:
+            os.eventfd_read(self._wake)
+        except BlockingIOError:
+            pass
+        self._signalled = False  # before the queues are read: an answer after this wakes the Loop again
+        while self._incoming:
+            self._adopt(self._incoming.popleft())
+        while self._done:
+            conn, pending = self._done.popleft()
+            started = conn.started
+            if started is not None and started.pending is pending:
+                self._finish(conn, started)
+
+    def _watch(self, conn: Connection, events: int) -> None:
+        if events == conn.events:
+            return
+        if conn.events == 0:
+            self._selector.register(conn.sock, events, conn)
+        elif events == 0:
+            self._selector.unregister(conn.sock)
+        else:
+            self._selector.modify(conn.sock, events, conn)
+        conn.events = events
+
+    def _close(self, conn: Connection) -> None:
+        self._watch(conn, 0)
+        self._deadlines.pop(conn, None)
+        conn.started = None
+        try:
+            conn.close(self.runtime.admission)
+        except OSError:
+            pass
+
+    def _adopt(self, conn: Connection) -> None:
+        limits = self.runtime.generation.config.limits
+        if conn.first:
+            ok = self.runtime.admission.enter(conn.slot, HEAD, limits.header_timeout)
+        else:
+            ok = self.runtime.admission.enter(conn.slot, IDLE, limits.idle_timeout)
+        if not ok or self.runtime.stopping:
+            self._close(conn)
+            return
+        try:
+            conn.sock.setblocking(False)
+        except OSError:
+            self._close(conn)
+            return
+        self._serve(conn)
+
+    def _read(self, conn: Connection) -> None:
+        sock = conn.sock
+        buffer = conn.buffer
+        was_empty = not buffer
+        try:
+            while True:
+                data = sock.recv(READ_SIZE)
+                if not data:
+                    conn.eof = True
+                    break
+                buffer += data
+                if len(buffer) >= HEAD_MAX or not conn.tls or not sock.pending():
+                    break
+        except (ssl.SSLWantReadError, BlockingIOError):
+            pass
+        except OSError as exc:  # ssl.SSLError included; SSLWantWriteError too: nothing here asks a client for that
+            logger.debug("connection from %s ended: %s", conn.addr[0], exc)
+            self._close(conn)
+            return
+        if was_empty and buffer and not conn.first:
+            # The next request has begun: its head is due within header_timeout, as it was in a Handler.
+            limits = self.runtime.generation.config.limits
+            if not self.runtime.admission.enter(conn.slot, HEAD, limits.header_timeout):
+                self._close(conn)
+                return
+        self._serve(conn)
+
+    def _serve(self, conn: Connection) -> None:
+        """The request at the start of the buffer, if its head is there; otherwise wait for more."""
+        buffer = conn.buffer
+        if not buffer:
+            if conn.eof:
+                self._close(conn)
+            else:
+                self._watch(conn, selectors.EVENT_READ)
+            return
+        lines = _Lines(buffer)
+        try:
+            head = wire.parse_head(lines.readline)
+            if (head is None or head.method not in LOOP_METHODS or head.expect_continue
+                    or wire.body_length(head, wire.MAX_IGNORED_BODY)):
+                self._hand_over(conn)
+                return
+        except _NeedMore:
+            if conn.eof:
+                self._hand_over(conn)  # a Handler closes quietly on a head cut off, as before
+            else:
+                self._watch(conn, selectors.EVENT_READ)
+            return
+        except wire.HeadError:
+            self._hand_over(conn)  # a Handler answers the same bytes with the same error
+            return
+        runtime = self.runtime
+        if not runtime.admission.enter(conn.slot, BUSY, None):
+            self._close(conn)
+            return
+        gen = runtime.generation
+        route = ["none"]
+        started = time.perf_counter()
+        answer = self.app.begin(head.method, head.target, wire.authorization(head), conn.peer, conn.cert_cn(gen),
+                                gen, route)
+        if answer is SLOW:
+            self._hand_over(conn)
+            return
+        del buffer[:lines.at]
+        conn.head = head
+        conn.route = (route, started)
+        conn.first = False
+        if isinstance(answer, Response):
+            self._respond(conn, answer)
+            return
+        assert isinstance(answer, Started)
+        self._watch(conn, 0)
+        conn.started = answer
+        conn.given_up = False
+        self._deadlines[conn] = time.monotonic() + gen.config.limits.worker_timeout
+        answer.pending.on_done(lambda pending: self._answered(conn, pending))
+
+    def _finish(self, conn: Connection, started: Started) -> None:
+        conn.started = None
+        self._deadlines.pop(conn, None)
+        head = conn.head
+        assert head is not None
+        self._respond(conn, self.app.finish(started, head.method, head.target))
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        late = [conn for conn, deadline in self._deadlines.items() if deadline <= now]
+        for conn in late:
+            started = conn.started
+            if started is None:  # an answer the client did not take in time
+                logger.debug("connection from %s ended: the answer was not read in time", conn.addr[0])
+                self._close(conn)
+            elif not conn.given_up and not started.pending.cancel():
+                conn.given_up = True  # taken by the worker: one more worker_timeout, as App._wait
+                self._deadlines[conn] = now + started.gen.config.limits.worker_timeout
+            else:
+                conn.started = None
+                del self._deadlines[conn]
+                self._respond(conn, NOT_ANSWERED if conn.given_up else NOT_TAKEN)
+
+    def _respond(self, conn: Connection, response: Response) -> None:
+        head = conn.head
+        assert head is not None
+        route, started = conn.route
+        self.app.observe(route[0], head.method, response.status, time.perf_counter() - started)
+        conn.close_after = head.close or conn.eof or self.runtime.stopping
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug('client=%s "%s" %s', conn.addr[0], head.line[:200], response.status)
+        conn.out = wire.render(response, head_only=head.method == "HEAD", close=conn.close_after)
+        self._send(conn)
+
+    def _send(self, conn: Connection) -> None:
+        try:
+            sent = conn.sock.send(conn.out)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+            sent = 0  # TLS: the same bytes are offered again once the socket has room
+        except OSError as exc:
+            logger.debug("connection from %s ended: %s", conn.addr[0], exc)
+            self._close(conn)
+            return
+        conn.out = conn.out[sent:]
+        if conn.out:
+            if conn.events != selectors.EVENT_WRITE:
+                self._watch(conn, selectors.EVENT_WRITE)
+                self._deadlines[conn] = time.monotonic() + self.runtime.generation.config.limits.request_timeout
+            return
+        self._deadlines.pop(conn, None)
+        if conn.close_after:
+            self._close(conn)
+            return
+        limits = self.runtime.generation.config.limits
+        if not self.runtime.admission.enter(conn.slot, IDLE, limits.idle_timeout):
+            self._close(conn)
+            return
+        if conn.buffer:
+            if not self.runtime.admission.enter(conn.slot, HEAD, limits.header_timeout):
+                self._close(conn)
+                return
+            self._watch(conn, 0)
+            self._ready.append(conn)  # a pipelined request: served in the Loop's next round, not recursively
+        else:
+            self._watch(conn, selectors.EVENT_READ)
+
+    def _hand_over(self, conn: Connection) -> None:
+        """The request at the start of the buffer to a Handler on a thread of its own."""
+        self._watch(conn, 0)
+        self._deadlines.pop(conn, None)
+        try:
+            threading.Thread(target=conn.server.serve_one, args=(conn,), daemon=True,
+                             name=f"conn-{conn.addr[0]}").start()
+        except RuntimeError:  # no more threads: the system's limit, not ours
+            self._close(conn)
+            self.runtime.admission.events.event(NO_THREAD, conn.slot.source)
+
+
 class Server(socketserver.TCPServer):
     """Serves one listening socket. Admission decides on each connection before any thread or TLS is spent
-    on it; an admitted one gets a thread of its own for the TLS handshake and its requests."""
+    on it; an admitted one gets a thread for its TLS handshake, then goes to the Loop."""
 
-    def __init__(self, sock: socket.socket, runtime: Runtime, app: App):
+    def __init__(self, sock: socket.socket, runtime: Runtime, app: App, loop: Loop):
         # process_request() makes each Handler itself, with its slot: the class given here is never used.
         super().__init__(sock.getsockname()[:2], socketserver.BaseRequestHandler, bind_and_activate=False)
         self.socket.close()
         self.socket = sock
         self.runtime = runtime
         self.app = app
+        self.loop = loop
         self._last_expire = 0.0
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -355,14 +734,30 @@ class Server(socketserver.TCPServer):
                 conn.do_handshake()
                 # Here, where the handshake is known to be finished; {} unless a certificate was verified.
                 peer_cert = conn.getpeercert() or {}
-            Handler(conn, addr, self, slot, peer, peer_cert)
+            self.loop.add(Connection(conn, request, addr, peer, peer_cert, slot, self))
+            return
         except OSError as exc:  # ssl.SSLError and TimeoutError included
             logger.debug("connection from %s ended: %s", addr[0], exc)
         except Exception:
             logger.exception("connection from %s failed", addr[0])
+        self.runtime.admission.release(slot)  # before close: the descriptor cannot be reused under it
+        try:
+            conn.close()
         finally:
-            self.runtime.admission.release(slot)  # before close: the descriptor cannot be reused under it
-            try:
-                conn.close()
-            finally:
-                request.close()
+            request.close()
+
+    def serve_one(self, conn: Connection) -> None:
+        """A Handler's thread: one request, then the connection back to the Loop, or closed."""
+        keep = False
+        try:
+            handler = Handler(conn)
+            keep = not handler.close_connection and not self.runtime.stopping
+        except OSError as exc:
+            logger.debug("connection from %s ended: %s", conn.addr[0], exc)
+        except Exception:
+            logger.exception("connection from %s failed", conn.addr[0])
+        if keep:
+            conn.first = False
+            self.loop.add(conn)
+        else:
+            conn.close(self.runtime.admission)
