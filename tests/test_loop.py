@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import ssl
 import time
 from pathlib import Path
@@ -120,3 +121,22 @@ def test_a_client_that_does_not_read_its_answers_stalls_nobody(shared: Daemon) -
             stuck.close()
         for k, v in saved.items():
             shared.ns.run(["sysctl", "-q", "-w", f"{k}={v}"])
+
+
+@ROOT
+def test_requests_sent_before_the_client_stops_sending_are_all_answered(shared: Daemon) -> None:  # noqa: F811
+    """A client that writes its requests and shuts its side (TCP half-close, as `nc -N` does) gets every answer,
+    then the end of the stream."""
+    path = "/chain/f2b-web/ipv4/203.0.113.157"
+    w = Wire(shared)
+    try:
+        w.send(request("PUT", path, AUTH) + request("GET", "/version", AUTH) + request("GET", path, AUTH)
+               + request("DELETE", path, AUTH))
+        socket.socket.shutdown(w.tls, socket.SHUT_WR)  # TCP's, under TLS: the daemon reads the end of the stream
+        assert [w.response()[0] for _ in range(4)] == [201, 200, 200, 200]
+        # The daemon's TLS meets the end of the stream without a close_notify: OpenSSL 3 answers it with an alert.
+        w.tls.settimeout(5)
+        with pytest.raises(ssl.SSLError, match="DECODE_ERROR"):
+            w.rfile.read(1)
+    finally:
+        w.close()

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import logging
+import re
 import secrets
 import threading
 from collections import OrderedDict, deque
@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 
 MAX_HEADER_LENGTH = 4096
 MAX_CACHED = 10_000
+
+
+CONTROL_RE = re.compile("[\x00-\x1f\x7f]")  # no control character in a user name or password
 
 
 class AuthFailure(Exception):
@@ -46,7 +49,7 @@ def parse_basic(header: str | None) -> tuple[str, str]:
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise AuthFailure("malformed Authorization header") from None
     user, sep, password = decoded.partition(":")
-    if not sep or not user or any(ord(c) < 0x20 or c == "\x7f" for c in decoded):
+    if not sep or not user or CONTROL_RE.search(decoded):
         raise AuthFailure("malformed Authorization header")
     return user, password
 
@@ -100,13 +103,13 @@ class Authenticator:
         user = self._users.get(name)
         if user is None:
             return None
-        tag = hmac.new(self._key, f"{name}\0{password}".encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+        tag = hmac.digest(self._key, f"{name}\0{password}".encode("utf-8", "surrogatepass"), "sha256")
         return user if tag in self._verified else None
 
     def authenticate(self, header: str | None) -> User:
         name, password = parse_basic(header)
         user = self._users.get(name)
-        tag = hmac.new(self._key, f"{name}\0{password}".encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+        tag = hmac.digest(self._key, f"{name}\0{password}".encode("utf-8", "surrogatepass"), "sha256")
         with self._lock:
             if user is not None and tag in self._verified:
                 return user

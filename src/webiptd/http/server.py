@@ -124,7 +124,7 @@ class Connection:
     Handler's thread for one request. `buffer` holds what was read of the next request(s)."""
 
     __slots__ = ("sock", "raw", "addr", "peer", "peer_cert", "slot", "server", "tls", "buffer", "first", "eof",
-                 "events", "head", "route", "started", "given_up", "out", "close_after", "_cert_cn")
+                 "events", "idle", "head", "route", "started", "given_up", "out", "close_after", "_cert_cn")
 
     def __init__(self, sock: Any, raw: socket.socket, addr: Any, peer: Address, peer_cert: Mapping[str, Any],
                  slot: Slot, server: Server):
@@ -140,6 +140,7 @@ class Connection:
         self.first = True  # no request yet: the first one's head is due within header_timeout of the handshake
         self.eof = False  # the client has stopped sending
         self.events = 0  # what the Loop's selector watches it for
+        self.idle = False  # between requests (IDLE): the next one's first bytes move it to HEAD or BUSY
         # The request the Loop is serving: its head, metrics label and start, the command in the worker, whether
         # limits.worker_timeout has passed once, the answer's bytes not yet sent and whether to close after them.
         self.head: wire.RequestHead | None = None
@@ -517,6 +518,13 @@ class Loop:
         self._serve(conn)
 
     def _read(self, conn: Connection) -> None:
+        if conn.started is not None:
+            # Ready while its request is in the worker: a pipelined next one, or the stream's end. Read after the
+            # answer (TLS: a read that meets the end of the stream fails every write after it); until then the
+            # socket is not watched, so that it does not keep the Loop awake. (It stays watched while the worker
+            # works, in the usual case that nothing comes: two epoll_ctl(2) a request less.)
+            self._watch(conn, 0)
+            return
         sock = conn.sock
         buffer = conn.buffer
         was_empty = not buffer
@@ -536,11 +544,7 @@ class Loop:
             self._close(conn)
             return
         if was_empty and buffer and not conn.first:
-            # The next request has begun: its head is due within header_timeout, as it was in a Handler.
-            limits = self.runtime.generation.config.limits
-            if not self.runtime.admission.enter(conn.slot, HEAD, limits.header_timeout):
-                self._close(conn)
-                return
+            conn.idle = True  # the next request has begun: its head is due within header_timeout (_serve)
         self._serve(conn)
 
     def _serve(self, conn: Connection) -> None:
@@ -562,13 +566,22 @@ class Loop:
         except _NeedMore:
             if conn.eof:
                 self._hand_over(conn)  # a Handler closes quietly on a head cut off, as before
-            else:
-                self._watch(conn, selectors.EVENT_READ)
+                return
+            if conn.idle:
+                # Part of a head: the rest is due within header_timeout, as it was in a Handler. (A head that came
+                # whole goes from IDLE to BUSY at once.)
+                conn.idle = False
+                if not self.runtime.admission.enter(conn.slot, HEAD,
+                                                    self.runtime.generation.config.limits.header_timeout):
+                    self._close(conn)
+                    return
+            self._watch(conn, selectors.EVENT_READ)
             return
         except wire.HeadError:
             self._hand_over(conn)  # a Handler answers the same bytes with the same error
             return
         runtime = self.runtime
+        conn.idle = False
         if not runtime.admission.enter(conn.slot, BUSY, None):
             self._close(conn)
             return
@@ -588,7 +601,6 @@ class Loop:
             self._respond(conn, answer)
             return
         assert isinstance(answer, Started)
-        self._watch(conn, 0)
         conn.started = answer
         conn.given_up = False
         self._deadlines[conn] = time.monotonic() + gen.config.limits.worker_timeout
@@ -622,7 +634,7 @@ class Loop:
         assert head is not None
         route, started = conn.route
         self.app.observe(route[0], head.method, response.status, time.perf_counter() - started)
-        conn.close_after = head.close or conn.eof or self.runtime.stopping
+        conn.close_after = head.close or self.runtime.stopping  # at the stream's end: once the buffer is served
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug('client=%s "%s" %s', conn.addr[0], head.line[:200], response.status)
         conn.out = wire.render(response, head_only=head.method == "HEAD", close=conn.close_after)
@@ -651,10 +663,8 @@ class Loop:
         if not self.runtime.admission.enter(conn.slot, IDLE, limits.idle_timeout):
             self._close(conn)
             return
-        if conn.buffer:
-            if not self.runtime.admission.enter(conn.slot, HEAD, limits.header_timeout):
-                self._close(conn)
-                return
+        if conn.buffer or conn.eof:
+            conn.idle = True
             self._watch(conn, 0)
             self._ready.append(conn)  # a pipelined request: served in the Loop's next round, not recursively
         else:
