@@ -196,6 +196,7 @@ def row_key(e: Entry) -> tuple[str, str, str, str]:
 # one by one (executescript would commit half-way). A new, empty store is version 0 and takes every step too, so every
 # migration runs on each first start, and a new store and an upgraded one cannot differ.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_to_v1, _to_v2, _to_v3, _to_v4, _to_v5)
+SEAL_KEY = "kernel_seal"
 # The version this code reads and writes, in the file's header (PRAGMA user_version).
 VERSION = len(MIGRATIONS)
 
@@ -632,7 +633,21 @@ class Store:
         self._db.executemany(sql, rows)
 
     def fleet_state(self) -> dict[str, str]:
-        return dict(self._db.execute("SELECT key, value FROM fleet"))
+        return dict(self._db.execute("SELECT key, value FROM fleet WHERE key <> ?", (SEAL_KEY,)))
+
+    # The kernel's seal (Backend.seal): a row of the key-value table `fleet` (named for its first keys, the fleet's).
+    def set_seal(self, token: str) -> None:
+        """Keep `token` for the next start (a clean stop's last write)."""
+        self._db.execute("INSERT OR REPLACE INTO fleet (key, value) VALUES (?, ?)", (SEAL_KEY, token))
+
+    def take_seal(self) -> str | None:
+        """The seal a clean stop left, gone from the store before it is used: this run changes the kernel, and a
+        crash of it must not find the seal at the start after."""
+        row = self._db.execute("SELECT value FROM fleet WHERE key = ?", (SEAL_KEY,)).fetchone()
+        if row is None:
+            return None
+        self._db.execute("DELETE FROM fleet WHERE key = ?", (SEAL_KEY,))
+        return str(row[0])
 
     def close(self) -> None:
         self._db.close()

@@ -46,6 +46,14 @@ class Backend(Protocol):
         many atoms each chain has; each is at least one rule or element), else what is gone, in a few words; the
         worker then reconciles."""
 
+    def seal(self) -> str | None:
+        """At a clean stop, after the last batch: a token by which sealed() can tell, at the next start, that the
+        kernel still holds exactly what it held now (nobody has changed it since), so that the start need not read
+        it back. None when the backend cannot tell that (only nftables can: its ruleset generation)."""
+
+    def sealed(self, token: str) -> bool:
+        """True when the kernel is still as it was when seal() made `token`."""
+
     def close(self) -> None:
         """Release what the backend holds."""
 

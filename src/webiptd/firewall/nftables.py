@@ -10,9 +10,11 @@ import logging
 import math
 import os
 import re
+import secrets
 import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from webiptd.config import Chain
@@ -217,7 +219,20 @@ def _timeout(expires_at: float | None, now: float) -> int | None:
 # set is full, a 507) is lost.
 LOAD_CHUNK = 10_000
 
+# A set of our table with no chain's name pattern (set_name's are `<chain>-v4...`): one random number, put there at
+# a clean stop (NftablesBackend.seal).
+SEAL_SET = "seal"
 GENERATION_TIMEOUT = 10.0  # the kernel answers at once; the worker must never wait for ever on it
+
+
+def _kernel_context() -> str | None:
+    """This boot and this network namespace, in which a ruleset generation means something."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+        namespace = os.stat("/proc/self/ns/net")
+    except OSError:
+        return None
+    return f"{boot}/{namespace.st_dev}.{namespace.st_ino}"
 
 
 class RulesetGeneration:
@@ -393,6 +408,10 @@ class NftablesBackend:
         self._chains: list[Chain] = []  # every chain of ours, in config order, as the last prepare had them
         self._generation = RulesetGeneration()
         self._seen: int | None = None  # the ruleset generation our last transaction made; None: unknown
+        # Since the kernel was last read (or found sealed), every commit has been ours, the last making _last_ours:
+        # the kernel then holds what the worker thinks, and a stop may seal it (seal()).
+        self._exclusive = False
+        self._last_ours: int | None = None
         self._checked: int | None = None  # the generation missing() last found our table whole in
 
     # -- libnftables --------------------------------------------------------------
@@ -531,11 +550,14 @@ class NftablesBackend:
 
     def _run_tracked(self, cmds: list[dict[str, Any]], before: int | None) -> int | None:
         """Run one transaction; remember the generation it made when it was the only one since `before`."""
+        exclusive = self._exclusive and before is not None and before == self._last_ours
+        self._exclusive = False
         self._seen = None  # until this transaction is known to be the only one since `before`
         self._run(cmds)
         after = self._read_generation()
         if before is not None and after == (before + 1) & 0xFFFFFFFF:
-            self._seen = after
+            self._seen = self._last_ours = after
+            self._exclusive = exclusive
         return after
 
     def _read_generation(self) -> int | None:
@@ -588,10 +610,12 @@ class NftablesBackend:
             if self._chains:  # the last of our chains left the config: unhook them all
                 unhook = self._base_cmds([], self._layout())
                 if unhook:
+                    self._exclusive = False
                     self._run(unhook)
                     self._seen = None
                 self._chains = []
             return
+        before = self._read_generation()
         layout = self._layout()
         cmds: list[dict[str, Any]] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}]
         known: dict[str, set[SetKey]] = {}
@@ -603,8 +627,9 @@ class NftablesBackend:
             known[chain.name] = sets
         # ByChain gives each backend all of its chains, so these are every chain the base chains jump to.
         cmds += self._base_cmds(chains, layout)
-        self._run(cmds)
-        self._seen = None
+        if SEAL_SET in layout.sets:  # the last stop's seal, read already (the worker asks before prepare)
+            cmds.append({"delete": {"set": self._obj(name=SEAL_SET)}})
+        self._run_tracked(cmds, before)  # what it made is ours: a later seal() may count on it
         self._chains = chains
         self._sets.update(known)
         self._targets.update((c.name, c.target) for c in chains)
@@ -622,6 +647,8 @@ class NftablesBackend:
         """Every atom of `chains`, one set at a time, read through netlink (set_elements); the port elements of
         one (chain, network, protocol) come back as one Scope, so a chain's port sets are grouped first. The
         layout is read, and the socket opened, before this returns: in the caller's network namespace."""
+        generation = self._read_generation()  # before the dump: a commit after it ends _exclusive (see seal)
+        self._exclusive, self._last_ours = generation is not None, generation
         layout = self._layout()
         sock = open_socket()
         sock.settimeout(DUMP_TIMEOUT)
@@ -768,6 +795,7 @@ class NftablesBackend:
     def _apply_whatever_the_kernel_holds(self, ensure: list[dict[str, Any]],
                                          changes: Mapping[ElementKey, Mapping[Element, _Change]],
                                          chains: Mapping[str, Chain]) -> None:
+        self._exclusive = False  # what the kernel holds was not what the worker thought
         try:
             self._run(ensure + self._element_cmds(changes, exact=False))
             return
@@ -801,6 +829,45 @@ class NftablesBackend:
         names = sorted({c for c, _, _, _ in changes})
         sizes = ", ".join(f"{n} (maxelem {chains[n].maxelem if n in chains else DEFAULT_SIZE})" for n in names)
         return f"a set of chain {sizes} is full"
+
+    def seal(self) -> str | None:
+        """A fresh random number in our table's `seal` set, and the ruleset generation that transaction made: both
+        unchanged at the next start mean that nobody committed to nftables since, so the sets hold what they held at
+        this stop. Only when every commit since the kernel was last read was ours (the worker knows what it did, not
+        what another program did: a `nft flush set` while we ran, say). With the boot and the network namespace:
+        a generation counts again from 0 in a new one."""
+        if not self._chains:
+            return None
+        before = self._read_generation()
+        if not self._exclusive or before is None or before != self._last_ours:
+            return None  # another program committed since the kernel was read: what it did is not known here
+        nonce = secrets.randbelow(1 << 31) + 1
+        seal = self._obj(name=SEAL_SET)
+        try:
+            self._run_tracked([{"add": {"set": {**seal, "type": "mark"}}}, {"flush": {"set": seal}},
+                               {"add": {"element": {**seal, "elem": [nonce]}}}], before)
+        except NftablesError as exc:
+            logger.warning("could not seal the nftables sets for the next start (%s); it reads them back", exc)
+            return None
+        context = _kernel_context()
+        if not self._exclusive or self._last_ours is None or context is None:
+            return None
+        return f"{context}:{self._last_ours}:{nonce}"
+
+    def sealed(self, token: str) -> bool:
+        parts = token.rsplit(":", 2)
+        if len(parts) != 3 or parts[0] != _kernel_context() or not parts[1].isdigit() or not parts[2].isdigit():
+            return False
+        generation = self._read_generation()
+        if generation != int(parts[1]):
+            return False
+        try:
+            if self._elements(SEAL_SET) != [int(parts[2])]:
+                return False
+        except NftablesError:
+            return False
+        self._exclusive, self._last_ours = True, generation
+        return True
 
     def close(self) -> None:
         self._nft = None  # the binding frees its context when the object goes

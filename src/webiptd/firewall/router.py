@@ -84,6 +84,22 @@ class ByChain:
                     return found
         return None
 
+    def seal(self) -> str | None:
+        """Every backend's seal, when each one in use can seal (none but nftables can)."""
+        used = sorted(set(self._route.values()))
+        tokens = []
+        for name in used:
+            token = self._backend(name).seal()
+            if token is None:
+                return None
+            tokens.append(f"{name}={token}")
+        return " ".join(tokens) or None
+
+    def sealed(self, token: str) -> bool:
+        parts = dict(part.partition("=")[::2] for part in token.split(" "))
+        return sorted(parts) == sorted(set(self._route.values())) and all(
+            self._backend(name).sealed(part) for name, part in parts.items())
+
     def close(self) -> None:
         for backend in self._backends.values():
             try:

@@ -5,6 +5,8 @@ brings the kernel back in line with the store (reconcile).
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import logging
 import queue
@@ -336,7 +338,7 @@ class Worker:
 
     def _run(self) -> None:
         try:
-            self._reconcile()
+            self._reconcile(self._store.take_seal())
         except BaseException as exc:  # reported to start(), which fails the daemon's start-up
             logger.exception("reconcile at start failed")
             self._start_error = exc
@@ -365,6 +367,7 @@ class Worker:
             if stop:
                 if self._purge:
                     self._safe_write([], [], self._take_purges())
+                self._seal()
                 logger.info("firewall worker stopped")
                 return
 
@@ -910,8 +913,60 @@ class Worker:
         except Exception:
             logger.exception("could not take a failed batch's new blocks back out of the firewall")
 
-    def _reconcile(self) -> None:
+    def _seal(self) -> None:
+        """At a clean stop, with the kernel as the store says: the backend's seal of it, with the chains' config, for
+        the next start (see _reconcile). Never when the worker knows the kernel to differ (a failed batch, or
+        blocks found gone, wait for a reconcile)."""
+        if self._resync or self._purge:
+            return
+        try:
+            token = self._backend.seal()
+            if token is not None:
+                self._store.set_seal(f"{self._chains_fingerprint()} {token}")
+        except Exception:
+            logger.exception("could not seal the kernel's state for the next start; it reads the kernel back")
+
+    def _chains_fingerprint(self) -> str:
+        text = repr(sorted((c.name, c.backend, c.target, c.hooks, c.maxelem, c.priority, c.match, c.interface)
+                           for c in self._chains.values()))
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def _unsealed(self, seal: str | None) -> bool:
+        """True when `seal` (the last clean stop's) says the kernel holds what the store held then: the same chains,
+        and the backend finds its kernel unchanged since. Asked before prepare(), whose changes are this run's."""
+        if seal is None:
+            return False
+        fingerprint, _, token = seal.partition(" ")
+        try:
+            return fingerprint == self._chains_fingerprint() and self._backend.sealed(token)
+        except Exception:
+            logger.exception("could not check the kernel's seal; reading the kernel back")
+            return False
+
+    def _sealed_view(self, names: list[str]) -> Iterator[tuple[Key, str]]:
+        """What the kernel holds, as a sealed kernel is known to: the atoms of every row of the store, the blocks that
+        expired while the daemon was down (tombstones now) included, as at the seal. A (chain, network, protocol)
+        with port lists is one atom, the union of all their ports."""
+        store = self._store
+        marks = ",".join("?" * len(names))
+        for chain, net, proto, target in _rows(store, (
+                f"SELECT chain, network, proto, target FROM blocks WHERE chain IN ({marks}) AND ports = ''"), names):
+            yield (chain, parse_stored(net), stored_scope(proto, "") if proto else None), target
+        grouped: Iterator[tuple[Any, ...]] = _rows(store, (
+            f"SELECT chain, network, proto, ports, target FROM blocks WHERE chain IN ({marks}) AND ports <> '' "
+            "ORDER BY chain, network, proto"), names)
+        for (chain, net, proto), group in itertools.groupby(grouped, key=lambda r: r[:3]):
+            rows = list(group)
+            scopes = [stored_scope(proto, r[3]) for r in rows]
+            yield (chain, parse_stored(net), Scope.of(proto, union(s for s in scopes if s is not None))), rows[0][4]
+
+    def _reconcile(self, seal: str | None = None) -> None:
         """Make the kernel match the store: re-add missing, drop expired, finish removals, adopt strays.
+
+        With a seal from the last clean stop that the backend still finds good (nftables: nobody committed since), the
+        kernel is known to hold what the store held then, and it is not read back: a million elements of a set take
+        the kernel time that grows with the square of their number to list (bench/README.md). The same comparison
+        then runs against the store's view of it (_sealed_view).
 
         Rules of our shape found in a managed chain but not in the store are adopted
         as permanent blocks by `adopted`; they are never flushed.
@@ -926,6 +981,7 @@ class Worker:
         self.metrics.reconciles.inc()
         store = self._store
         configured = self._chains
+        sealed = self._unsealed(seal)
         self._backend.prepare(configured.values(), sorted(store.chain_names() - set(configured)))
         now = self._clock()
         expired = self._expire_stored(now)
@@ -939,7 +995,7 @@ class Worker:
         store.execute("CREATE TEMP TABLE kernel (chain TEXT NOT NULL, network TEXT NOT NULL, proto TEXT NOT NULL, "
                       "ports TEXT NOT NULL, target TEXT NOT NULL)")
         try:
-            read = self._backend.read(names)
+            read = self._sealed_view(names) if sealed else self._backend.read(names)
             pairs = read.items() if isinstance(read, Mapping) else read
             # Appended in one transaction, then indexed in one sort: inserting a million in the kernel's (hash)
             # order into a keyed table, a transaction each, took most of a restart's reconcile.
@@ -976,8 +1032,9 @@ class Worker:
         if retargeted:
             logger.info("%d blocks took their chain's new target", retargeted)
         self._entries = _Index(store, store.counts())
-        logger.info("reconciled %d blocks: %d re-added, %d expired, %d adopted, %d removals finished",
-                    len(self._entries), restored, expired, adopted, removals)
+        logger.info("reconciled %d blocks: %d re-added, %d expired, %d adopted, %d removals finished%s",
+                    len(self._entries), restored, expired, adopted, removals,
+                    "; the kernel as sealed at the last stop, not read back" if sealed else "")
 
     def _expire_stored(self, now: float) -> int:
         """Drop the claims that ran out while the daemon was down (or since the last reconcile), from the store, in
