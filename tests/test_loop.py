@@ -134,9 +134,12 @@ def test_requests_sent_before_the_client_stops_sending_are_all_answered(shared: 
                + request("DELETE", path, AUTH))
         socket.socket.shutdown(w.tls, socket.SHUT_WR)  # TCP's, under TLS: the daemon reads the end of the stream
         assert [w.response()[0] for _ in range(4)] == [201, 200, 200, 200]
-        # The daemon's TLS meets the end of the stream without a close_notify: OpenSSL 3 answers it with an alert.
+        # Then the daemon closes (a timeout fails here). Its TLS met the end of the stream without a close_notify,
+        # which OpenSSL 3 may answer with an alert before the close.
         w.tls.settimeout(5)
-        with pytest.raises(ssl.SSLError, match="DECODE_ERROR"):
-            w.rfile.read(1)
+        try:
+            assert w.rfile.read(1) == b""
+        except (ssl.SSLError, ConnectionResetError):
+            pass
     finally:
         w.close()

@@ -674,6 +674,11 @@ class Loop:
         """The request at the start of the buffer to a Handler on a thread of its own."""
         self._watch(conn, 0)
         self._deadlines.pop(conn, None)
+        if conn.idle:  # a head that came whole but is not the Loop's: the Handler reads it under header_timeout
+            conn.idle = False
+            if not self.runtime.admission.enter(conn.slot, HEAD, self.runtime.generation.config.limits.header_timeout):
+                self._close(conn)
+                return
         try:
             threading.Thread(target=conn.server.serve_one, args=(conn,), daemon=True,
                              name=f"conn-{conn.addr[0]}").start()
