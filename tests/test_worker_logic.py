@@ -1045,3 +1045,84 @@ def test_an_adopted_claim_is_nobodys_and_goes_with_any_release(h: Harness) -> No
     r = h.run(w, unblock(WEB, "203.0.113.10/32", actor="f2b"))
     assert (r.deleted, r.released) == (False, True) and [c.owner for c in r.entry.all_claims] == ["admin"]
     assert h.backend.kernel == {("f2b-web", net("203.0.113.10/32")): "DROP"}
+
+
+# -- the seal (a start that need not read the kernel back) --------------------------------------------------------
+
+
+class SealingBackend(RecordingBackend):
+    """A backend that can seal, as nftables does: a token per seal, good while no apply came after it. Each apply
+    notes whether the store then held a seal: it must not, since a crash during that apply would find the seal of a
+    kernel the apply was changing."""
+
+    def __init__(self, db_path: Path):
+        super().__init__()
+        self._db_path = db_path
+        self.seals = 0
+        self.good: str | None = None  # the token of the kernel as it is, None once an apply changed it
+        self.sealed_at_apply: list[bool] = []
+
+    def _stored_seal(self) -> str | None:
+        with sqlite3.connect(self._db_path) as db:
+            row = db.execute("SELECT value FROM fleet WHERE key = 'kernel_seal'").fetchone()
+        return None if row is None else str(row[0])
+
+    def apply(self, ops: Iterable[Op], chains: Mapping[str, Chain]) -> None:
+        self.sealed_at_apply.append(self._stored_seal() is not None)
+        self.good = None
+        super().apply(ops, chains)
+
+    def seal(self) -> str | None:
+        self.seals += 1
+        self.good = f"token{self.seals}"
+        return self.good
+
+    def sealed(self, token: str) -> bool:
+        return token == self.good
+
+
+def _quiet(backend: SealingBackend, seals: int) -> None:
+    """Wait for the worker's seal after a change: it comes once the worker had nothing to do for a moment."""
+    deadline = time.monotonic() + WAIT
+    while backend.seals < seals:
+        assert time.monotonic() < deadline, "no seal after a quiet moment"
+        time.sleep(0.05)
+    time.sleep(0.1)  # the store's row is written after the backend's seal
+
+
+def test_the_seal_is_kept_while_quiet_and_gone_before_any_change_reaches_the_kernel(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    backend = SealingBackend(tmp_path / "state.db")
+    w = Worker(backend, store, [WEB], clock=Clock())
+    w.start(timeout=WAIT)
+    try:
+        _quiet(backend, 1)  # after the start's reconcile
+        assert backend._stored_seal() is not None
+        for i in range(3):
+            w.submit(block(WEB, f"203.0.113.{i}/32")).result(WAIT)
+        assert backend.sealed_at_apply and not any(backend.sealed_at_apply)
+        _quiet(backend, 2)
+        assert str(backend._stored_seal()).endswith(" token2")
+        # A lookup changes nothing: the seal stays.
+        assert w.submit(Lookup(WEB.name, net("203.0.113.1/32"))).result(WAIT) is not None
+        assert backend._stored_seal() is not None
+        w.submit(unblock(WEB, "203.0.113.1/32")).result(WAIT)
+        assert backend.sealed_at_apply == [False] * len(backend.sealed_at_apply)
+    finally:
+        w.stop(timeout=WAIT)
+    assert backend._stored_seal() is not None  # a stop seals what the last change left
+    store.close()
+    # The next start finds it good and does not read the kernel back; the kernel holds what the store says.
+    store = Store(tmp_path)
+    calls = len(backend.calls)
+    w = Worker(backend, store, [WEB], clock=Clock())
+    w.start(timeout=WAIT)
+    try:
+        assert not [c for c in backend.calls[calls:] if c[0] == "read"]
+        assert set(backend.kernel) == {("f2b-web", net(f"203.0.113.{i}/32"), None) for i in (0, 2)}
+        # A change, then a "crash" (the store as the batch left it): no seal, so the next start reads the kernel.
+        w.submit(block(WEB, "203.0.113.9/32")).result(WAIT)
+        assert backend._stored_seal() is None
+    finally:
+        w.stop(timeout=WAIT)
+    store.close()

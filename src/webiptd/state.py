@@ -410,10 +410,11 @@ class Store:
     def write(self, puts: Iterable[Entry], removes: Iterable[Entry], purges: Iterable[Entry] = (),
               outbox: Iterable[str] = (), fleet: Mapping[str, str] | None = None,
               published: int | None = None, stale: Collection[tuple[str, str, str, str]] | None = None,
-              fresh: Iterable[Fresh] = ()) -> None:
+              fresh: Iterable[Fresh] = (), unseal: bool = False) -> None:
         """In one durable transaction: upsert `puts`, tombstone `removes`, delete `purges`' tombstones; add the
         `outbox` events (JSON), set the `fleet` keys, and drop the outbox rows up to `published`. `stale`: the row
-        keys of `puts` that had claims rows before (None: any may have). `fresh`: a load's new blocks."""
+        keys of `puts` that had claims rows before (None: any may have). `fresh`: a load's new blocks. `unseal`:
+        delete the kernel's seal (set_seal)."""
         db = self._db
         outbox_seq = self.outbox_seq
         db.execute("BEGIN IMMEDIATE")
@@ -426,6 +427,8 @@ class Store:
                 db.executemany("INSERT OR REPLACE INTO fleet (key, value) VALUES (?, ?)", list(fleet.items()))
             if published is not None:
                 db.execute("DELETE FROM outbox WHERE seq <= ?", (published,))
+            if unseal:
+                db.execute("DELETE FROM fleet WHERE key = ?", (SEAL_KEY,))
             puts = list(puts)
             keys = [row_key(e) for e in puts]  # str(network) costs: once an entry
             # Many rows a statement: executemany's every row is a step of its own, and each step lets go of the GIL
@@ -637,11 +640,11 @@ class Store:
 
     # The kernel's seal (Backend.seal): a row of the key-value table `fleet` (named for its first keys, the fleet's).
     def set_seal(self, token: str) -> None:
-        """Keep `token` for the next start (a clean stop's last write)."""
+        """Keep `token` for the next start: what the kernel holds, while no batch changed it since (Worker._seal)."""
         self._db.execute("INSERT OR REPLACE INTO fleet (key, value) VALUES (?, ?)", (SEAL_KEY, token))
 
     def take_seal(self) -> str | None:
-        """The seal a clean stop left, gone from the store before it is used: this run changes the kernel, and a
+        """The seal the last run left, gone from the store before it is used: this run changes the kernel, and a
         crash of it must not find the seal at the start after."""
         row = self._db.execute("SELECT value FROM fleet WHERE key = ?", (SEAL_KEY,)).fetchone()
         if row is None:

@@ -47,7 +47,7 @@ class Backend(Protocol):
         worker then reconciles."""
 
     def seal(self) -> str | None:
-        """At a clean stop, after the last batch: a token by which sealed() can tell, at the next start, that the
+        """Between batches (a quiet moment, a stop): a token by which sealed() can tell, at the next start, that the
         kernel still holds exactly what it held now (nobody has changed it since), so that the start need not read
         it back. None when the backend cannot tell that (only nftables can: its ruleset generation)."""
 

@@ -219,8 +219,8 @@ def _timeout(expires_at: float | None, now: float) -> int | None:
 # set is full, a 507) is lost.
 LOAD_CHUNK = 10_000
 
-# A set of our table with no chain's name pattern (set_name's are `<chain>-v4...`): one random number, put there at
-# a clean stop (NftablesBackend.seal).
+# A set of our table with no chain's name pattern (set_name's are `<chain>-v4...`): one random number, put there when
+# the worker is quiet after a change, and at a stop (NftablesBackend.seal).
 SEAL_SET = "seal"
 GENERATION_TIMEOUT = 10.0  # the kernel answers at once; the worker must never wait for ever on it
 
@@ -549,11 +549,17 @@ class NftablesBackend:
         return cmds
 
     def _run_tracked(self, cmds: list[dict[str, Any]], before: int | None) -> int | None:
-        """Run one transaction; remember the generation it made when it was the only one since `before`."""
+        """Run one transaction; remember the generation it made when it was the only one since `before`. One the
+        kernel refuses changes nothing (a transaction is applied whole or not at all), and what was known stays."""
         exclusive = self._exclusive and before is not None and before == self._last_ours
+        seen = self._seen
         self._exclusive = False
         self._seen = None  # until this transaction is known to be the only one since `before`
-        self._run(cmds)
+        try:
+            self._run(cmds)
+        except NftablesError:
+            self._exclusive, self._seen = exclusive, seen
+            raise
         after = self._read_generation()
         if before is not None and after == (before + 1) & 0xFFFFFFFF:
             self._seen = self._last_ours = after
@@ -627,7 +633,7 @@ class NftablesBackend:
             known[chain.name] = sets
         # ByChain gives each backend all of its chains, so these are every chain the base chains jump to.
         cmds += self._base_cmds(chains, layout)
-        if SEAL_SET in layout.sets:  # the last stop's seal, read already (the worker asks before prepare)
+        if SEAL_SET in layout.sets:  # the last seal, read already (the worker asks before prepare)
             cmds.append({"delete": {"set": self._obj(name=SEAL_SET)}})
         self._run_tracked(cmds, before)  # what it made is ours: a later seal() may count on it
         self._chains = chains
@@ -795,9 +801,11 @@ class NftablesBackend:
     def _apply_whatever_the_kernel_holds(self, ensure: list[dict[str, Any]],
                                          changes: Mapping[ElementKey, Mapping[Element, _Change]],
                                          chains: Mapping[str, Chain]) -> None:
-        self._exclusive = False  # what the kernel holds was not what the worker thought
+        # The kernel lacked an element the worker thought there. Without a commit by another program (the ruleset
+        # generation tells), that is one the kernel let go at its timeout a moment before the worker's own expiry of
+        # it: the kernel still holds what the worker thinks, and each transaction here stays tracked (the seal).
         try:
-            self._run(ensure + self._element_cmds(changes, exact=False))
+            self._run_tracked(ensure + self._element_cmds(changes, exact=False), self._read_generation())
             return
         except NftablesError as exc:
             if ENFILE not in str(exc):
@@ -811,14 +819,16 @@ class NftablesBackend:
         for (chain, version, prefixlen, kind), elements in removes.items():
             for element in elements:
                 try:
-                    self._run([{"delete": {"element": self._obj(name=set_name(chain, version, prefixlen, kind),
-                                                                elem=[_element_value(element)])}}])
+                    self._run_tracked([{"delete": {"element": self._obj(name=set_name(chain, version, prefixlen, kind),
+                                                                        elem=[_element_value(element)])}}],
+                                      self._read_generation())
                 except NftablesError as missing:
                     if ENOENT not in str(missing):
                         raise
         rest = {k: {a: c for a, c in e.items() if c.add} for k, e in changes.items()}
         try:
-            self._run(ensure + self._element_cmds({k: e for k, e in rest.items() if e}, exact=False))
+            self._run_tracked(ensure + self._element_cmds({k: e for k, e in rest.items() if e}, exact=False),
+                              self._read_generation())
         except NftablesError as exc:
             if ENFILE in str(exc):
                 raise CapacityExceeded(self._full_message(changes, chains)) from exc
@@ -832,8 +842,8 @@ class NftablesBackend:
 
     def seal(self) -> str | None:
         """A fresh random number in our table's `seal` set, and the ruleset generation that transaction made: both
-        unchanged at the next start mean that nobody committed to nftables since, so the sets hold what they held at
-        this stop. Only when every commit since the kernel was last read was ours (the worker knows what it did, not
+        unchanged at the next start mean that nobody committed to nftables since, so the sets hold what they held
+        now. Only when every commit since the kernel was last read was ours (the worker knows what it did, not
         what another program did: a `nft flush set` while we ran, say). With the boot and the network namespace:
         a generation counts again from 0 in a new one."""
         if not self._chains:

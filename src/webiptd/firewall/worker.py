@@ -264,6 +264,11 @@ class Worker:
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         self._resync = False
+        # The seal (see _seal): `_sealed`, the store holds one that says what the kernel holds now; `_seal_due`, the
+        # kernel changed since the last seal (or start), so a quiet moment makes a new one.
+        self._sealed = False
+        self._seal_due = False
+        self._seal_failed = False  # logged once a run
         self._kernel_check = kernel_check  # seconds between looks at whether the kernel still has our blocks
         self._next_check = time.monotonic() + kernel_check
         self.heartbeat = time.monotonic()
@@ -364,10 +369,12 @@ class Worker:
                 self._process(part)
             if not items and self.published > self._trimmed:
                 self._trim_outbox()
-            if stop:
+            if (stop and not self._sealed) or (not items and self._seal_due):
+                # Quiet for a moment (_next_batch waited) after a change, or stopping unsealed: seal the kernel.
                 if self._purge:
                     self._safe_write([], [], self._take_purges())
                 self._seal()
+            if stop:
                 logger.info("firewall worker stopped")
                 return
 
@@ -441,9 +448,10 @@ class Worker:
 
     def _safe_write(self, puts: list[Entry], removes: list[Entry], purges: list[Entry], outbox: Sequence[str] = (),
                     fleet: Mapping[str, str] | None = None, published: int | None = None,
-                    stale: Collection[tuple[str, str, str, str]] | None = None, fresh: Sequence[Fresh] = ()) -> None:
+                    stale: Collection[tuple[str, str, str, str]] | None = None, fresh: Sequence[Fresh] = (),
+                    unseal: bool = False) -> None:
         try:
-            self._store.write(puts, removes, purges, outbox, fleet, published, stale, fresh)
+            self._store.write(puts, removes, purges, outbox, fleet, published, stale, fresh, unseal)
         except Held:
             self._purge.extend(purges)
             raise
@@ -872,9 +880,16 @@ class Worker:
         # The puts whose claims rows must go: one claim, its creator's, has none (state.py, version 5).
         stale = {row_key(after) for before, after in changed.values()
                  if after is not None and not after.claims and before is not None and before.claims}
+        # A batch that changes the kernel takes the seal out of the store in its own transaction, before the kernel
+        # changes: a crash between the two must not find a seal of the kernel as it was (see _seal).
+        changes_kernel = bool(ops or batch.fresh)
+        unseal = self._sealed and changes_kernel
         self._safe_write(puts, removes, self._take_purges(), batch.outbox, batch.fleet,
-                         published if published > self._trimmed else None, stale, batch.fresh)
+                         published if published > self._trimmed else None, stale, batch.fresh, unseal)
         self._trimmed = max(self._trimmed, published)
+        if changes_kernel:
+            self._sealed = False
+            self._seal_due = True
         loaded: list[Fresh] = []
         try:
             for fresh in batch.fresh:  # each is atomic in its backend
@@ -914,17 +929,27 @@ class Worker:
             logger.exception("could not take a failed batch's new blocks back out of the firewall")
 
     def _seal(self) -> None:
-        """At a clean stop, with the kernel as the store says: the backend's seal of it, with the chains' config, for
-        the next start (see _reconcile). Never when the worker knows the kernel to differ (a failed batch, or
-        blocks found gone, wait for a reconcile)."""
+        """With the kernel as the store says, at a quiet moment after a change and at a stop: the backend's seal of
+        it (nftables: a commit of its own, whose ruleset generation then tells that nobody committed since), kept
+        in the store with the chains' config for the next start, which then need not read the kernel back (see
+        _reconcile). Kernel first, then store: a crash between the two finds no seal. Every batch that changes the
+        kernel after it takes the seal out of the store in its own transaction, before its kernel change (_commit),
+        so that a crash at any moment finds either no seal, or one of exactly what the kernel holds. Never when the
+        worker knows the kernel to differ (a failed batch, or blocks found gone, wait for a reconcile)."""
+        self._seal_due = False
         if self._resync or self._purge:
             return
         try:
             token = self._backend.seal()
             if token is not None:
                 self._store.set_seal(f"{self._chains_fingerprint()} {token}")
-        except Exception:
-            logger.exception("could not seal the kernel's state for the next start; it reads the kernel back")
+                self._sealed = True
+        except Exception as exc:
+            if not self._seal_failed:
+                logger.exception("could not seal the kernel's state for the next start; it reads the kernel back")
+            else:
+                logger.debug("could not seal the kernel's state: %s", exc)
+            self._seal_failed = True
 
     def _chains_fingerprint(self) -> str:
         text = repr(sorted((c.name, c.backend, c.target, c.hooks, c.maxelem, c.priority, c.match, c.interface)
@@ -980,6 +1005,10 @@ class Worker:
         """
         self.metrics.reconciles.inc()
         store = self._store
+        if self._sealed:  # a reconcile while running changes the kernel: the seal goes first (see _seal)
+            store.take_seal()
+            self._sealed = False
+        self._seal_due = True
         configured = self._chains
         sealed = self._unsealed(seal)
         self._backend.prepare(configured.values(), sorted(store.chain_names() - set(configured)))
@@ -1034,7 +1063,7 @@ class Worker:
         self._entries = _Index(store, store.counts())
         logger.info("reconciled %d blocks: %d re-added, %d expired, %d adopted, %d removals finished%s",
                     len(self._entries), restored, expired, adopted, removals,
-                    "; the kernel as sealed at the last stop, not read back" if sealed else "")
+                    "; the kernel as sealed before, not read back" if sealed else "")
 
     def _expire_stored(self, now: float) -> int:
         """Drop the claims that ran out while the daemon was down (or since the last reconcile), from the store, in
