@@ -144,6 +144,12 @@ class RecordingBackend:
                 return f"{chain.name}: {held} of {counts[chain.name]}"
         return None
 
+    def seal(self) -> str | None:
+        return None  # as ipset and iptables: nothing tells that nobody changed the kernel since
+
+    def sealed(self, token: str) -> bool:
+        return False
+
     def close(self) -> None:
         self.closed = True
 
@@ -1126,3 +1132,42 @@ def test_the_seal_is_kept_while_quiet_and_gone_before_any_change_reaches_the_ker
     finally:
         w.stop(timeout=WAIT)
     store.close()
+
+
+def test_a_restart_that_finds_the_kernel_as_the_store_says_compares_digests_only(
+        h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    """The usual restart: the kernel holds exactly the live blocks' atoms, port lists included (one atom, their
+    union), and the reconcile tells so from a digest of each side; anything else takes the full comparison."""
+    w = h.worker()
+    for cmd in (block(WEB, "203.0.113.1/32"), block(SSH, "2001:db8::/48", expires_at=T0 + 600),
+                Block(WEB, net("203.0.113.2/32"), None, "admin", "198.51.100.7", "", Scope("udp")),
+                Block(WEB, net("203.0.113.3/32"), None, "admin", "198.51.100.7", "", Scope.of("tcp", [(22, 22)])),
+                Block(WEB, net("203.0.113.3/32"), None, "ops", "198.51.100.7", "", Scope.of("tcp", [(80, 90)]))):
+        h.run(w, cmd)
+    h.run(w, unblock(WEB, "203.0.113.1/32"))
+    h.run(w, block(WEB, "203.0.113.4/32"))
+    w.stop(timeout=WAIT)
+    kernel = dict(h.backend.kernel)
+    assert len(kernel) == 4  # .3's two port lists are one atom
+
+    def restart() -> str:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="webiptd.firewall.worker"):
+            w = h.worker()
+        w.stop(timeout=WAIT)
+        return next(r.getMessage() for r in caplog.records if "reconciled" in r.getMessage())
+
+    assert restart().endswith("; the kernel held exactly the store's blocks")
+    assert h.backend.kernel == kernel
+    # One atom missing and a stray: compared row by row, put right.
+    del h.backend.kernel[("f2b-web", net("203.0.113.4/32"))]
+    h.backend.kernel[("f2b-web", net("203.0.113.77/32"))] = "DROP"
+    line = restart()
+    assert "1 re-added" in line and "1 adopted" in line and "held exactly" not in line, line
+    assert h.backend.kernel == {**kernel, ("f2b-web", net("203.0.113.77/32"), None): "DROP"}
+    # The port lists' atom with a port short: the same.
+    del h.backend.kernel[("f2b-web", net("203.0.113.3/32"), Scope.of("tcp", [(22, 22), (80, 90)]))]
+    h.backend.kernel[("f2b-web", net("203.0.113.3/32"), Scope.of("tcp", [(80, 90)]))] = "DROP"
+    line = restart()
+    assert "held exactly" not in line and "1 re-added" in line, line
+    assert restart().endswith("; the kernel held exactly the store's blocks")

@@ -607,6 +607,12 @@ class Store:
             return self._db.execute("UPDATE blocks SET target=? WHERE chain=? AND removing=0 AND target<>?",
                                     (target, chain, target)).rowcount
 
+    def has_tombstones(self, chains: Iterable[str]) -> bool:
+        chains = list(chains)
+        marks = ",".join("?" * len(chains))
+        return bool(chains) and self._db.execute(
+            f"SELECT 1 FROM blocks WHERE removing=1 AND chain IN ({marks}) LIMIT 1", chains).fetchone() is not None
+
     def purge_tombstones(self, chains: Iterable[str]) -> int:
         """Delete the tombstones of `chains` (their kernel entries are gone); how many there were."""
         chains = list(chains)

@@ -1023,35 +1023,32 @@ class Worker:
         store.execute("DROP TABLE IF EXISTS temp.kernel")
         store.execute("CREATE TEMP TABLE kernel (chain TEXT NOT NULL, network TEXT NOT NULL, proto TEXT NOT NULL, "
                       "ports TEXT NOT NULL, target TEXT NOT NULL)")
+        restored = adopted = 0
         try:
-            read = self._sealed_view(names) if sealed else self._backend.read(names)
-            pairs = read.items() if isinstance(read, Mapping) else read
-            # Appended in one transaction, then indexed in one sort: inserting a million in the kernel's (hash)
-            # order into a keyed table, a transaction each, took most of a restart's reconcile.
-            store.execute("BEGIN")
-            try:
-                store.executemany("INSERT INTO temp.kernel VALUES (?, ?, ?, ?, ?)",
-                                  ((chain, net_text(network), *scope_columns(scope), target)
-                                   for (chain, network, scope), target in pairs))
-                store.execute("COMMIT")
-            except BaseException:
-                store.execute("ROLLBACK")
-                raise
-            store.execute("CREATE INDEX temp.kernel_key ON kernel (chain, network, proto, ports)")
-            del read, pairs
-            restored = removals = 0
-            chunk: list[Op] = []
-            for op in self._kernel_diff(names):
-                chunk.append(op)
-                if len(chunk) >= RECONCILE_CHUNK:
-                    self._backend.apply(chunk, configured)
-                    restored += sum(isinstance(op, Add) for op in chunk)
-                    chunk = []
-            if chunk:
-                self._backend.apply(chunk, configured)
-                restored += sum(isinstance(op, Add) for op in chunk)
-            del chunk
-            adopted = self._adopt(now)
+            if sealed and not store.has_tombstones(names):
+                # The kernel holds what the store held at the seal, and no block has gone since: nothing to do.
+                same = True
+            else:
+                read = self._sealed_view(names) if sealed else self._backend.read(names)
+                pairs = read.items() if isinstance(read, Mapping) else read
+                kernel = _Digest()
+                # Appended in one transaction, then indexed in one sort: inserting a million in the kernel's (hash)
+                # order into a keyed table, a transaction each, took most of a restart's reconcile.
+                store.execute("BEGIN")
+                try:
+                    store.executemany("INSERT INTO temp.kernel VALUES (?, ?, ?, ?, ?)",
+                                      kernel.through((chain, net_text(network), *scope_columns(scope), target)
+                                                     for (chain, network, scope), target in pairs))
+                    store.execute("COMMIT")
+                except BaseException:
+                    store.execute("ROLLBACK")
+                    raise
+                del read, pairs
+                # The usual restart finds the kernel holding exactly the live blocks' atoms: told by a digest of
+                # each side, without the index and the joins of _settle (most of a restart's reconcile of a million).
+                same = not sealed and kernel.value() == _Digest().of(self._live_atoms(names))
+            if not same:
+                restored, adopted = self._settle(names, configured, now)
             # Tombstones go only once the kernel no longer has their rules.
             removals = store.purge_tombstones(names)
         finally:
@@ -1063,7 +1060,37 @@ class Worker:
         self._entries = _Index(store, store.counts())
         logger.info("reconciled %d blocks: %d re-added, %d expired, %d adopted, %d removals finished%s",
                     len(self._entries), restored, expired, adopted, removals,
-                    "; the kernel as sealed before, not read back" if sealed else "")
+                    "; the kernel as sealed before, not read back" if sealed else
+                    "; the kernel held exactly the store's blocks" if same else "")
+
+    def _settle(self, names: list[str], configured: Mapping[str, Chain], now: float) -> tuple[int, int]:
+        """Give the kernel (temp.kernel, what it holds) the store's atoms, and adopt what no block accounts for:
+        (how many re-added, how many adopted)."""
+        self._store.execute("CREATE INDEX temp.kernel_key ON kernel (chain, network, proto, ports)")
+        restored = 0
+        chunk: list[Op] = []
+        for op in self._kernel_diff(names):
+            chunk.append(op)
+            if len(chunk) >= RECONCILE_CHUNK:
+                self._backend.apply(chunk, configured)
+                restored += sum(isinstance(op, Add) for op in chunk)
+                chunk = []
+        if chunk:
+            self._backend.apply(chunk, configured)
+            restored += sum(isinstance(op, Add) for op in chunk)
+        return restored, self._adopt(now)
+
+    def _live_atoms(self, names: list[str]) -> Iterator[tuple[Any, ...]]:
+        """The kernel atoms of the live blocks of `names`, as rows of temp.kernel: what the kernel should hold."""
+        store = self._store
+        marks = ",".join("?" * len(names))
+        yield from _rows(store, f"SELECT chain, network, proto, ports, target FROM blocks WHERE chain IN ({marks}) "
+                                "AND removing=0 AND ports=''", names)
+        for chain, net, proto in store.execute(f"SELECT DISTINCT chain, network, proto FROM blocks WHERE chain IN "
+                                               f"({marks}) AND removing=0 AND ports<>''", names).fetchall():
+            atom = group_atom(store.group(chain, parse_stored(net), proto))
+            assert atom is not None
+            yield (chain, net, *scope_columns(atom.scope), atom.target)
 
     def _expire_stored(self, now: float) -> int:
         """Drop the claims that ran out while the daemon was down (or since the last reconcile), from the store, in
@@ -1152,6 +1179,29 @@ class Worker:
             last = part[-1][0]
             adopted += len(entries)
         return adopted
+
+
+class _Digest:
+    """An order-free digest of rows: their count and the sum of their hashes (Python's, random each process, so not
+    to be foreseen from outside it). Two different sets of rows share one by chance about once in 2**64."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total = 0
+
+    def through(self, rows: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+        for row in rows:
+            self.count += 1
+            self.total += hash(row)
+            yield row
+
+    def of(self, rows: Iterable[tuple[Any, ...]]) -> tuple[int, int]:
+        for _ in self.through(rows):
+            pass
+        return self.value()
+
+    def value(self) -> tuple[int, int]:
+        return self.count, self.total & 0xFFFF_FFFF_FFFF_FFFF
 
 
 # A block `{0}` and a kernel atom k of one (chain, network, proto) that are the same atom: the same ports, or both
