@@ -302,15 +302,96 @@ class _Endpoint:
     authorization: str
 
 
+DAEMON_CPU, LOAD_CPU = 0, 1  # --pin: the daemon's core, and the one wrk (or the clients) and redis-server share
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid` on `cpus` (sched_setaffinity(2) moves one thread; threads made later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:
+            continue  # ended meanwhile
+
+
+class _Load:
+    """A cost run's load on A: `clients` Python processes (the throughput section's ClientPool, each request's
+    address from a list), or wrk (C; bench/wrk/block.lua: fresh addresses of 198.18.0.0/15 from index 0) in A's
+    namespace. Either blocks for `seconds` and then unblocks every address it sent."""
+
+    def __init__(self, driver: str, clients: int, connections: int, seconds: float, ops: int, pinned: bool):
+        self.driver, self.clients, self.connections, self.seconds, self.ops = driver, clients, connections, seconds, ops
+        self.pinned = pinned
+        self.pool: ClientPool | None = None
+        if driver == "python":
+            mine = os.sched_getaffinity(0)
+            if pinned:  # the client processes inherit this process's affinity
+                os.sched_setaffinity(0, {LOAD_CPU})
+            try:
+                self.pool = ClientPool(clients)
+            finally:
+                os.sched_setaffinity(0, mine)
+
+    def run(self, d: Any, pki: Any, sample: Callable[[], Any]) -> dict[str, Any]:
+        """Block, then unblock: the block pass's figures, and `sample()` before and after it."""
+        from tests.fleet_net import CHAIN
+        authorization = basic("admin", PASSWORDS["admin"])
+        if self.pool is not None:
+            self.pool.connect(_Endpoint(d.ns, "127.0.0.1", PORT, pki.ca, authorization))
+            todo = [_path(CHAIN, i) for i in range(self.ops)]
+            try:
+                replies, sent, before, after = self.pool.run(self.clients, "PUT", todo, 201, budget=self.seconds,
+                                                             sample=sample)
+                span = max(r["t1"] for r in replies) - min(r["t0"] for r in replies)
+                lat = sorted(x for r in replies for x in r["latencies"])
+                self.pool.run(self.clients, "DELETE", sent, 200)
+            finally:
+                self.pool.disconnect()
+            return {"blocks": len(sent), "rate": len(sent) / span, "p50_ms": percentile(lat, 50) * 1000,
+                    "p99_ms": percentile(lat, 99) * 1000, "errors": sum(len(r["errors"]) for r in replies),
+                    "before": before, "after": after}
+        from wrk import result, wrk_command
+        url = f"https://127.0.0.1:{PORT}/"
+        quotas = [self.ops]
+        taskset = ["taskset", "-c", str(LOAD_CPU)] if self.pinned else []
+        before = sample()
+        done = d.ns.run(taskset + wrk_command(self.connections, 1, self.seconds, "block.lua", url, authorization,
+                                              ["PUT", CHAIN, "ipv4", "0", ",".join(map(str, quotas))]),
+                        timeout=self.seconds + 120, check=False)
+        after = sample()
+        got = _wrk_json(done)
+        block = result("a", 0, "block", self.connections, got, 0.0)
+        _wrk_json(d.ns.run(taskset + wrk_command(
+            self.connections, 1, 4 * self.seconds, "block.lua", url, authorization,
+            ["DELETE", CHAIN, "ipv4", "0", ",".join(map(str, block.sent))]), timeout=4 * self.seconds + 120,
+            check=False))
+        return {"blocks": block.ok, "rate": block.ok / block.seconds, "p50_ms": block.p50_ms, "p99_ms": block.p99_ms,
+                "errors": sum(block.errors.values()) + block.other, "before": before, "after": after}
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+
+def _wrk_json(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    line = next((x for x in done.stdout.splitlines() if x.startswith("WRK-JSON ")), None)
+    if done.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-2000:]} {done.stderr[-2000:]}")
+    got: dict[str, Any] = json.loads(line.removeprefix("WRK-JSON "))
+    return got
+
+
 def cost(pki: Any, hashes: dict[str, str], backend: str, seconds: float, pairs: int, clients: int,
-         ops: int = 60_000, profile: Path | None = None, reference: Path | None = None) -> dict[str, Any]:
+         ops: int = 60_000, profile: Path | None = None, reference: Path | None = None, driver: str = "wrk",
+         connections: int = 16, pinned: bool = False) -> dict[str, Any]:
     """A's block rate with a fleet (shared chain, Redis in its namespace, no other node) against the same config
     without; runs interleaved, the order swapped each pair. Every run's entries are unblocked after it. With
     `reference` (another checkout's src/), a third variant `fleet-ref`: the fleet run by that code, interleaved with
-    the other two, so that a change is compared under the same load."""
-    from tests.fleet_net import CHAIN, Fleet, wait_until
+    the other two, so that a change is compared under the same load. `pinned`: every daemon on DAEMON_CPU, the load
+    and every redis-server on LOAD_CPU, so that the rate is the daemon's on a core of its own."""
+    from tests.fleet_net import Fleet, wait_until
     made: list[Any] = []
-    pool: ClientPool | None = None
+    load: _Load | None = None
     runs: list[dict[str, Any]] = []
     try:
         fleets = {}
@@ -325,16 +406,18 @@ def cost(pki: Any, hashes: dict[str, str], backend: str, seconds: float, pairs: 
                 fl.start("a", redis_too=on)
             if on:
                 wait_until(lambda fl=fl: fl.caught_up("a"), 30, "A follows the stream")
+            if pinned:
+                pin(fl["a"].pid, {DAEMON_CPU})
+                if on:
+                    pin(fl.redis.proc.pid, {LOAD_CPU})
             fleets[variant] = fl
-        pool = ClientPool(clients)
-        todo = [_path(CHAIN, i) for i in range(ops)]
+        load = _Load(driver, clients, connections, seconds, ops, pinned)
         for pair in range(pairs):
             order = [v for v, _ in variants]
             for variant in order[pair % len(order):] + order[:pair % len(order)] if len(order) > 2 else (
                     order if pair % 2 == 0 else order[::-1]):
                 fl = fleets[variant]
                 d = fl["a"]
-                pool.connect(_Endpoint(d.ns, "127.0.0.1", PORT, pki.ca, basic("admin", PASSWORDS["admin"])))
                 pids = [d.pid] + ([fl.redis.proc.pid] if variant != "plain" else [])
                 names = thread_names(d.pid)
 
@@ -348,30 +431,26 @@ def cost(pki: Any, hashes: dict[str, str], backend: str, seconds: float, pairs: 
                     profiler = Profiler(d.pid, profile / f"{backend}-{variant}-{pair + 1}",
                                         ["--gil", "--duration", str(int(seconds) + 2)], top=40)
                 try:
-                    replies, sent, (cpu0, threads0), (cpu1, threads1) = pool.run(clients, "PUT", todo, 201,
-                                                                                 budget=seconds, sample=cpu)
+                    got = load.run(d, pki, cpu)
                 finally:
                     if profiler is not None:
                         profiler.stop()
-                span = max(r["t1"] for r in replies) - min(r["t0"] for r in replies)
-                lat = sorted(x for r in replies for x in r["latencies"])
-                errors = sum(len(r["errors"]) for r in replies)
+                (cpu0, threads0), (cpu1, threads1) = got["before"], got["after"]
                 batches1 = _batches(d)
                 outbox = fl.status("a")["outbox"] if variant != "plain" else None
-                pool.run(clients, "DELETE", sent, 200)
                 if variant != "plain":
                     wait_until(lambda fl=fl: fl.published("a"), 120, "A published its outbox", every=0.2)
-                pool.disconnect()
-                runs.append({"pair": pair + 1, "variant": variant, "blocks": len(sent), "rate": len(sent) / span,
-                             "p50_ms": percentile(lat, 50) * 1000, "p99_ms": percentile(lat, 99) * 1000,
-                             "errors": errors, "outbox_at_end": outbox, "loadavg": loadavg(),
-                             "daemon_cpu_ms": 1000 * (cpu1[0] - cpu0[0]) / max(1, len(sent)),
-                             "thread_cpu_ms": by_thread(names, threads0, threads1, len(sent)),
+                blocks = got["blocks"]
+                runs.append({"pair": pair + 1, "variant": variant, "blocks": blocks, "rate": got["rate"],
+                             "p50_ms": got["p50_ms"], "p99_ms": got["p99_ms"],
+                             "errors": got["errors"], "outbox_at_end": outbox, "loadavg": loadavg(),
+                             "daemon_cpu_ms": 1000 * (cpu1[0] - cpu0[0]) / max(1, blocks),
+                             "thread_cpu_ms": by_thread(names, threads0, threads1, blocks),
                              "batch_mean": (batches1[1] - batches0[1]) / max(1, batches1[0] - batches0[0]),
-                             "redis_cpu_ms": 1000 * (cpu1[1] - cpu0[1]) / max(1, len(sent)) if len(pids) > 1 else None})
+                             "redis_cpu_ms": 1000 * (cpu1[1] - cpu0[1]) / max(1, blocks) if len(pids) > 1 else None})
     finally:
-        if pool is not None:
-            pool.close()
+        if load is not None:
+            load.close()
         for fl in made:
             fl.close()
     rate = {(r["pair"], r["variant"]): r["rate"] for r in runs}
@@ -381,7 +460,8 @@ def cost(pki: Any, hashes: dict[str, str], backend: str, seconds: float, pairs: 
     if reference is not None:
         ref = {"ref_ratio": sum(rate[p, "fleet-ref"] for p in range(1, pairs + 1)) / pairs / mean["plain"],
                "ref_cpu_ratio": cpu_ms["plain"] / cpu_ms["fleet-ref"]}
-    return {"backend": backend, "clients": clients, "seconds": seconds, "runs": runs, **ref,
+    return {"backend": backend, "driver": driver, "pinned": pinned,
+            "clients": clients if driver == "python" else connections, "seconds": seconds, "runs": runs, **ref,
             "ratio": mean["fleet"] / mean["plain"], "cpu_ratio": cpu_ms["plain"] / cpu_ms["fleet"],
             "pair_ratios": [rate[p, "fleet"] / rate[p, "plain"] for p in range(1, pairs + 1)]}
 
@@ -445,7 +525,8 @@ def by_thread(names: dict[int, str], before: dict[int, tuple[float, float]], aft
 
 def run(backends: Sequence[str], parts: Sequence[str], rate: float, seconds: float, catchup_total: int,
         cost_seconds: float, pairs: int, clients: int, log: Callable[[str], None],
-        profile: Path | None = None, reference: Path | None = None) -> dict[str, Any]:
+        profile: Path | None = None, reference: Path | None = None, driver: str = "wrk", connections: int = 16,
+        pins: Sequence[bool] = (False,)) -> dict[str, Any]:
     from tests.fleet_net import Fleet, wait_until
     results: dict[str, Any] = {"propagation": [], "catchup": [], "cost": [], "loadavg_start": loadavg()}
     root = Path(tempfile.mkdtemp(prefix="wipt-fleet-", dir="/tmp"))
@@ -463,10 +544,13 @@ def run(backends: Sequence[str], parts: Sequence[str], rate: float, seconds: flo
                 if "catchup" in parts:
                     log(f"{backend}: catch-up of {catchup_total:,} bans")
                     results["catchup"].append(catchup(f, backend, catchup_total))
-        if "cost" in parts:
-            log(f"{backend}: cost, {pairs} pairs of {cost_seconds:g} s runs, {clients} clients")
+        for pinned in pins if "cost" in parts else ():
+            log(f"{backend}: cost, {pairs} pairs of {cost_seconds:g} s runs, "
+                f"{f'{clients} clients' if driver == 'python' else f'wrk, {connections} connections'}"
+                f"{', pinned' if pinned else ''}")
             results["cost"].append(cost(pki, hashes, backend, cost_seconds, pairs, clients, profile=profile,
-                                        reference=reference))
+                                        reference=reference, driver=driver, connections=connections,
+                                        pinned=pinned))
     results["loadavg_end"] = loadavg()
     shutil.rmtree(root, ignore_errors=True)
     return results
@@ -502,21 +586,25 @@ def tables(results: dict[str, Any]) -> list[str]:
                        f"{c['ready_s']:.2f} | {c['lag0_s']:.2f} | {c['kernel_s']:.2f} | {c['after_ready_s']:.2f} | "
                        f"{'-' if math.isnan(c['early_lag0_s']) else format(c['early_lag0_s'], '.2f')} |")
     if results["cost"]:
-        out += ["", "Cost: A's local block rate (PUTs, keep-alive clients, closed loop) with the fleet (shared chain, "
-                "Redis up, no other node) and without; interleaved", "",
-                "| backend | pair | variant | blocks/s | PUT p50 / p99 ms | CPU ms a block: daemon / redis "
+        out += ["", "Cost: A's local block rate (PUTs, keep-alive connections, closed loop) with the fleet (shared "
+                "chain, Redis up, no other node) and without; interleaved. Load: `python` N clients (ClientPool) or "
+                f"`wrk` N connections; `pinned`: the daemon on CPU {DAEMON_CPU}, the load and redis-server on CPU "
+                f"{LOAD_CPU}", "",
+                "| backend, load | pair | variant | blocks/s | PUT p50 / p99 ms | CPU ms a block: daemon / redis "
                 "| outbox at end | errors |", "|---|---|---|---|---|---|---|---|"]
         for c in results["cost"]:
+            c["label"] = (f"{c['backend']}, {c.get('driver', 'python')} {c['clients']}"
+                          f"{', pinned' if c.get('pinned') else ''}")
             for r in c["runs"]:
-                out.append(f"| {c['backend']} | {r['pair']} | {r['variant']} | {r['rate']:.0f} | "
+                out.append(f"| {c['label']} | {r['pair']} | {r['variant']} | {r['rate']:.0f} | "
                            f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} | {r['daemon_cpu_ms']:.2f} / "
                            f"{'-' if r['redis_cpu_ms'] is None else format(r['redis_cpu_ms'], '.2f')} | "
                            f"{'-' if r['outbox_at_end'] is None else r['outbox_at_end']} | {r['errors']} |")
-            out.append(f"| {c['backend']} | all | fleet ÷ plain | **{c['ratio']:.3f}** | per pair "
+            out.append(f"| {c['label']} | all | fleet ÷ plain | **{c['ratio']:.3f}** | per pair "
                        f"{', '.join(f'{x:.3f}' for x in c['pair_ratios'])} | daemon plain ÷ fleet "
                        f"**{c['cpu_ratio']:.3f}** | | |")
             if "ref_ratio" in c:
-                out.append(f"| {c['backend']} | all | fleet-ref ÷ plain | **{c['ref_ratio']:.3f}** | | daemon plain ÷ "
+                out.append(f"| {c['label']} | all | fleet-ref ÷ plain | **{c['ref_ratio']:.3f}** | | daemon plain ÷ "
                            f"fleet-ref **{c['ref_cpu_ratio']:.3f}** | | |")
         out += ["", "The daemon's CPU ms a block by thread, and of it in the kernel (/proc/PID/task, threads named by "
                 "`py-spy dump`)", ""]
@@ -524,7 +612,7 @@ def tables(results: dict[str, Any]) -> list[str]:
             for r in c["runs"]:
                 parts = ", ".join(f"{name} {ms:.3f} (sys {sys_ms:.3f})" for name, (ms, sys_ms)
                                   in r["thread_cpu_ms"].items() if ms >= 0.0005)
-                out.append(f"- {c['backend']} pair {r['pair']} {r['variant']} ({r['batch_mean']:.2f} commands a "
+                out.append(f"- {c['label']} pair {r['pair']} {r['variant']} ({r['batch_mean']:.2f} commands a "
                            f"batch): {parts}")
     return out
 
@@ -538,7 +626,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--catchup", type=int, default=100_000, help="bans A takes while B is down (default 100000)")
     p.add_argument("--cost-seconds", type=float, default=10, help="length of one cost run (default 10)")
     p.add_argument("--pairs", type=int, default=2, help="fleet/plain pairs of cost runs (default 2)")
-    p.add_argument("--clients", type=int, default=4, help="keep-alive clients of a cost run (default 4)")
+    p.add_argument("--load", choices=("wrk", "python"), default="wrk", help="cost: what drives A: wrk (C, "
+                   "bench/wrk/block.lua; default) or python (the throughput section's ClientPool, --clients processes)")
+    p.add_argument("--clients", type=int, default=4, help="--load python: keep-alive clients (default 4)")
+    p.add_argument("--connections", type=int, default=16, help="--load wrk: keep-alive connections, one wrk thread "
+                   "(default 16)")
+    p.add_argument("--pin", choices=("no", "yes", "both"), default="no", help="cost: the daemon on one core, the load "
+                   "and redis-server on the other (yes), neither (no, default), or each in turn (both)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write every figure")
     p.add_argument("--profile", type=Path, metavar="DIR", help="py-spy record of A during each cost run (raw stacks "
                    "per thread and their summary, as the throughput section's --profile)")
@@ -547,6 +641,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    args.pins = {"no": (False,), "yes": (True,), "both": (False, True)}[args.pin]
+    if args.pin != "no" and len(os.sched_getaffinity(0)) < 2:
+        p.error("--pin needs two CPUs")
     if not set(args.backends) <= {"ipset", "nftables"} or not set(args.parts) <= {"propagation", "catchup", "cost"}:
         p.error("--backends: ipset, nftables; --parts: propagation, catchup, cost")
     if args.catchup + CATCHUP_OFFSET > 131_072 or args.rate * args.seconds > CATCHUP_OFFSET:
@@ -556,7 +653,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def section(args: argparse.Namespace) -> dict[str, Any]:
     return run(args.backends, args.parts, args.rate, args.seconds, args.catchup, args.cost_seconds, args.pairs,
-               args.clients, lambda text: print(text, file=sys.stderr, flush=True), args.profile, args.reference)
+               args.clients, lambda text: print(text, file=sys.stderr, flush=True), args.profile, args.reference,
+               args.load, args.connections, args.pins)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

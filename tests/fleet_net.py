@@ -37,8 +37,8 @@ EVENTS = PREFIX + "events"
 STATE = PREFIX + "state"
 CHAIN = "f2b-web"  # shared on every node; f2b-ssh and admin-list stay local
 # Each node's Redis user as docs/fleet.md tells operators to make it: the prefix's keys, the commands used.
-NODE_ACL = (f"resetchannels ~{PREFIX}* -@all +@transaction +xadd +xread +xrange +xinfo|stream "
-            "+hset +hdel +hget +hgetall +hscan +get +set +ping")
+NODE_ACL = (f"resetchannels ~{PREFIX}* -@all +@transaction +evalsha +script|load +xadd +xread +xrange "
+            "+xinfo|stream +hset +hdel +hget +hgetall +hscan +get +set +ping")
 # The test's own Redis user (every key); each node has a user of its own limited to the prefix's keys.
 ADMIN_USER, ADMIN_PASSWORD = "tester", "tester-7Qv1x"
 
@@ -165,11 +165,16 @@ class RedisServer:
     def client(self) -> redis.Redis:
         """A redis-py client (as `tester`, decode_responses) whose connections are opened inside the namespace."""
         if self._client is None:
-            pool = redis.ConnectionPool(connection_class=_ns_connection_class(self.ns), host="127.0.0.1",
-                                        port=REDIS_PORT, username=ADMIN_USER, password=ADMIN_PASSWORD,
-                                        decode_responses=True, socket_timeout=10, socket_connect_timeout=2)
-            self._client = redis.Redis(connection_pool=pool)
+            self._client = self.client_as(ADMIN_USER, ADMIN_PASSWORD, decode_responses=True)
         return self._client
+
+    def client_as(self, user: str, password: str, decode_responses: bool = False) -> redis.Redis:
+        """A new redis-py client as `user` (a node's: node_password(name)), opened inside the namespace; the
+        caller closes it."""
+        pool = redis.ConnectionPool(connection_class=_ns_connection_class(self.ns), host="127.0.0.1",
+                                    port=REDIS_PORT, username=user, password=password,
+                                    decode_responses=decode_responses, socket_timeout=10, socket_connect_timeout=2)
+        return redis.Redis(connection_pool=pool)
 
     def close_client(self) -> None:
         if self._client is not None:

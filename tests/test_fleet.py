@@ -10,16 +10,19 @@ import re
 import signal
 import sqlite3
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+import redis
 
-from tests.fleet_net import (CHAIN, EVENTS, NOBODY4, STATE, Fleet, bulk, host_range, kernel_timeouts, log_lines_since,
-                             node_password, path, wait_until)
+from tests.fleet_net import (CHAIN, EVENTS, NOBODY4, PREFIX, STATE, Fleet, bulk, host_range, kernel_timeouts,
+                             log_lines_since, node_password, path, wait_until)
 from tests.harness import PKI
 from tests.test_client import web_ipt
+from webiptd.fleet import PUBLISH_SCRIPT, snapshot_field
 
 pytestmark = pytest.mark.root
 
@@ -297,6 +300,74 @@ def test_one_publish_leaves_each_key_as_its_last_event_and_the_outbox_empty(make
         wait_until(trimmed, 10, "A's worker deleted the published rows")
     finally:
         store.close()
+
+
+def outbox_row(op: str, network: str, owner: str = "admin", scope: tuple[str, str] = ("", ""),
+               times: tuple[float | None, float | None] = (None, None)) -> dict[str, str | None]:
+    """An outbox row's event as Worker._announce writes it (its keys in that order)."""
+    event: dict[str, str | None] = {"op": op, "chain": CHAIN, "network": network, "owner": owner, "node": "a",
+                                    "id": str(uuid.uuid4())}
+    if scope[0]:
+        event["proto"] = scope[0]
+    if scope[1]:
+        event["port"] = scope[1]
+    if times[0] is not None:
+        event["created_at"] = repr(times[0])
+    if times[1] is not None:
+        event["expires_at"] = repr(times[1])
+    return event
+
+
+def test_the_publish_script_writes_what_python_would(make_fleet: Callable[..., Fleet]) -> None:
+    """PUBLISH_SCRIPT, run by redis-server for node a's ACL user on a run of outbox rows out of seq order (as
+    SQLite's aggregate may give them): each stream entry has its row's fields in the row's order (a null left out);
+    each snapshot field is snapshot_field()'s text byte for byte and its value json.dumps's, a key's last event
+    winning, also for text the config never lets through (non-ASCII, a quote, a backslash, control characters:
+    Python's ensure_ascii escapes, not cjson's); the marker is the run's last seq. A key outside the user's
+    `~prefix*` is refused for a script too, before it writes anything."""
+    f = make_fleet(("ipset",), names=("a",))
+    f.redis.start()
+    t = 1754000000.123456
+    odd = 'ü "q" \\ \x00\x01\n\x7f/😀'
+    events = [
+        outbox_row("block", "203.0.113.7/32", "f2b/sshd", times=(t, t + 600.5)),  # a label owner
+        outbox_row("block", "2001:db8:ffff::/48", "admin", ("tcp", "22,80:90"), (t, None)),
+        outbox_row("block", "203.0.113.8/32", times=(t, t + 1)),
+        outbox_row("unblock", "203.0.113.8/32"),  # the run's last word on .8: no field
+        outbox_row("unblock", "203.0.113.5/32"),  # in the snapshot before the run
+        outbox_row("unblock", "203.0.113.9/32", "f2b/sshd"),
+        outbox_row("block", "203.0.113.9/32", "f2b/sshd", ("udp", ""), (t + 2, t + 3)),
+        {**outbox_row("block", "198.51.100.0/24", odd, ("sctp", "7"), (t, None)), "expires_at": None},
+    ]
+    rows = list(enumerate(events, start=10))
+    admin = f.redis.client()
+    five = snapshot_field("a", "admin", CHAIN, "203.0.113.5/32", "", "")
+    admin.hset(STATE, five, json.dumps({"created_at": t, "expires_at": None}))
+    r = f.redis.client_as("a", node_password("a"))
+    try:
+        script = r.register_script(PUBLISH_SCRIPT)
+        text = json.dumps([[seq, e] for seq, e in (rows[3:] + rows[:3])], separators=(",", ":"))
+        last = script(keys=(EVENTS, STATE, PREFIX + "published"), args=(0, "a", rows[-1][0], text))
+        stream = r.xrange(EVENTS)
+        assert last == stream[-1][0]
+        assert [list(fields.items()) for _, fields in stream] == [
+            [(k.encode(), v.encode()) for k, v in e.items() if v is not None] for _, e in rows]
+        expected: dict[bytes, bytes | None] = {five.encode(): None}
+        for _, e in rows:
+            field = snapshot_field(str(e["node"]), str(e["owner"]), CHAIN, str(e["network"]), e.get("proto") or "",
+                                   e.get("port") or "")
+            value = json.dumps({"created_at": float(e["created_at"] or 0), "expires_at": None if e.get(
+                "expires_at") is None else float(e["expires_at"] or 0)}) if e["op"] == "block" else None
+            expected[field.encode()] = None if value is None else value.encode()
+        assert r.hgetall(STATE) == {k: v for k, v in expected.items() if v is not None}
+        assert len(r.hgetall(STATE)) == 4
+        assert r.hget(PREFIX + "published", "a") == str(rows[-1][0]).encode()
+
+        with pytest.raises(redis.ResponseError, match="(?i)noperm|permission|access"):
+            script(keys=("other:events", "other:state", "other:published"), args=(0, "a", 99, text))
+        assert admin.exists("other:events", "other:state", "other:published") == 0
+    finally:
+        r.close()
 
 
 def test_redis_lost_its_data(make_fleet: Callable[..., Fleet]) -> None:

@@ -3,7 +3,8 @@
 Two threads, each with its own Redis connection, and neither in the way of a request:
 - the publisher drains the outbox (rows the worker writes in the transaction of each local change of a shared chain)
   into the stream `<prefix>events` and the snapshot hash `<prefix>state`, with the last row's seq in
-  `<prefix>published`, all in one MULTI/EXEC, so a publisher killed half-way publishes no row twice;
+  `<prefix>published`, all in one script call (PUBLISH_SCRIPT; atomic as a MULTI is), so a publisher killed half-way
+  publishes no row twice;
 - the follower reads the stream from its cursor with XREAD BLOCK, checks each event, and hands a run of them to the
   worker (FleetApply), which applies them as claims of their nodes and moves the cursor in the same transaction. A
   new host, or one whose cursor the stream's trimming has passed, resyncs from the snapshot (FleetResync).
@@ -35,7 +36,7 @@ from webiptd.firewall.pending import Pending
 from webiptd.firewall.worker import Worker
 from webiptd.net import Network, parse_item
 from webiptd.scope import Scope, parse_scope, scope_refusal
-from webiptd.state import OutboxReader
+from webiptd.state import OutboxReader, OutboxRun
 
 logger = logging.getLogger(__name__)
 # redis-py annotates each command's result as sync-or-asyncio (Awaitable[T] | T); this module uses the sync client.
@@ -47,7 +48,7 @@ MAX_FIELD = 256  # characters of one field's value; the longest valid one (a por
 MAX_TIMEOUT = 10 * 365 * 86400  # as the API's
 READ_COUNT = 5000  # events a follower reads (and the worker applies) at a time
 WATCH_TRIES = 5  # an override's snapshot update, tried under WATCH this often before it goes without
-PUBLISH_COUNT = 500  # outbox rows a publisher sends in one MULTI/EXEC
+PUBLISH_COUNT = 500  # outbox rows a publisher sends in one script call
 BLOCK_MS = 1000  # XREAD BLOCK: how long the follower waits for an event before it looks at its status again
 DOWN_WARNING = 60.0  # seconds without Redis before the one WARNING
 PRUNE_EVERY = 600.0  # seconds between prunes of the snapshot's expired claims
@@ -55,7 +56,7 @@ BACKOFF = (0.2, 5.0)  # retry delays after a failure, doubling from the first to
 APPLY_TIMEOUT = 300.0  # a resync of a million claims is one batch
 SEEN_IDS = 10_000  # event ids remembered against duplicates
 CURSOR_EVERY = 1.0  # seconds: a run of events this host only skips moves the stored cursor at most this often
-PUBLISH_DELAY = 0.01  # seconds between two MULTIs of a busy publisher (an idle one sends at once)
+PUBLISH_DELAY = 0.01  # seconds between two rounds of a busy publisher (an idle one sends at once)
 TRIM_EVERY = 1.0  # seconds: a busy publisher lets the worker delete the published outbox rows at most this often
 FOLLOW_DELAY = 0.05  # seconds a follower waits after a run with nothing to apply (its own events, mostly)
 
@@ -187,16 +188,108 @@ def _event_snapshot_key(event: dict[str, Any]) -> tuple[str, str, str, str]:
     return (event["chain"], str(event["network"]), event.get("proto") or "", event.get("port") or "")
 
 
-def outbox_events(text: str) -> list[tuple[int, dict[str, Any]]]:
-    """OutboxReader.events's JSON array as (seq, event) pairs in seq order."""
-    return sorted(((seq, event) for seq, event in json.loads(text)), key=lambda pair: pair[0])
+# A publisher's round, run by Redis (EVALSHA; atomic, as a MULTI is): the outbox rows (OutboxReader.run's text, the
+# worker's JSON, not parsed in Python: a round costs the daemon's one GIL the same for 1 event or 500), an XADD each,
+# then the snapshot's changes of the run in one HSET and one HDEL (a key's last event wins, as one HSET or HDEL an
+# event in order would leave it), then this host's marker; it returns the last event's stream id.
+# - An entry's fields are the row's, in the order Worker._announce writes them; JSON nulls are left out.
+# - A snapshot field is snapshot_field()'s text byte for byte (other code HDELs and HSCANs by it): Python's json.dumps
+#   with ensure_ascii, which cjson.encode is not (it writes "/" as "\/"). The value is the text json.dumps gives
+#   {"created_at": t, "expires_at": t or None}: the rows carry both times as their float's repr, which is its JSON.
+# - `#!lua` with no flags: Redis refuses the whole script up front when it is out of memory, rather than at its
+#   first write (Redis 7.0's EVAL flags).
+PUBLISH_SCRIPT = r"""#!lua
+local FIELDS = {'op', 'chain', 'network', 'owner', 'node', 'id', 'proto', 'port', 'created_at', 'expires_at'}
+local ESCAPES = {['"'] = '\\"', ['\\'] = '\\\\', ['\b'] = '\\b', ['\f'] = '\\f', ['\n'] = '\\n', ['\r'] = '\\r',
+                 ['\t'] = '\\t'}
+local null = cjson.null
 
+local function u(code)
+  return string.format('\\u%04x', code)
+end
 
-def _snapshot_value(event: dict[str, Any]) -> str:
-    """The snapshot's value of a block event (an outbox row): json.dumps's text, as a float's repr is its JSON."""
-    expires = event.get("expires_at")
-    return (f'{{"created_at": {float(event["created_at"])!r}, "expires_at": '
-            f'{"null" if expires is None else repr(float(expires))}}}')
+local function utf16(bytes)  -- one UTF-8 sequence as json.dumps escapes it: one \uXXXX, or a surrogate pair
+  local b1, b2, b3, b4 = string.byte(bytes, 1, 4)
+  local code
+  if b1 < 224 then
+    code = (b1 - 192) * 64 + (b2 - 128)
+  elseif b1 < 240 then
+    code = ((b1 - 224) * 64 + (b2 - 128)) * 64 + (b3 - 128)
+  else
+    code = (((b1 - 240) * 64 + (b2 - 128)) * 64 + (b3 - 128)) * 64 + (b4 - 128)
+  end
+  if code < 65536 then
+    return u(code)
+  end
+  code = code - 65536
+  return u(55296 + math.floor(code / 1024)) .. u(56320 + code % 1024)
+end
+
+local function quoted(text)  -- a JSON string as Python's json.dumps writes it (ensure_ascii); '' for none
+  if text == nil or text == null then
+    return '""'
+  end
+  if string.find(text, '[%z\1-\31"\\\127-\255]') then
+    text = string.gsub(text, '[%z\1-\31"\\\127]', function(c) return ESCAPES[c] or u(string.byte(c)) end)
+    text = string.gsub(text, '[\192-\247][\128-\191]*', utf16)
+  end
+  return '"' .. text .. '"'
+end
+
+local rows = cjson.decode(ARGV[4])
+for i = 2, #rows do  -- an aggregate's order is SQLite's to choose
+  if rows[i][1] < rows[i - 1][1] then
+    table.sort(rows, function(x, y) return x[1] < y[1] end)
+    break
+  end
+end
+local snapshot, keys = {}, {}
+local last
+for i = 1, #rows do
+  local event = rows[i][2]
+  local args = {KEYS[1], 'MINID', '~', ARGV[1], '*'}
+  for _, name in ipairs(FIELDS) do
+    local value = event[name]
+    if value ~= nil and value ~= null then
+      args[#args + 1] = name
+      args[#args + 1] = value
+    end
+  end
+  last = redis.call('XADD', unpack(args))
+  local key = '[' .. quoted(event.node) .. ',' .. quoted(event.owner) .. ',' .. quoted(event.chain) .. ',' ..
+              quoted(event.network) .. ',' .. quoted(event.proto) .. ',' .. quoted(event.port) .. ']'
+  local value = false
+  if event.op == 'block' then
+    local expires = event.expires_at
+    if expires == nil or expires == null then
+      expires = 'null'
+    end
+    value = '{"created_at": ' .. event.created_at .. ', "expires_at": ' .. expires .. '}'
+  end
+  if snapshot[key] == nil then
+    keys[#keys + 1] = key
+  end
+  snapshot[key] = value
+end
+local sets, gone = {}, {}
+for _, key in ipairs(keys) do
+  local value = snapshot[key]
+  if value then
+    sets[#sets + 1] = key
+    sets[#sets + 1] = value
+  else
+    gone[#gone + 1] = key
+  end
+end
+if #sets > 0 then
+  redis.call('HSET', KEYS[2], unpack(sets))
+end
+if #gone > 0 then
+  redis.call('HDEL', KEYS[2], unpack(gone))
+end
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+return last
+"""
 
 
 def _change_ports(change: RemoteChange) -> tuple[str, str]:
@@ -252,6 +345,7 @@ class _Link:
         self.down_since: float | None = None
         self.connected = False
         self._warned = False
+        self.downs = 0  # times either thread found Redis gone (or refusing)
         self.last_error = ""
         self.error_kind: str | None = None  # what GET /fleet says of it: a word, never the exception's text
         self._refusal = ""  # the last refusal logged (credentials, ACL): each new one is an ERROR at once
@@ -278,6 +372,7 @@ class _Link:
                 logger.error("fleet: redis %s refused us: %s (check fleet.redis's user and its ACL: docs/fleet.md)",
                              self._settings.redis_display, text)
         with self._lock:
+            self.downs += 1
             self.connected = False
             self.last_error = text
             self.error_kind = _error_kind(exc)
@@ -431,6 +526,15 @@ class FleetNode:
     # -- publishing --------------------------------------------------------------------------------------------
 
     def _publish_loop(self, r: Client) -> None:
+        """Publish from the marker Redis holds, checked again whenever the link was lost since: Redis may be back
+        without its data, and an idle publisher's connection would not notice (redis-py reconnects on its own)."""
+        script = r.register_script(PUBLISH_SCRIPT)  # EVALSHA, and SCRIPT LOAD when Redis does not have it (NOSCRIPT)
+        while not self._stop.is_set():
+            downs = self._link.downs
+            self._publish_rounds(r, script, self._check_marker(r), downs)
+
+    def _check_marker(self, r: Client) -> int:
+        """Where to publish from: this host's marker in Redis, unless Redis lost data or the store is new."""
         marker = int(_text(r.hget(self.published_key, self.settings.node) or b"0"))
         # What this host knows it published: the store's (the worker writes it when it trims the outbox), or this
         # process's own count, which is ahead of it by what was published since the last trim.
@@ -450,10 +554,20 @@ class FleetNode:
             marker = 0
         self._published_seq = self._worker.published = max(self._worker.published, marker)
         self._link.up(self._outbox_note)
+        return marker
+
+    def _publish_rounds(self, r: Client, script: Any, marker: int, downs: int) -> None:
+        """Rounds from `marker` until the stop, or until the link is lost (`downs` is no longer its count)."""
         next_prune = next_trim = time.monotonic()
-        while not self._stop.is_set():
-            events = outbox_events(self._reader.events(marker, self._worker.outbox_committed, PUBLISH_COUNT))
-            if not events:
+        while not self._stop.is_set() and self._link.downs == downs:
+            run = self._reader.run(marker, self._worker.outbox_committed, PUBLISH_COUNT)
+            if run.last is not None:
+                self._publish(script, run)
+                marker = run.last
+            elif run.star is not None:
+                self._publish_every_claim(r, run.star, json.loads(self._reader.event(run.star)))
+                marker = run.star
+            else:
                 self._worker.published = marker  # nothing more to send: the published rows may go
                 if time.monotonic() >= next_prune:
                     self._prune(r)
@@ -461,14 +575,6 @@ class FleetNode:
                 self._wake.wait(1.0)  # an idle host publishes a change at once
                 self._wake.clear()
                 continue
-            star = next((i for i, (_, e) in enumerate(events) if e.get("owner") == "*"), None)
-            if star == 0:
-                self._publish_every_claim(r, *events[0])
-                marker = events[0][0]
-            else:
-                run = events if star is None else events[:star]
-                self._publish(r, run)
-                marker = run[-1][0]
             self._published_seq = marker
             if time.monotonic() >= next_trim:
                 # While busy, the worker deletes the published rows (and stores the marker) at most this often:
@@ -476,9 +582,9 @@ class FleetNode:
                 self._worker.published = marker
                 next_trim = time.monotonic() + TRIM_EVERY
             self._link.up(self._outbox_note)
-            if len(events) < PUBLISH_COUNT:
-                # Busy (it had something to send): what comes in the next moments goes in one MULTI. A round
-                # (a wake-up, the outbox read, the MULTI) costs this thread more than the events in it do
+            if run.read < PUBLISH_COUNT:
+                # Busy (it had something to send): what comes in the next moments goes in one round. A round
+                # (a wake-up, the outbox read, the script call) costs this thread more than the events in it do
                 # (bench/README.md, fleet).
                 self._stop.wait(PUBLISH_DELAY)
 
@@ -496,25 +602,11 @@ class FleetNode:
         pipe.execute_command("XADD", self.events, "MINID", "~", minid, "*",
                              *(x for k, v in event.items() if v is not None for x in (k, str(v))))
 
-    def _publish(self, r: Client, events: list[tuple[int, dict[str, Any]]]) -> None:
-        """One MULTI: an XADD an event, then the snapshot's changes of the run in one HSET and one HDEL (a key's last
-        event wins, as one HSET or HDEL an event in order would leave it), then this host's marker."""
-        pipe = r.pipeline(transaction=True)
-        minid = self._minid()
-        snapshot: dict[str, str | None] = {}  # field -> its value after the run; None: deleted
-        for _, event in events:
-            self._xadd(pipe, event, minid)
-            key = snapshot_field(event["node"], event["owner"], *_event_snapshot_key(event))
-            snapshot[key] = _snapshot_value(event) if event["op"] == "block" else None
-        sets = [x for key, value in snapshot.items() if value is not None for x in (key, value)]
-        if sets:
-            pipe.execute_command("HSET", self.state, *sets)
-        gone = [key for key, value in snapshot.items() if value is None]
-        if gone:
-            pipe.execute_command("HDEL", self.state, *gone)
-        pipe.execute_command("HSET", self.published_key, self.settings.node, events[-1][0])
-        ids = pipe.execute()
-        self._published(len(events), ids[len(events) - 1])
+    def _publish(self, script: Any, run: OutboxRun) -> None:
+        """One call of PUBLISH_SCRIPT: the run's events into the stream and the snapshot, and this host's marker."""
+        last_id = script(keys=(self.events, self.state, self.published_key),
+                         args=(self._minid(), self.settings.node, run.last, run.text))
+        self._published(run.events, last_id)
 
     def _published(self, count: int, last_id: Any) -> None:
         with self._status.lock:

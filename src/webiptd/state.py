@@ -662,6 +662,16 @@ class Store:
         self._db.close()
 
 
+class OutboxRun(NamedTuple):
+    """What OutboxReader.run read: `events` rows as a JSON array `text`, the last one `last` (None if none); `star`,
+    the first override unblock's seq when it ends the run; `read`, the rows read (the run's and those from `star`)."""
+    text: str
+    events: int
+    last: int | None
+    star: int | None
+    read: int
+
+
 class OutboxReader:
     """A read-only connection to the store for the fleet's publisher thread: WAL lets it read while the worker
     writes, and it never takes the write lock."""
@@ -670,15 +680,23 @@ class OutboxReader:
         self._db = sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True, isolation_level=None,
                                    check_same_thread=False)
 
-    def events(self, after: int, upto: int, limit: int) -> str:
-        """The rows after seq `after` up to `upto`, at most `limit`, as one JSON array of [seq, event] pairs, made by
-        SQLite's JSON functions rather than fetched a row at a time: each row fetched lets go of the GIL and takes it
-        back, while the worker and the requests wait on it (bench/README.md, fleet). An aggregate's order is
-        SQLite's to choose: sort the pairs by seq."""
-        text: str = self._db.execute(
-            "SELECT json_group_array(json_array(seq, json(event))) FROM "
-            "(SELECT seq, event FROM outbox WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?)",
-            (after, upto, limit)).fetchone()[0]
+    def run(self, after: int, upto: int, limit: int) -> OutboxRun:
+        """The rows after seq `after` up to `upto`, at most `limit`, up to the first override unblock (owner `*`) among
+        them. The rows come as one JSON array of [seq, event] pairs, made by SQLite's JSON functions rather than
+        fetched a row at a time: each row fetched lets go of the GIL and takes it back, while the worker and the
+        requests wait on it (bench/README.md, fleet); the publisher hands the text to Redis unparsed. An aggregate's
+        order is SQLite's to choose: whoever reads the text sorts the pairs by seq (the publisher's script does)."""
+        text, events, last, star, read = self._db.execute(
+            "WITH run AS (SELECT seq, event FROM outbox WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?), "
+            "star AS (SELECT min(seq) AS seq FROM run WHERE json_extract(event, '$.owner') = '*') "
+            "SELECT json_group_array(json_array(seq, json(event))), count(*), max(seq), (SELECT seq FROM star), "
+            "(SELECT count(*) FROM run) FROM run WHERE seq < coalesce((SELECT seq FROM star), ? + 1)",
+            (after, upto, limit, upto)).fetchone()
+        return OutboxRun(text, events, last, star, read)
+
+    def event(self, seq: int) -> str:
+        """Row `seq`'s event (JSON)."""
+        text: str = self._db.execute("SELECT event FROM outbox WHERE seq = ?", (seq,)).fetchone()[0]
         return text
 
     def close(self) -> None:
