@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
+import types
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,37 @@ def test_a_scoped_block_carries_its_protocol_and_ports(h: Harness) -> None:
     cmd = dataclasses.replace(block(SHARED, "203.0.113.7/32"), scope=parse_scope("tcp", "80,22"))
     h.run(w, cmd)
     assert [(e["proto"], e["port"]) for e in outbox(h)] == [("tcp", "22,80")]
+
+
+def test_an_outbox_row_is_json_dumps_text_byte_for_byte(h: Harness) -> None:
+    """The worker writes a row by a format string (not json.dumps, for its cost): the same text, field for field and
+    in order; text that needs escaping goes through json.dumps. Ids are UUIDs, each its own."""
+    w = fleet_worker(h)
+    h.run(w, block(SHARED, "203.0.113.7/32", T0 + 600.25, actor="f2b", owner="f2b/sshd:x"))
+    h.run(w, dataclasses.replace(block(SHARED, "2001:db8::7/128"), scope=parse_scope("tcp", "80:90,22")))
+    h.run(w, dataclasses.replace(block(SHARED, "203.0.113.8/32"), scope=parse_scope("udp", None)))
+    h.run(w, unblock(SHARED, "203.0.113.7/32", actor="f2b", owner="f2b/sshd:x"))
+    db = sqlite3.connect(h.store.path)
+    try:
+        rows = [e for (e,) in db.execute("SELECT event FROM outbox ORDER BY seq")]
+    finally:
+        db.close()
+    assert len(rows) == 4
+    for row in rows:
+        assert row == json.dumps(json.loads(row), separators=(",", ":")), row
+    events = [json.loads(row) for row in rows]
+    assert list(events[0]) == ["op", "chain", "network", "owner", "node", "id", "created_at", "expires_at"]
+    assert events[0]["expires_at"] == repr(T0 + 600.25) and events[0]["created_at"] == repr(T0)
+    assert list(events[1])[6:8] == ["proto", "port"] and (events[1]["proto"], events[1]["port"]) == ("tcp", "22,80:90")
+    assert events[2]["proto"] == "udp" and "port" not in events[2]
+    assert "created_at" not in events[3]
+    ids = [uuid.UUID(e["id"]) for e in events]
+    assert len(set(ids)) == 4 and all(i.version == 8 and i.variant == uuid.RFC_4122 for i in ids)
+    assert all(str(i) == e["id"] for i, e in zip(ids, events))
+    # Text that JSON must escape (never from the config or the API, which allow none) is still right.
+    batch = types.SimpleNamespace(outbox=[])
+    w._announce(batch, "block", ("f2b-web", net("203.0.113.9/32"), None), 'we"ird\\é', None)
+    assert json.loads(batch.outbox[0])["owner"] == 'we"ird\\é'
 
 
 def test_no_fleet_no_outbox(h: Harness) -> None:

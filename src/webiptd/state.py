@@ -420,9 +420,13 @@ class Store:
         db.execute("BEGIN IMMEDIATE")
         try:
             outbox = list(outbox)
-            if outbox:
-                db.executemany("INSERT INTO outbox (event) VALUES (?)", [(e,) for e in outbox])
-                self.outbox_seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'").fetchone()[0]
+            for i in range(0, len(outbox), _ROWS):
+                # Many rows a statement, as the blocks' below; seq is the rowid, the last row's is the last seq.
+                events = outbox[i:i + _ROWS]
+                last = db.execute("INSERT INTO outbox (event) VALUES " + ",".join(["(?)"] * len(events)),
+                                  events).lastrowid
+                assert last is not None
+                self.outbox_seq = last
             if fleet:
                 db.executemany("INSERT OR REPLACE INTO fleet (key, value) VALUES (?, ?)", list(fleet.items()))
             if published is not None:

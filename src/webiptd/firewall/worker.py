@@ -10,9 +10,10 @@ import itertools
 import json
 import logging
 import queue
+import re
+import secrets
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence, overload
 
@@ -246,6 +247,9 @@ class Worker:
         self.published = 0
         self._trimmed = 0
         self.on_outbox: Callable[[], None] = lambda: None
+        bits = secrets.token_hex(10)  # 80 random bits, 74 used: the variant's 2 bits are fixed
+        self._id_prefix = f"{bits[:8]}-{bits[8:12]}-8{bits[12:15]}-{'89ab'[int(bits[15], 16) & 3]}{bits[16:19]}-"
+        self._events = 0
         self._fleet_state = store.fleet_state()
         self.metrics = metrics or Metrics()
         self._store = store
@@ -684,19 +688,35 @@ class Worker:
         return self._node is not None and config is not None and config.shared
 
     def _announce(self, batch: _Batch, op: str, key: Key, owner: str, claim: Claim | None) -> None:
-        """Put the fleet's event of a local change in the batch's outbox rows."""
+        """Put the fleet's event of a local change in the batch's outbox rows: JSON, written by a format string when
+        every text in it needs no escaping (the config's and the API's names, an address, a protocol and ports,
+        the times' repr), else by json.dumps; the same row either way. A block of many is tens of µs saved on the
+        worker (bench/README.md, fleet)."""
         chain, network, scope = key
-        event: dict[str, Any] = {"op": op, "chain": chain, "network": net_text(network), "owner": owner,
-                                 "node": self._node, "id": str(uuid.uuid4())}
+        names = ["op", "chain", "network", "owner", "node", "id"]
+        texts = [op, chain, net_text(network), owner, self._node or "", self._event_id()]
         if scope is not None:
-            event["proto"] = scope.proto
+            names.append("proto")
+            texts.append(scope.proto)
             if scope.ports:
-                event["port"] = scope.port_text
+                names.append("port")
+                texts.append(scope.port_text)
         if claim is not None:
-            event["created_at"] = repr(claim.created_at)
+            names.append("created_at")
+            texts.append(repr(claim.created_at))
             if claim.expires_at is not None:
-                event["expires_at"] = repr(claim.expires_at)
-        batch.outbox.append(json.dumps(event, separators=(",", ":")))
+                names.append("expires_at")
+                texts.append(repr(claim.expires_at))
+        if _JSON_PLAIN.match("".join(texts)):
+            batch.outbox.append("{" + ",".join(f'"{n}":"{t}"' for n, t in zip(names, texts)) + "}")
+        else:
+            batch.outbox.append(json.dumps(dict(zip(names, texts)), separators=(",", ":")))
+
+    def _event_id(self) -> str:
+        """A fleet event's id: a UUID (RFC 9562 version 8, its own layout) of 74 random bits drawn when the worker
+        starts and a count of this worker's events, unique as a random one is, at a tenth of uuid4's cost."""
+        self._events += 1
+        return f"{self._id_prefix}{self._events:012x}"
 
     def _fleet_apply(self, batch: _Batch, cmd: FleetApply) -> FleetApplied:
         """Apply the stream's events (validated by the follower) as claims of their nodes, in order; a chain this
@@ -1202,6 +1222,10 @@ class _Digest:
 
     def value(self) -> tuple[int, int]:
         return self.count, self.total & 0xFFFF_FFFF_FFFF_FFFF
+
+
+# Text that JSON takes between quotes as it is: printable ASCII but the quote and the backslash.
+_JSON_PLAIN = re.compile(r'[ !#-\[\]-~]*\Z')
 
 
 # A block `{0}` and a kernel atom k of one (chain, network, proto) that are the same atom: the same ports, or both
