@@ -1171,3 +1171,30 @@ def test_a_restart_that_finds_the_kernel_as_the_store_says_compares_digests_only
     line = restart()
     assert "held exactly" not in line and "1 re-added" in line, line
     assert restart().endswith("; the kernel held exactly the store's blocks")
+
+
+def test_a_failed_write_at_a_quiet_moment_leaves_the_worker_running(h: Harness, monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """After an unblock, a quiet moment writes the tombstone's purge (and seals); the store refusing that write must
+    not end the worker: the purge waits for the next write, which takes it."""
+    w = h.worker()
+    h.run(w, block(WEB, "203.0.113.1/32"))
+    h.run(w, unblock(WEB, "203.0.113.1/32"))
+    real = h.store.write
+    calls: list[int] = []
+
+    def refusing(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        raise sqlite3.OperationalError("disk I/O error (simulated)")
+
+    with caplog.at_level(logging.ERROR, logger="webiptd.firewall.worker"):
+        monkeypatch.setattr(h.store, "write", refusing)
+        deadline = time.monotonic() + WAIT
+        while not calls:
+            assert time.monotonic() < deadline, "no write at a quiet moment"
+            time.sleep(0.05)
+        monkeypatch.setattr(h.store, "write", real)
+    assert any("could not write the state store" in r.getMessage() for r in caplog.records)
+    assert h.run(w, Lookup(WEB.name, net("203.0.113.1/32"))) is None  # still answering
+    h.run(w, block(WEB, "203.0.113.2/32"))  # the next write takes the purge along
+    assert h.stored() == Loaded([entry(WEB, "203.0.113.2/32", created_at=T0)], [])

@@ -375,9 +375,13 @@ class Worker:
                 self._trim_outbox()
             if (stop and not self._sealed) or (not items and self._seal_due):
                 # Quiet for a moment (_next_batch waited) after a change, or stopping unsealed: seal the kernel.
-                if self._purge:
-                    self._safe_write([], [], self._take_purges())
-                self._seal()
+                try:
+                    if self._purge:
+                        self._safe_write([], [], self._take_purges())
+                except Exception:
+                    pass  # logged; the purges wait for the next batch, and the seal with them
+                else:
+                    self._seal()
             if stop:
                 logger.info("firewall worker stopped")
                 return
