@@ -286,8 +286,8 @@ def test_a_load_guessed_new_that_meets_the_stores_rows_is_looked_up_and_done_aga
     w = fleet_worker(h, node="fw1")
     h.clock.now = T0
     lookups: list[str] = []
-    held = h.store.held
-    h.store.held = lambda chain, *rest: lookups.append(chain) or held(chain, *rest)  # type: ignore[method-assign]
+    held_by = h.store.held_by
+    h.store.held_by = lambda chain, *rest: lookups.append(chain) or held_by(chain, *rest)  # type: ignore
     assert h.run(w, load(SHARED, ["203.0.113.1/32"])) == BulkBlocked(1, 0)  # nothing held: the next is not looked up
     assert lookups == ["f2b-web"]
     h.run(w, block(SHARED, "203.0.113.2/32", actor="alice"))
@@ -307,6 +307,45 @@ def test_a_load_guessed_new_that_meets_the_stores_rows_is_looked_up_and_done_aga
         ("block", "203.0.113.2/32"), ("block", "203.0.113.3/32"), ("block", "203.0.113.4/32")]
     assert w.outbox_committed == h.store.outbox_seq == events + 3
     assert w.count == 4
+
+
+def test_a_feed_loaded_again_by_its_owner_changes_nothing_and_looks_up_only_what_it_changes(h: Harness) -> None:
+    """A feed loaded again (a threat list refreshed, a million at a time): what its owner holds as the load leaves
+    it is counted as existing from one query, with no entry made, no row written, no kernel change and no event;
+    the rest of the batch goes the general way."""
+    from tests.test_fleet_logic import SHARED, fleet_worker, outbox
+
+    w = fleet_worker(h, node="fw1")
+    h.clock.now = T0
+    texts = ["203.0.113.1/32", "203.0.113.2/32", "203.0.113.3/32", "198.18.0.0/15", "2001:db8:ffff::/48"]
+    assert h.run(w, load(SHARED, texts)) == BulkBlocked(5, 0)
+    h.run(w, block(SHARED, "203.0.113.1/32", actor="alice"))  # another's claim too: the general way
+    h.run(w, block(SHARED, "203.0.113.2/32", T0 + 600, actor="feed"))  # the feed's own, timed since: refreshed
+    h.run(w, unblock(SHARED, "203.0.113.3/32", actor="feed"))  # a tombstone: made again
+    looked_up: list[list[str]] = []
+    held = h.store.held
+    h.store.held = lambda chain, scope, texts, *rest: looked_up.append(sorted(texts)) or held(  # type: ignore
+        chain, scope, texts, *rest)
+    before, events, calls = stored(h), len(outbox(h)), len(h.backend.calls)
+    h.clock.now = T0 + 10
+    assert h.run(w, load(SHARED, texts + ["203.0.113.9/32"])) == BulkBlocked(2, 4)
+    assert looked_up == [["203.0.113.1/32", "203.0.113.2/32"]]
+    after = stored(h)
+    for text in ("198.18.0.0/15", "2001:db8:ffff::/48", "203.0.113.1/32"):
+        assert after[text] == before[text], text
+    assert after["203.0.113.2/32"] == Entry(WEB.name, parse_item("203.0.113.2"), "DROP", T0, None, "feed")
+    assert after["203.0.113.3/32"].created_at == after["203.0.113.9/32"].created_at == T0 + 10
+    assert [(e["op"], e["network"]) for e in outbox(h)[events:]] == [
+        ("block", "203.0.113.2/32"), ("block", "203.0.113.3/32"), ("block", "203.0.113.9/32")]
+    assert [op for call in h.backend.calls[calls:] if call[0] == "apply" for op in call[1]] != []
+    assert {net_text(k[1]) for k in h.backend.kernel} == set(after) and w.count == 6
+    # Loaded again once more: nothing is looked up in full, nothing changes anywhere.
+    looked_up.clear()
+    events, calls, before = len(outbox(h)), len(h.backend.calls), stored(h)
+    assert h.run(w, load(SHARED, [t for t in texts + ["203.0.113.9/32"] if t != "203.0.113.1/32"])) == \
+        BulkBlocked(0, 5)
+    assert looked_up == [] and stored(h) == before and len(outbox(h)) == events
+    assert [c for c in h.backend.calls[calls:] if c[0] == "apply" and c[1]] == []
 
 
 def test_a_load_with_a_protocol_or_ports_keeps_its_scope(h: Harness) -> None:

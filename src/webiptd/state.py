@@ -559,6 +559,21 @@ class Store:
                 found[text] = _entry(chain, network, scope, [r[1:] for r in group])
         return found
 
+    def held_by(self, chain: str, scope: Scope | None, owner: str, expires_at: float | None,
+                texts: Sequence[str]) -> tuple[set[str], list[str]]:
+        """Of the networks of `texts` (net_text) in (chain, scope), the live blocks whose only claim is `owner`'s
+        with expiry `expires_at` (a load of them by that owner changes nothing: a feed loaded again), and the other
+        live ones. One query and one step, whatever the count: the texts go in as one JSON array and come back as
+        two (each row fetched would let go of the GIL, and take it back from the thread parsing the load)."""
+        row = self._db.execute(
+            "SELECT json_group_array(network) FILTER (WHERE same), json_group_array(network) FILTER (WHERE NOT same) "
+            "FROM (SELECT b.network, (b.created_by = ? AND b.expires_at IS ? AND NOT EXISTS (SELECT 1 FROM claims c "
+            "WHERE c.chain = b.chain AND c.network = b.network AND c.proto = b.proto AND c.ports = b.ports)) AS same "
+            "FROM blocks b WHERE b.chain = ? AND b.proto = ? AND b.ports = ? AND b.removing = 0 AND b.network IN "
+            "(SELECT value FROM json_each(?)))",
+            (owner, expires_at, chain, *scope_columns(scope), json.dumps(texts))).fetchone()
+        return set(json.loads(row[0])), json.loads(row[1])
+
     def group(self, chain: str, network: Network, proto: str) -> list[Entry]:
         """The live blocks with port lists of (chain, network, proto), by ports."""
         rows = self._db.execute(

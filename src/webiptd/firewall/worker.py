@@ -625,14 +625,25 @@ class Worker:
         created = 0
         touched = {net_text(k[1]) for k in batch.after if k[0] == name and k[2] == scope}
         unseen = name in self._unheld and not touched and not _has_ports(scope)
-        found = {} if unseen else self._store.held(name, scope, [item[0] for item in cmd.items])
+        # Held already, as the load would leave it (the owner's one claim, the same expiry): counted as existing
+        # with no Entry made, as a feed loaded again is, a million at a time.
+        same: set[str] = set()
+        found: dict[str, Entry] = {}
+        if not unseen:
+            same, others = self._store.held_by(name, scope, owner, cmd.expires_at, [i[0] for i in cmd.items])
+            if touched or _has_ports(scope):  # the batch's own changes, and port lists' groups: the general way
+                moved = same if _has_ports(scope) else same & touched
+                others += moved
+                same = same - moved
+            if others:
+                found = self._store.held(name, scope, others)
         batch.known.update(((name, e.network, scope), e) for e in found.values())
-        if not found and not touched:
+        if not found and not same and not touched:
             self._unheld.add(name)
         else:
             self._unheld.discard(name)
         # Twice in the batch: the second changes nothing, and counts as existing.
-        unique = {item[0]: item for item in cmd.items}
+        unique = {item[0]: item for item in cmd.items if item[0] not in same}
         fresh: list[tuple[str, bytes, int]] = []
         if found or touched or _has_ports(scope):
             audits = len(batch.audits)
