@@ -5,6 +5,7 @@ through the daemon on nftables (ipset's half-way failure is in test_bulk_stream.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import logging
 import random
@@ -252,6 +253,34 @@ def test_a_load_past_a_full_nftables_set_keeps_the_batches_before(daemon: Daemon
     assert len(d.kernel_entries("f2b-web", 4)) == 40_000
 
 
+@pytest.mark.root
+@pytest.mark.backends("ipset", "nftables")
+def test_a_timed_feed_posted_again_takes_its_new_timeout_in_the_kernel(daemon: Daemon, backend: str) -> None:
+    d = daemon
+    d.config["limits"]["max_bulk_items"] = 50_000
+    d.config["chains"]["f2b-web"].update(backend=backend)
+    d.start()
+    feed = hosts(12_000)  # two batches of a load: past DETAIL items
+
+    def timeouts() -> dict[str, int]:
+        if backend == "ipset":
+            return {net.removesuffix("/32"): t for net, t in set_members(d.ns, "f2b-web-v4").items()}
+        return {net: int(e["timeout"]) for net, e in elements(d, "f2b-web-v4").items()}
+
+    r = post(d, "f2b-web", "\n".join(feed).encode(), query="?timeout=600")
+    assert r.status == 200 and (r.json["created"], r.json["existing"]) == (12_000, 0), r
+    assert max(timeouts().values()) <= 600
+    if backend == "nftables":  # an element the kernel dropped (as at its timeout) comes back with the new one
+        d.ns.run(["nft", "delete", "element", "inet", "web-ipt-d", "f2b-web-v4", "{ 198.18.0.7 }"])
+    r = post(d, "f2b-web", "\n".join(feed).encode(), query="?timeout=6000")
+    assert r.status == 200 and (r.json["created"], r.json["existing"]) == (0, 12_000), r
+    found = timeouts()
+    assert set(found) == set(feed) and min(found.values()) > 5_000, sorted(found.items(), key=lambda x: x[1])[:3]
+    entry = d.request("GET", "/chain/f2b-web/ipv4/198.18.0.7").json
+    expires = datetime.datetime.fromisoformat(entry["expires_at"]).timestamp() - time.time()
+    assert 5_900 < expires <= 6_000, entry
+
+
 def test_a_load_into_a_shared_chain_announces_what_it_changed(h: Harness) -> None:
     from tests.test_fleet_logic import SHARED, fleet_worker, outbox
 
@@ -329,7 +358,7 @@ def test_a_feed_loaded_again_by_its_owner_changes_nothing_and_looks_up_only_what
     before, events, calls = stored(h), len(outbox(h)), len(h.backend.calls)
     h.clock.now = T0 + 10
     assert h.run(w, load(SHARED, texts + ["203.0.113.9/32"])) == BulkBlocked(2, 4)
-    assert looked_up == [["203.0.113.1/32", "203.0.113.2/32"]]
+    assert looked_up == [["203.0.113.1/32"]]  # the one with another's claim; the timed one is given its expiry
     after = stored(h)
     for text in ("198.18.0.0/15", "2001:db8:ffff::/48", "203.0.113.1/32"):
         assert after[text] == before[text], text
@@ -346,6 +375,57 @@ def test_a_feed_loaded_again_by_its_owner_changes_nothing_and_looks_up_only_what
         BulkBlocked(0, 5)
     assert looked_up == [] and stored(h) == before and len(outbox(h)) == events
     assert [c for c in h.backend.calls[calls:] if c[0] == "apply" and c[1]] == []
+
+
+@pytest.mark.parametrize("kernel_timeouts", [True, False], ids=["set-backend", "iptables"])
+def test_a_timed_feed_loaded_again_takes_its_new_expiry_without_an_entry_an_item(h: Harness,
+                                                                                 kernel_timeouts: bool) -> None:
+    """A timed feed refreshed: the owner's one claim of each block takes the new expiry in one statement, and in the
+    kernel (a load that replaces) when the kernel expires entries; the blocks then expire at the new time. A
+    kernel that refuses it leaves the store's old expiry."""
+    from tests.test_fleet_logic import SHARED, fleet_worker, outbox
+
+    h.backend.kernel_timeouts = kernel_timeouts
+    w = fleet_worker(h, node="fw1")
+    h.clock.now = T0
+    texts = ["203.0.113.1/32", "203.0.113.2/32", "198.18.0.0/15", "2001:db8:ffff::/48"]
+    assert h.run(w, load(SHARED, texts, T0 + 600)) == BulkBlocked(4, 0)
+    h.clock.now = T0 + 5
+    h.run(w, load(SHARED, ["203.0.113.9/32"], T0 + 300))  # loaded at another time, with another expiry
+    looked_up: list[list[str]] = []
+    held = h.store.held
+    h.store.held = lambda chain, scope, texts, *rest: looked_up.append(sorted(texts)) or held(  # type: ignore
+        chain, scope, texts, *rest)
+    events, calls = len(outbox(h)), len(h.backend.calls)
+    h.clock.now = T0 + 100
+    every = texts + ["203.0.113.9/32", "203.0.113.1/32"]  # one twice
+    assert h.run(w, load(SHARED, every, T0 + 700)) == BulkBlocked(0, 6)
+    assert looked_up == []
+    entries = stored(h)
+    assert set(entries) == set(every)
+    for text in texts:
+        assert entries[text] == Entry(WEB.name, parse_item(text), "DROP", T0, T0 + 700, "feed"), text
+    assert entries["203.0.113.9/32"] == Entry(WEB.name, parse_item("203.0.113.9"), "DROP", T0 + 5, T0 + 700, "feed")
+    # The fleet hears of each claim's new expiry, with its creation time.
+    assert sorted((e["network"], float(e["created_at"]), float(e["expires_at"])) for e in outbox(h)[events:]) == \
+        sorted([(t, T0, T0 + 700) for t in texts] + [("203.0.113.9/32", T0 + 5, T0 + 700)])
+    loads = [c for c in h.backend.calls[calls:] if c[0] == "load"]
+    assert loads == ([("load", WEB.name, 5, True)] if kernel_timeouts else [])
+    assert h.backend.anomalies == []
+    # A kernel that refuses the next refresh: the store keeps the expiry it had.
+    h.backend.fail_applies = 1 if kernel_timeouts else 0
+    if kernel_timeouts:
+        with pytest.raises(FirewallUnavailable):
+            h.run(w, load(SHARED, texts, T0 + 900))
+        assert stored(h) == entries
+    # They expire at the new time, not the old.
+    h.clock.now = T0 + 650
+    h.run(w, block(SHARED, "198.18.0.1/32", actor="ops"))  # the due expiries come in its batch
+    assert set(stored(h)) == set(every) | {"198.18.0.1/32"}
+    h.clock.now = T0 + 701
+    h.run(w, block(SHARED, "198.18.0.2/32", actor="ops"))
+    assert set(stored(h)) == {"198.18.0.1/32", "198.18.0.2/32"}
+    assert w.count == 2
 
 
 def test_a_load_with_a_protocol_or_ports_keeps_its_scope(h: Harness) -> None:

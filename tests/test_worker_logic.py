@@ -133,8 +133,9 @@ class RecordingBackend:
                 self.kernel.pop(key, None)
 
     def load(self, chain: str, target: str, expires_at: float | None, scope: Scope | None, items: Items,
-             chains: Mapping[str, Chain]) -> None:
-        self.apply(adds(chain, target, expires_at, scope, items), chains)
+             chains: Mapping[str, Chain], replaces: bool = False) -> None:
+        self.calls.append(("load", chain, len(items), replaces))
+        self.apply(adds(chain, target, expires_at, scope, items, replaces), chains)
 
     def missing(self, chains: Iterable[Chain], counts: Mapping[str, int]) -> str | None:
         self.calls.append(("missing",))

@@ -294,6 +294,19 @@ class Fresh(NamedTuple):
     unseen: bool = False
 
 
+class Refresh(NamedTuple):
+    """Blocks of one load in one chain and scope held as rows without claims rows by the loader alone (its one
+    claim), loaded again with another expiry (a timed feed refreshed): `items` (as Fresh's) take `expires_at`, and
+    the due with it; `old` is each one's expiry before, for restore()."""
+
+    chain: str
+    scope: Scope | None
+    target: str
+    expires_at: float | None
+    items: list[tuple[str, bytes, int]]
+    old: list[float | None]
+
+
 class Held(Exception):
     """A load's rows written without a lookup (Fresh.unseen) met a row of the store: nothing was written."""
 
@@ -429,11 +442,11 @@ class Store:
     def write(self, puts: Iterable[Entry], removes: Iterable[Entry], purges: Iterable[Entry] = (),
               outbox: Iterable[str] = (), fleet: Mapping[str, str] | None = None,
               published: int | None = None, stale: Collection[tuple[str, str, str, str]] | None = None,
-              fresh: Iterable[Fresh] = (), unseal: bool = False) -> None:
+              fresh: Iterable[Fresh] = (), unseal: bool = False, refresh: Iterable[Refresh] = ()) -> None:
         """In one durable transaction: upsert `puts`, tombstone `removes`, delete `purges`' tombstones; add the
         `outbox` events (JSON), set the `fleet` keys, and drop the outbox rows up to `published`. `stale`: the row
-        keys of `puts` that had claims rows before (None: any may have). `fresh`: a load's new blocks. `unseal`:
-        delete the kernel's seal (set_seal)."""
+        keys of `puts` that had claims rows before (None: any may have). `fresh`: a load's new blocks; `refresh`:
+        its blocks of the loader's with a new expiry. `unseal`: delete the kernel's seal (set_seal)."""
         db = self._db
         outbox_seq = self.outbox_seq
         db.execute("BEGIN IMMEDIATE")
@@ -470,6 +483,11 @@ class Store:
                 db.execute(_FRESH[not f.unseen], (f.chain, *columns, json.dumps(texts)))
                 if f.unseen and db.total_changes - before != len(f.items):
                     raise Held(f"a row of chain {f.chain} is in the store already")
+            for r in refresh:  # one statement, as the fresh rows'
+                db.execute("UPDATE blocks SET expires_at = ?, due = ? WHERE chain = ? AND proto = ? AND ports = ? AND "
+                           "removing = 0 AND network IN (SELECT value FROM json_each(?))",
+                           (r.expires_at, r.expires_at, r.chain, *scope_columns(r.scope),
+                            json.dumps([item[0] for item in r.items])))
             # A tombstone needs no claims (it only has to leave the kernel), and a block made again on its key
             # must not find them.
             removed = [row_key(e) for e in removes]
@@ -490,11 +508,11 @@ class Store:
 
     def restore(self, before: Iterable[tuple[tuple[str, Network, Scope | None], Entry | None]],
                 outbox_after: int = 0, fleet: Mapping[str, str | None] | None = None,
-                fresh: Iterable[Fresh] = ()) -> None:
+                fresh: Iterable[Fresh] = (), refresh: Iterable[Refresh] = ()) -> None:
         """Put rows back as they were before a batch whose kernel change failed: the outbox rows after
-        `outbox_after` go (their changes never were), the `fleet` keys take their old values (None: none), and
-        the rows of `fresh` go (a tombstone they replaced only had to leave the kernel, which the reconcile after
-        a failed batch makes sure of)."""
+        `outbox_after` go (their changes never were), the `fleet` keys take their old values (None: none), the
+        rows of `fresh` go (a tombstone they replaced only had to leave the kernel, which the reconcile after
+        a failed batch makes sure of), and those of `refresh` take their old expiry."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -509,6 +527,11 @@ class Store:
                 db.execute("DELETE FROM blocks WHERE chain=? AND proto=? AND ports=? AND network IN "
                            "(SELECT value FROM json_each(?))",
                            (f.chain, *scope_columns(f.scope), json.dumps([item[0] for item in f.items])))
+            for r in refresh:
+                proto, ports = scope_columns(r.scope)
+                db.executemany("UPDATE blocks SET expires_at = ?, due = ? WHERE chain = ? AND network = ? AND "
+                               "proto = ? AND ports = ?",
+                               [(old, old, r.chain, item[0], proto, ports) for item, old in zip(r.items, r.old)])
             for (chain, network, scope), entry in before:
                 if entry is None:
                     key = (chain, net_text(network), *scope_columns(scope))
@@ -559,20 +582,34 @@ class Store:
                 found[text] = _entry(chain, network, scope, [r[1:] for r in group])
         return found
 
-    def held_by(self, chain: str, scope: Scope | None, owner: str, expires_at: float | None,
-                texts: Sequence[str]) -> tuple[set[str], list[str]]:
-        """Of the networks of `texts` (net_text) in (chain, scope), the live blocks whose only claim is `owner`'s
-        with expiry `expires_at` (a load of them by that owner changes nothing: a feed loaded again), and the other
-        live ones. One query and one step, whatever the count: the texts go in as one JSON array and come back as
-        two (each row fetched would let go of the GIL, and take it back from the thread parsing the load)."""
-        row = self._db.execute(
-            "SELECT json_group_array(network) FILTER (WHERE same), json_group_array(network) FILTER (WHERE NOT same) "
-            "FROM (SELECT b.network, (b.created_by = ? AND b.expires_at IS ? AND NOT EXISTS (SELECT 1 FROM claims c "
-            "WHERE c.chain = b.chain AND c.network = b.network AND c.proto = b.proto AND c.ports = b.ports)) AS same "
-            "FROM blocks b WHERE b.chain = ? AND b.proto = ? AND b.ports = ? AND b.removing = 0 AND b.network IN "
-            "(SELECT value FROM json_each(?)))",
-            (owner, expires_at, chain, *scope_columns(scope), json.dumps(texts))).fetchone()
-        return set(json.loads(row[0])), json.loads(row[1])
+    def held_by(self, chain: str, scope: Scope | None, owner: str, expires_at: float | None, texts: Sequence[str]
+                ) -> tuple[set[str], dict[str, tuple[float, float | None]], list[str]]:
+        """Of the networks of `texts` (net_text) in (chain, scope), the live blocks whose one claim is `owner`'s
+        (rows without claims rows): those with expiry `expires_at`, which a load of them by that owner leaves as
+        they are (a feed loaded again), and those with another, as {text: (created_at, expires_at)} (a timed feed
+        loaded again); and every other live one. The texts go in as one JSON array and come back as a few, one
+        row a kind, and one for each (created_at, expires_at) of the second kind, which are few (a load's rows have
+        the same): each row fetched lets go of the GIL and takes it back from the thread parsing the load, and
+        the times come as SQLite's doubles, exact (its JSON writes 15 digits)."""
+        same: set[str] = set()
+        timed: dict[str, tuple[float, float | None]] = {}
+        others: list[str] = []
+        for kind, created_at, old, found in self._db.execute(
+                "SELECT kind, created_at, expires_at, json_group_array(network) FROM (SELECT b.network, "
+                "CASE WHEN b.created_by <> ? OR EXISTS (SELECT 1 FROM claims c WHERE c.chain = b.chain AND "
+                "c.network = b.network AND c.proto = b.proto AND c.ports = b.ports) THEN 2 WHEN b.expires_at IS ? "
+                "THEN 0 ELSE 1 END AS kind, b.created_at, b.expires_at FROM blocks b WHERE b.chain = ? AND "
+                "b.proto = ? AND b.ports = ? AND b.removing = 0 AND b.network IN (SELECT value FROM json_each(?))) "
+                "GROUP BY kind, CASE kind WHEN 1 THEN created_at END, CASE kind WHEN 1 THEN expires_at END",
+                (owner, expires_at, chain, *scope_columns(scope), json.dumps(texts))):
+            if kind == 0:
+                same = set(json.loads(found))
+            elif kind == 1:
+                times = (created_at, old)
+                timed.update((text, times) for text in json.loads(found))
+            else:
+                others = json.loads(found)
+        return same, timed, others
 
     def group(self, chain: str, network: Network, proto: str) -> list[Entry]:
         """The live blocks with port lists of (chain, network, proto), by ports."""

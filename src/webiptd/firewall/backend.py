@@ -36,10 +36,12 @@ class Backend(Protocol):
         """Apply all `ops` atomically (or undo them and raise), after re-checking what they touch."""
 
     def load(self, chain: str, target: str, expires_at: float | None, scope: Scope | None, items: Items,
-             chains: Mapping[str, Chain]) -> None:
+             chains: Mapping[str, Chain], replaces: bool = False) -> None:
         """Add `items`, new blocks of one load that the kernel does not hold (as far as the store knows), all with
         the same target, expiry and scope (never one with port lists): apply() of their Adds, atomically too, in
-        less time an item. An item the kernel holds already takes the new expiry, as an Add's does."""
+        less time an item. An item the kernel holds already takes the new expiry, as an Add's does. `replaces`:
+        the items are blocks the kernel holds, given a new expiry (a backend whose kernel expires them: the
+        Adds' `replaces`); a failure then takes nothing out of the kernel."""
 
     def missing(self, chains: Iterable[Chain], counts: Mapping[str, int]) -> str | None:
         """A cheap look, every few seconds: None while the kernel plausibly holds every atom (`counts`: how

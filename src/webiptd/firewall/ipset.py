@@ -692,11 +692,12 @@ class IpsetBackend:
         self._apply(list(ops), chains)
 
     def load(self, chain: str, target: str, expires_at: float | None, scope: Scope | None, items: Items,
-             chains: Mapping[str, Chain]) -> None:
-        """Whole networks straight into the chain's sets over netlink (IpsetNetlink.add_packed); anything else, or a
-        set that is not there, as apply() of their Adds."""
+             chains: Mapping[str, Chain], replaces: bool = False) -> None:
+        """Whole networks straight into the chain's sets over netlink (IpsetNetlink.add_packed: a non-exclusive ADD,
+        so one there takes the new timeout, `replaces` or not); anything else, or a set that is not there, as
+        apply() of their Adds."""
         if scope is not None:
-            self._apply(adds(chain, target, expires_at, scope, items), chains)
+            self._apply(adds(chain, target, expires_at, scope, items, replaces), chains)
             return
         timeout = kernel_timeout(expires_at, self._clock())
         done: list[tuple[str, Items]] = []
@@ -706,6 +707,9 @@ class IpsetBackend:
                 continue
             name = set_name(chain, version)
             codes = self._nl.add_packed(name, part, timeout)
+            if any(codes) and replaces:  # held blocks: none is taken out, whatever went wrong
+                self._apply(adds(chain, target, expires_at, scope, items, replaces), chains)
+                return
             if any(codes):
                 self._undo([Element(IPSET_CMD_DEL, done_name, unpacked(packed, length), False)
                             for done_name, taken in done for _, packed, length in taken]

@@ -198,8 +198,9 @@ class IptablesBackend:
                            label=lambda version: f"ipv{version}")
 
     def load(self, chain: str, target: str, expires_at: float | None, scope: Scope | None, items: Items,
-             chains: Mapping[str, Chain]) -> None:
-        self.apply(adds(chain, target, expires_at, scope, items), chains)  # a rule an entry: no faster way
+             chains: Mapping[str, Chain], replaces: bool = False) -> None:
+        # a rule an entry: no faster way
+        self.apply(adds(chain, target, expires_at, scope, items, replaces), chains)
 
     def _commit(self, version: int, ops: list[Op], chains: Mapping[str, Chain]) -> None:
         table = self._xt.table(version)

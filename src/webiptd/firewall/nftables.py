@@ -753,14 +753,16 @@ class NftablesBackend:
         self._commit(changes, chains)
 
     def load(self, chain: str, target: str, expires_at: float | None, scope: Scope | None, items: Items,
-             chains: Mapping[str, Chain]) -> None:
+             chains: Mapping[str, Chain], replaces: bool = False) -> None:
         """Whole networks as one transaction's `add element`s, the elements made from the items' text (the address
         before the slash: inet_ntop's form, or ipaddress' for the few it leaves to str(), which nft reads as well)
-        with no Op, dict lookup or _Change an item; anything else as apply() of their Adds."""
+        with no Op, dict lookup or _Change an item; anything else as apply() of their Adds. `replaces`: each element
+        is deleted and added again in its transaction, as apply() does with a new expiry (a kernel before 6.x keeps
+        an element's old timeout when it is added again)."""
         if scope is not None:
-            self.apply(adds(chain, target, expires_at, scope, items), chains)
+            self.apply(adds(chain, target, expires_at, scope, items, replaces), chains)
             return
-        added = _Change(False, True, _timeout(expires_at, self._clock()))
+        added = _Change(replaces, True, _timeout(expires_at, self._clock()))
         done: list[tuple[str, bytes, int]] = []
         for start in range(0, len(items), LOAD_CHUNK):
             part = items[start:start + LOAD_CHUNK]
@@ -771,7 +773,8 @@ class NftablesBackend:
                 self._commit({(chain, 4 if size == 4 else 6, length, ALL): dict.fromkeys(addresses, added)
                               for (size, length), addresses in by_set.items()}, chains)
             except Exception:
-                if done:  # take back the transactions before; the worker's reconcile settles what this leaves
+                if done and not replaces:  # take back the transactions before; the worker's reconcile settles what
+                    # this leaves (held blocks given a new expiry stay: the worker's restore puts the old back)
                     try:
                         self.apply([Remove(chain, unpacked(packed, length), target) for _, packed, length in done],
                                    chains)

@@ -55,9 +55,11 @@ Op = Add | Remove
 Items = Sequence[tuple[str, bytes, int]]
 
 
-def adds(chain: str, target: str, expires_at: float | None, scope: Scope | None, items: Items) -> list[Op]:
+def adds(chain: str, target: str, expires_at: float | None, scope: Scope | None, items: Items,
+         replaces: bool = False) -> list[Op]:
     """A load as Adds: what a backend without a faster way does with it."""
-    return [Add(chain, unpacked(packed, length), target, expires_at, scope) for _, packed, length in items]
+    return [Add(chain, unpacked(packed, length), target, expires_at, scope, replaces=replaces)
+            for _, packed, length in items]
 
 
 def key_of(op: Op) -> Key:

@@ -71,8 +71,8 @@ class ByChain:
         apply_in_parts(by_backend, lambda name, part: self._backend(name).apply(part, chains))
 
     def load(self, chain: str, target: str, expires_at: float | None, scope: Scope | None, items: Items,
-             chains: Mapping[str, Chain]) -> None:
-        self._backend(self.backend_of(chain)).load(chain, target, expires_at, scope, items, chains)
+             chains: Mapping[str, Chain], replaces: bool = False) -> None:
+        self._backend(self.backend_of(chain)).load(chain, target, expires_at, scope, items, chains, replaces)
 
     def missing(self, chains: Iterable[Chain], counts: Mapping[str, int]) -> str | None:
         chains = list(chains)

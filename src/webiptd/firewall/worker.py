@@ -29,7 +29,7 @@ from webiptd.firewall.pending import Pending
 from webiptd.metrics import Metrics
 from webiptd.net import Network, net_text, parse_stored, unpacked
 from webiptd.scope import Scope, stored_scope, union
-from webiptd.state import Counts, Fresh, Held, Store, row_key, scope_columns
+from webiptd.state import Counts, Fresh, Held, Refresh, Store, row_key, scope_columns
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +157,7 @@ class _Batch:
     outbox: list[str] = field(default_factory=list)  # the fleet's events of this batch's local changes (JSON)
     fleet: dict[str, str] = field(default_factory=dict)  # the follower's cursor, when the batch applies the stream
     fresh: list[Fresh] = field(default_factory=list)  # a load's new blocks, as rows (see Worker._load)
+    refresh: list[Refresh] = field(default_factory=list)  # a load's blocks of the loader's, with a new expiry
 
     def committed(self, key: Key) -> Entry | None:
         return self.known[key] if key in self.known else self.entries.get(key)
@@ -457,9 +458,9 @@ class Worker:
     def _safe_write(self, puts: list[Entry], removes: list[Entry], purges: list[Entry], outbox: Sequence[str] = (),
                     fleet: Mapping[str, str] | None = None, published: int | None = None,
                     stale: Collection[tuple[str, str, str, str]] | None = None, fresh: Sequence[Fresh] = (),
-                    unseal: bool = False) -> None:
+                    unseal: bool = False, refresh: Sequence[Refresh] = ()) -> None:
         try:
-            self._store.write(puts, removes, purges, outbox, fleet, published, stale, fresh, unseal)
+            self._store.write(puts, removes, purges, outbox, fleet, published, stale, fresh, unseal, refresh)
         except Held:
             self._purge.extend(purges)
             raise
@@ -478,7 +479,7 @@ class Worker:
             self.metrics.batch_size.observe(len(items))
         answers = self._execute_all(batch, items)
         changes = batch.changes()
-        if changes or batch.outbox or batch.fleet or batch.fresh:
+        if changes or batch.outbox or batch.fleet or batch.fresh or batch.refresh:
             started = time.perf_counter()
             try:
                 self._commit(changes, batch)
@@ -625,25 +626,36 @@ class Worker:
         created = 0
         touched = {net_text(k[1]) for k in batch.after if k[0] == name and k[2] == scope}
         unseen = name in self._unheld and not touched and not _has_ports(scope)
-        # Held already, as the load would leave it (the owner's one claim, the same expiry): counted as existing
-        # with no Entry made, as a feed loaded again is, a million at a time.
+        # Held already by the owner alone (its one claim, a row without claims rows), as a feed loaded again is, a
+        # million at a time: with the same expiry, counted as existing; with another, given it in one statement (and
+        # in the kernel, as a load). No Entry made for either.
         same: set[str] = set()
+        timed: dict[str, tuple[float, float | None]] = {}
         found: dict[str, Entry] = {}
         if not unseen:
-            same, others = self._store.held_by(name, scope, owner, cmd.expires_at, [i[0] for i in cmd.items])
+            same, timed, others = self._store.held_by(name, scope, owner, cmd.expires_at, [i[0] for i in cmd.items])
             if touched or _has_ports(scope):  # the batch's own changes, and port lists' groups: the general way
-                moved = same if _has_ports(scope) else same & touched
+                moved = {t for t in (*same, *timed) if _has_ports(scope) or t in touched}
                 others += moved
                 same = same - moved
+                timed = {t: times for t, times in timed.items() if t not in moved}
             if others:
                 found = self._store.held(name, scope, others)
         batch.known.update(((name, e.network, scope), e) for e in found.values())
-        if not found and not same and not touched:
+        if not found and not same and not timed and not touched:
             self._unheld.add(name)
         else:
             self._unheld.discard(name)
         # Twice in the batch: the second changes nothing, and counts as existing.
-        unique = {item[0]: item for item in cmd.items if item[0] not in same}
+        unique = {item[0]: item for item in cmd.items if item[0] not in same and item[0] not in timed}
+        if timed:
+            refreshed = list({item[0]: item for item in cmd.items if item[0] in timed}.values())
+            batch.refresh.append(Refresh(name, scope, cmd.chain.target, cmd.expires_at, refreshed,
+                                         [timed[item[0]][1] for item in refreshed]))
+            if self._shares(name):
+                for text, packed, length in refreshed:
+                    self._announce(batch, "block", (name, unpacked(packed, length), scope), owner,
+                                   Claim(owner, timed[text][0], cmd.expires_at))
         fresh: list[tuple[str, bytes, int]] = []
         if found or touched or _has_ports(scope):
             audits = len(batch.audits)
@@ -917,10 +929,11 @@ class Worker:
                  if after is not None and not after.claims and before is not None and before.claims}
         # A batch that changes the kernel takes the seal out of the store in its own transaction, before the kernel
         # changes: a crash between the two must not find a seal of the kernel as it was (see _seal).
-        changes_kernel = bool(ops or batch.fresh)
+        refresh = [r for r in batch.refresh if self._backend.expires_in_kernel(r.chain)]
+        changes_kernel = bool(ops or batch.fresh or refresh)
         unseal = self._sealed and changes_kernel
         self._safe_write(puts, removes, self._take_purges(), batch.outbox, batch.fleet,
-                         published if published > self._trimmed else None, stale, batch.fresh, unseal)
+                         published if published > self._trimmed else None, stale, batch.fresh, unseal, batch.refresh)
         self._trimmed = max(self._trimmed, published)
         if changes_kernel:
             self._sealed = False
@@ -931,13 +944,15 @@ class Worker:
                 self._backend.load(fresh.chain, fresh.target, fresh.expires_at, fresh.scope, fresh.items,
                                    self._chains)
                 loaded.append(fresh)
+            for r in refresh:  # the kernel's timeouts; nothing to take back on a failure (see Backend.load)
+                self._backend.load(r.chain, r.target, r.expires_at, r.scope, r.items, self._chains, replaces=True)
             if ops:
                 self._backend.apply(ops, self._chains)
         except Exception:
             self._unload(loaded)
             try:
                 self._store.restore([(k, before) for k, (before, _) in changed.items()], outbox_before,
-                                    {k: self._fleet_state.get(k) for k in batch.fleet}, batch.fresh)
+                                    {k: self._fleet_state.get(k) for k in batch.fleet}, batch.fresh, batch.refresh)
             except Exception:
                 # The store now says more than the kernel has; the next start re-adds it.
                 logger.exception("could not restore the state store after a failed firewall change")
