@@ -132,9 +132,10 @@ class Api:
 
 
 def bulk_load(api: Api, pid: int, count: int, posts: int, fallback: bool,
-              order: Sequence[int] | None = None) -> dict[str, Any]:
+              order: Sequence[int] | None = None, query: str = "") -> dict[str, Any]:
     """`count` addresses in `posts` text/plain POSTs; with `fallback` (text/plain not built), JSON lists of PAGE;
-    `order`: the pool's indices in the order to send them (a shuffle: a real feed's order), else 0, 1, 2, ..."""
+    `order`: the pool's indices in the order to send them (a shuffle: a real feed's order), else 0, 1, 2, ...;
+    `query`: the POSTs' query string (`?timeout=...`)."""
     note = ""
     if fallback:
         posts = math.ceil(count / PAGE)
@@ -149,7 +150,7 @@ def bulk_load(api: Api, pid: int, count: int, posts: int, fallback: bool,
             body, ctype = ("\n".join(items) + "\n").encode(), "text/plain; charset=utf-8"
         del items
         t0 = time.perf_counter()
-        status, raw = api.call("POST", f"/chain/{CHAIN}", body, {"Content-Type": ctype})
+        status, raw = api.call("POST", f"/chain/{CHAIN}{query}", body, {"Content-Type": ctype})
         seconds += time.perf_counter() - t0
         if status in (400, 415) and not fallback and lo == 0:
             return {"unsupported": status, "answer": raw[:300].decode(errors="replace")}
@@ -268,6 +269,15 @@ def bulk_part(target: MillionTarget, pki: BenchPki, root: Path, args: argparse.N
         got["kernel"] = count_kernel(ns, target.backend)
         res.bulk.append(got)
         print(f"  bulk: {got}", file=sys.stderr, flush=True)
+        if text and posts == 1 and not shuffled:
+            # The same list posted again, as a feed is refreshed: as it was (every item held as the load leaves
+            # it), then with a timeout (every item's expiry changes, in the store and the kernel).
+            for query, way in (("", "the same million again"), ("?timeout=86400", "again, with ?timeout=86400")):
+                again = bulk_load(api, server.pid, args.count, 1, False, None, query)
+                again["way"] = f"text/plain, one POST: {way}"
+                again["kernel"] = count_kernel(ns, target.backend)
+                res.bulk.append(again)
+                print(f"  bulk: {again}", file=sys.stderr, flush=True)
         return text
 
 
