@@ -88,14 +88,20 @@ def test_a_client_that_does_not_read_its_answers_stalls_nobody(shared: Daemon) -
         stuck.tls.settimeout(0.5)
         sent = 0
         ended = ""
+        started = time.monotonic()
         try:
             while sent < 20_000:
                 stuck.send(request("GET", "/health") * 50)
                 sent += 50
         except TimeoutError:
             ended = "timeout"  # the daemon stopped reading: its answers to us have nowhere to go
+        except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+            # On a slow machine the daemon may take longer to read the requests its buffer for answers holds than
+            # request_timeout: it closes the connection then, while we still write. Never before that time.
+            ended = "closed"
+            assert time.monotonic() - started >= 3.0, "closed before an answer waited limits.request_timeout"
         stalled = time.monotonic()
-        assert ended == "timeout" and sent < 20_000, (ended, sent)
+        assert ended in ("timeout", "closed") and sent < 20_000, (ended, sent)
         other = Wire(shared)
         try:
             t0 = time.monotonic()
@@ -104,6 +110,8 @@ def test_a_client_that_does_not_read_its_answers_stalls_nobody(shared: Daemon) -
             assert time.monotonic() - t0 < 1.0
         finally:
             other.close()
+        if ended == "closed":
+            return
         time.sleep(stalled + 4 - time.monotonic())  # not reading, past request_timeout
         stuck.tls.settimeout(10)
         answered = 0
