@@ -281,6 +281,34 @@ def test_a_timed_feed_posted_again_takes_its_new_timeout_in_the_kernel(daemon: D
     assert 5_900 < expires <= 6_000, entry
 
 
+@pytest.mark.root
+@pytest.mark.backends("ipset", "nftables")
+def test_a_start_with_an_emptied_kernel_puts_a_load_back_whole(daemon: Daemon, backend: str) -> None:
+    """As a boot: the store's blocks the kernel lacks go back as loads (many of one expiry), with their timeouts;
+    the others (their own expiry) as before."""
+    d = daemon
+    d.config["limits"]["max_bulk_items"] = 50_000
+    d.config["chains"]["f2b-web"].update(backend=backend)
+    d.start()
+    feed = hosts(3_000)
+    assert post(d, "f2b-web", "\n".join(feed).encode(), query="?timeout=600").json["created"] == 3_000
+    assert d.request("PUT", "/chain/f2b-web/ipv4/203.0.113.20?timeout=900").status == 201
+    assert d.stop() == 0
+    if backend == "ipset":
+        d.ns.run(["ipset", "flush", "f2b-web-v4"])
+        d.ns.run(["ipset", "flush", "f2b-web-v6"])
+    else:
+        d.ns.run(["nft", "flush", "table", "inet", "web-ipt-d"])
+    d.start()
+    if backend == "ipset":
+        found = {net.removesuffix("/32"): t for net, t in set_members(d.ns, "f2b-web-v4").items()}
+    else:
+        found = {net: int(e["timeout"]) for net, e in elements(d, "f2b-web-v4").items()}
+    assert set(found) == set(feed) | {"203.0.113.20"}
+    assert all(0 < t <= 600 for net, t in found.items() if net != "203.0.113.20"), found
+    assert 600 < found["203.0.113.20"] <= 900
+
+
 def test_a_load_into_a_shared_chain_announces_what_it_changed(h: Harness) -> None:
     from tests.test_fleet_logic import SHARED, fleet_worker, outbox
 

@@ -461,6 +461,26 @@ def test_reconcile_makes_the_kernel_match_the_store(h: Harness, caplog: pytest.L
     assert len(expiries) == 2 and any("network=203.0.113.3/32" in m for m in expiries)
 
 
+def test_a_reconcile_restores_many_whole_networks_of_one_expiry_as_loads(h: Harness) -> None:
+    """A boot's restore: whole networks the kernel lacks, many of one target and expiry, go as a load each
+    (Backend.load, no Op an atom); a few of their own expiry, scoped ones and changed targets as ops."""
+    feed = [entry(WEB, f"198.18.{i >> 8}.{i & 255}/32", created_by="feed") for i in range(200)]
+    timed = [entry(SSH, f"2001:db8:1::{i:x}/128", expires_at=T0 + 600) for i in range(100)]
+    own = [entry(WEB, f"203.0.113.{i}/32", expires_at=T0 + 10 + i) for i in range(3)]
+    scoped = entry(WEB, "203.0.113.99/32", scope=Scope("tcp"))
+    h.store.write([*feed, *timed, *own, scoped], [])
+    h.clock.now = T0
+    w = h.worker()
+    loads = [c for c in h.backend.calls if c[0] == "load"]
+    assert sorted(loads) == [("load", SSH.name, 100, False), ("load", WEB.name, 200, False)]
+    assert sorted(map(repr, h.backend.applies[-1])) == sorted(map(repr, [
+        *(Add(e.chain, e.network, e.target, e.expires_at) for e in own),
+        Add(WEB.name, net("203.0.113.99/32"), "DROP", None, Scope("tcp"))]))
+    assert set(h.backend.kernel) == {(e.chain, e.network, None) for e in [*feed, *timed, *own]} | {
+        (WEB.name, net("203.0.113.99/32"), Scope("tcp"))}
+    assert w.count == 304 and h.backend.anomalies == []
+
+
 def test_reconcile_of_a_consistent_state_changes_nothing(h: Harness) -> None:
     h.store.write([entry(WEB, "203.0.113.1/32"), entry(SSH, "2001:db8:ffff::/48", expires_at=T0 + 5)], [])
     h.backend.kernel = {("f2b-web", net("203.0.113.1/32")): "DROP", ("f2b-ssh", net("2001:db8:ffff::/48")): "REJECT"}

@@ -15,7 +15,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence, overload
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, NamedTuple, Sequence, overload
 
 from webiptd import log
 from webiptd.commands import (
@@ -24,10 +24,10 @@ from webiptd.commands import (
 )
 from webiptd.config import ADOPTED, Chain, Limits
 from webiptd.firewall.backend import Backend
-from webiptd.firewall.ops import Add, CapacityExceeded, Key, Op, Remove
+from webiptd.firewall.ops import Add, CapacityExceeded, Items, Key, Op, Remove, adds
 from webiptd.firewall.pending import Pending
 from webiptd.metrics import Metrics
-from webiptd.net import Network, net_text, parse_stored, unpacked
+from webiptd.net import Network, net_text, packed_item, parse_stored, unpacked
 from webiptd.scope import Scope, stored_scope, union
 from webiptd.state import Counts, Fresh, Held, Refresh, Store, row_key, scope_columns
 
@@ -38,6 +38,7 @@ MAX_QUEUE = 10_000
 HEARTBEAT = 1.0  # the longest the worker sleeps, so the watchdog can tell it is alive
 RETRY_DELAY = 1.0  # after a failed batch, due expiries wait this long before they are tried again
 RECONCILE_CHUNK = 20_000  # ops in one backend apply of a reconcile, rows in one store write of it
+LOAD_GROUP = 64  # atoms a reconcile re-adds with one target and expiry, from which they go as a load (Backend.load)
 
 _Group = tuple[str, Network, str]  # (chain, network, proto): the blocks with port lists that make one kernel atom
 _Item = tuple[object, Pending[Any] | None]  # a command, and the answer its client waits on (None: the worker's own)
@@ -1117,18 +1118,38 @@ class Worker:
         """Give the kernel (temp.kernel, what it holds) the store's atoms, and adopt what no block accounts for:
         (how many re-added, how many adopted)."""
         self._store.execute("CREATE INDEX temp.kernel_key ON kernel (chain, network, proto, ports)")
-        restored = 0
+        restored = taken = 0
         chunk: list[Op] = []
+        missing: dict[tuple[str, str, float | None], list[tuple[str, bytes, int]]] = {}
         for op in self._kernel_diff(names):
-            chunk.append(op)
-            if len(chunk) >= RECONCILE_CHUNK:
-                self._backend.apply(chunk, configured)
-                restored += sum(isinstance(op, Add) for op in chunk)
-                chunk = []
-        if chunk:
-            self._backend.apply(chunk, configured)
-            restored += sum(isinstance(op, Add) for op in chunk)
+            if isinstance(op, _Missing):
+                missing.setdefault(op[:3], []).append(op.item)
+            else:
+                chunk.append(op)
+            taken += 1
+            if taken >= RECONCILE_CHUNK:
+                restored += self._restore_atoms(chunk, missing, configured)
+                chunk, missing, taken = [], {}, 0
+        if taken:
+            restored += self._restore_atoms(chunk, missing, configured)
         return restored, self._adopt(now)
+
+    def _restore_atoms(self, ops: list[Op], missing: Mapping[tuple[str, str, float | None], Items],
+                       configured: Mapping[str, Chain]) -> int:
+        """A reconcile's part: the whole networks the kernel lacks, many of one target and expiry (a boot's million
+        restored: a load's, as a rule) as a load each, without a Network, Op or Element an atom (Backend.load); the
+        rest as ops. How many atoms it added."""
+        ops = list(ops)
+        restored = 0
+        for (chain, target, expires_at), items in missing.items():
+            if len(items) >= LOAD_GROUP:
+                self._backend.load(chain, target, expires_at, None, items, configured)
+                restored += len(items)
+            else:
+                ops += adds(chain, target, expires_at, None, items)
+        if ops:
+            self._backend.apply(ops, configured)
+        return restored + sum(isinstance(op, Add) for op in ops)
 
     def _live_atoms(self, names: list[str]) -> Iterator[tuple[Any, ...]]:
         """The kernel atoms of the live blocks of `names`, as rows of temp.kernel: what the kernel should hold."""
@@ -1167,10 +1188,11 @@ class Worker:
             gone += len(removes)
         return gone
 
-    def _kernel_diff(self, names: list[str]) -> Iterator[Op]:
+    def _kernel_diff(self, names: list[str]) -> Iterator[Op | _Missing]:
         """The ops that give the kernel (temp.kernel, what it holds) the atoms of the live entries of the chains
-        `names` and none of their tombstones'. Read from the store as the ops are taken; temp.kernel is only read
-        (what no block accounts for is adopted after, by _adopt)."""
+        `names` and none of their tombstones'; a whole network the kernel lacks as a _Missing (no Network made).
+        Read from the store as the ops are taken; temp.kernel is only read (what no block accounts for is adopted
+        after, by _adopt)."""
         store = self._store
         if not names:
             return
@@ -1181,6 +1203,11 @@ class Worker:
                 "temp.kernel k ON k.chain = b.chain AND k.network = b.network AND k.proto = b.proto AND "
                 f"k.ports = b.ports WHERE b.chain IN ({marks}) AND b.removing=0 AND b.ports='' AND "
                 "(k.target IS NULL OR k.target <> b.target)"), names):
+            if present is None and not proto:
+                item = packed_item(net)
+                if item is not None:
+                    yield _Missing(chain, target, expires_at, item)
+                    continue
             network = parse_stored(net)
             scope = stored_scope(proto, "") if proto else None
             if present is not None:
@@ -1229,6 +1256,16 @@ class Worker:
             last = part[-1][0]
             adopted += len(entries)
         return adopted
+
+
+class _Missing(NamedTuple):
+    """A whole network the kernel lacks (no protocol or ports): its block's chain, target and expiry, and the network
+    as a load's item (net_text, packed address, prefix length)."""
+
+    chain: str
+    target: str
+    expires_at: float | None
+    item: tuple[str, bytes, int]
 
 
 class _Digest:
