@@ -226,6 +226,61 @@ def test_nftables_load_makes_a_set_per_prefix_length_in_one_transaction(ns: NetN
         ns.call(backend.close)
 
 
+
+@pytest.mark.root
+@pytest.mark.backends("nftables")
+def test_nftables_load_that_replaces_gives_held_elements_the_new_timeout_either_way(ns: NetNS) -> None:
+    """A load that replaces: an add alone where the kernel takes an add's timeout (found out once, by reading an
+    element back), else a delete and an add; the same timeouts in the end. A kernel that kept the old timeout
+    (made here by reading back what the element had before) has the load's part done again with deletes."""
+    from webiptd.firewall import nftables as nft_module
+    from webiptd.firewall.nftables import NftablesBackend, element_expiration
+
+    chains = {"loaded": Chain("loaded", ("INPUT",), "DROP", backend="nftables")}
+    feed = [f"198.18.{i >> 8}.{i & 255}" for i in range(3000)]
+    backend = ns.call(lambda: NftablesBackend())
+    try:
+        ns.call(lambda: backend.prepare(chains.values()))
+        ns.call(lambda: backend.load("loaded", "DROP", time.time() + 600, None, packed(feed), chains))
+
+        def timeouts() -> set[int]:
+            return {e["timeout"] for e in elements(ns, "loaded-v4").values()}
+
+        assert max(timeouts()) <= 600
+        ns.call(lambda: backend.load("loaded", "DROP", time.time() + 6000, None, packed(feed), chains,
+                                     replaces=True))
+        assert backend.readd_sets_timeout in (True, False)  # this kernel's way (True from Linux 6.10)
+        assert min(timeouts()) > 5_900 and len(elements(ns, "loaded-v4")) == 3000
+        backend.readd_sets_timeout = False  # a delete and an add
+        ns.call(lambda: backend.load("loaded", "DROP", time.time() + 60_000, None, packed(feed), chains,
+                                     replaces=True))
+        assert min(timeouts()) > 59_900
+        # A kernel that keeps the old timeout: the element read back after the add shows the time it had before.
+        backend.readd_sets_timeout = None
+        real = backend._expiration
+        reads: list[int | None] = []
+
+        def kept(chain: str, item: tuple[str, bytes, int]) -> int | None:
+            left = real(chain, item) if not reads else reads[0]
+            reads.append(left)
+            return left
+
+        backend._expiration = kept  # type: ignore[method-assign]
+        ns.call(lambda: backend.load("loaded", "DROP", time.time() + 900, None, packed(feed), chains, replaces=True))
+        assert len(reads) == 2 and backend.readd_sets_timeout is False
+        assert max(timeouts()) <= 900 and len(elements(ns, "loaded-v4")) == 3000
+        assert ns.call(lambda: _gone(element_expiration, nft_module)) is None
+    finally:
+        ns.call(backend.close)
+
+
+def _gone(element_expiration: Any, nft_module: Any) -> int | None:
+    """element_expiration() of an element the set does not hold."""
+    with nft_module.open_socket() as sock:
+        sock.settimeout(5)
+        return element_expiration(sock, 7, "loaded-v4", bytes([203, 0, 113, 250]))  # type: ignore[no-any-return]
+
+
 # -- through the daemon ------------------------------------------------------------------------------------
 
 

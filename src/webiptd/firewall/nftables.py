@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 from webiptd.config import Chain
 from webiptd.firewall.host import NFTABLES_MISSING
 from webiptd.firewall.netlink import (
-    BE32, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, attr, attrs, error_code, message, nested, nfgen_attrs,
-    open_socket, replies,
+    BE32, NLA_F_NESTED, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, attr, attrs, error_code,
+    message, nested, nfgen_attrs, open_socket, replies,
 )
 from webiptd.firewall.ops import Add, CapacityExceeded, Items, Key, Op, Remove, adds
 from webiptd.net import Network, network_of, unpacked
@@ -56,6 +56,7 @@ NFPROTO_INET = 1
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 NFTA_LIST_ELEM = 1
 NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_KEY_END = 1, 10
+NFTA_SET_ELEM_EXPIRATION = 5
 NFTA_DATA_VALUE = 1
 DUMP_TIMEOUT = 30.0  # between two datagrams of a dump: the kernel sends them as fast as they are read
 
@@ -310,6 +311,32 @@ def set_elements(sock: socket.socket, seq: int, name: str) -> Iterator[tuple[byt
                 yield key, None if end is None else attrs(end).get(NFTA_DATA_VALUE)
 
 
+def element_expiration(sock: socket.socket, seq: int, name: str, key: bytes) -> int | None:
+    """The ms left before element `key` (an address's bytes) of our set `name` expires in the kernel (0: it has no
+    timeout), or None when the set does not hold it: NFT_MSG_GETSETELEM of one element. Raises OSError."""
+    elem = attr(NFTA_LIST_ELEM | NLA_F_NESTED, attr(NFTA_SET_ELEM_KEY | NLA_F_NESTED, attr(NFTA_DATA_VALUE, key)))
+    body = (attr(NFTA_SET_ELEM_LIST_TABLE, TABLE.encode() + b"\0") + attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
+            + attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, elem))
+    sock.send(message(NFNL_SUBSYS_NFTABLES, NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_ACK, seq, body, NFPROTO_INET))
+    found: int | None = None
+    while True:
+        for kind, reply_seq, payload in replies(sock.recv(65536)):
+            if reply_seq != seq:
+                continue
+            if kind == NLMSG_ERROR:
+                code = error_code(payload)
+                if code == errno.ENOENT:
+                    return None
+                if code:
+                    raise OSError(code, f"reading an element of set {name}: {os.strerror(code)}")
+                return found
+            if kind == NLMSG_DONE:
+                return found
+            for _, listed in nested(nfgen_attrs(payload).get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")):
+                left = attrs(listed).get(NFTA_SET_ELEM_EXPIRATION)
+                found = 0 if left is None else int.from_bytes(left[:8], "big")
+
+
 @dataclass
 class _Layout:
     """Our table's sets and chains as the kernel has them, without elements or rules (both cost O(N))."""
@@ -413,6 +440,9 @@ class NftablesBackend:
         self._exclusive = False
         self._last_ours: int | None = None
         self._checked: int | None = None  # the generation missing() last found our table whole in
+        # Whether an `add element` of an element the set holds gives it the add's timeout (Linux 6.10 and later; an
+        # older kernel keeps the old one): found out by the first load that replaces (load()); None: not yet known.
+        self.readd_sets_timeout: bool | None = None
 
     # -- libnftables --------------------------------------------------------------
 
@@ -756,13 +786,20 @@ class NftablesBackend:
              chains: Mapping[str, Chain], replaces: bool = False) -> None:
         """Whole networks as one transaction's `add element`s, the elements made from the items' text (the address
         before the slash: inet_ntop's form, or ipaddress' for the few it leaves to str(), which nft reads as well)
-        with no Op, dict lookup or _Change an item; anything else as apply() of their Adds. `replaces`: each element
-        is deleted and added again in its transaction, as apply() does with a new expiry (a kernel before 6.x keeps
-        an element's old timeout when it is added again)."""
+        with no Op, dict lookup or _Change an item; anything else as apply() of their Adds. `replaces` (a new
+        expiry for elements the set holds): an add, where the kernel gives an element that it holds the timeout of
+        an add of it (Linux 6.10 and later: found out once, by reading an element back before and after); elsewhere
+        each element is deleted and added again in its transaction, as apply() does with a new expiry."""
         if scope is not None:
             self.apply(adds(chain, target, expires_at, scope, items, replaces), chains)
             return
-        added = _Change(replaces, True, _timeout(expires_at, self._clock()))
+        timeout = _timeout(expires_at, self._clock())
+        # A new timeout for held elements: an add alone where the kernel takes it from an add, which it then does
+        # with half the commands (a timed feed posted again); a delete and an add elsewhere.
+        add_only = replaces and timeout is not None and self.readd_sets_timeout is not False
+        if add_only and self.readd_sets_timeout is None and not self._can_tell(chain, items[0], timeout):
+            add_only = False
+        added = _Change(replaces and not add_only, True, timeout)
         done: list[tuple[str, bytes, int]] = []
         for start in range(0, len(items), LOAD_CHUNK):
             part = items[start:start + LOAD_CHUNK]
@@ -772,6 +809,13 @@ class NftablesBackend:
             try:
                 self._commit({(chain, 4 if size == 4 else 6, length, ALL): dict.fromkeys(addresses, added)
                               for (size, length), addresses in by_set.items()}, chains)
+                if add_only and self.readd_sets_timeout is None:
+                    left = self._expiration(chain, part[0])
+                    self.readd_sets_timeout = None if left is None else abs(left - 1000 * (timeout or 0)) < 2_000
+                if add_only and not self.readd_sets_timeout:  # this part again, with deletes; the rest too
+                    add_only, added = False, _Change(True, True, timeout)
+                    self._commit({(chain, 4 if size == 4 else 6, length, ALL): dict.fromkeys(addresses, added)
+                                  for (size, length), addresses in by_set.items()}, chains)
             except Exception:
                 if done and not replaces:  # take back the transactions before; the worker's reconcile settles what
                     # this leaves (held blocks given a new expiry stay: the worker's restore puts the old back)
@@ -782,6 +826,25 @@ class NftablesBackend:
                         logger.exception("could not take back the part of a load that went in")
                 raise
             done += part
+
+    def _can_tell(self, chain: str, item: tuple[str, bytes, int], timeout: int | None) -> bool:
+        """Whether the element of `item` can show if an add gives it `timeout` (s): it is there, and its time left
+        is not near that."""
+        left = self._expiration(chain, item)
+        return left is not None and abs(left - 1000 * (timeout or 0)) >= 10_000
+
+    def _expiration(self, chain: str, item: tuple[str, bytes, int]) -> int | None:
+        """element_expiration() of the element of a load's `item` in `chain`'s set; None also when it cannot be read
+        (logged)."""
+        _, packed, length = item
+        name = set_name(chain, 4 if len(packed) == 4 else 6, length, ALL)
+        try:
+            with open_socket() as sock:
+                sock.settimeout(GENERATION_TIMEOUT)
+                return element_expiration(sock, 1, name, packed)
+        except OSError:
+            logger.exception("could not read an element of set %s back", name)
+            return None
 
     def _commit(self, changes: Mapping[ElementKey, Mapping[Element, _Change]], chains: Mapping[str, Chain]) -> None:
         if not changes:
