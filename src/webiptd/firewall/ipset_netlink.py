@@ -16,8 +16,8 @@ from typing import NamedTuple, Sequence
 
 from webiptd.firewall.netlink import (
     BE32, NETLINK_CAP_ACK, NFGENMSG, NLA_F_NESTED, NLA_F_NET_BYTEORDER, NLM_F_ACK, NLM_F_DUMP, NLM_F_EXCL,
-    NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NLMSGHDR, SOL_NETLINK, attr, attrs, error_code, message, nfgen_attrs,
-    open_socket, replies,
+    NLM_F_REQUEST, NLMSG_ERROR, NLMSGHDR, SOL_NETLINK, NetlinkError, answer, attr, attrs, error_code,
+    message, nfgen_attrs, open_socket, replies,
 )
 from webiptd.net import Network
 
@@ -328,25 +328,13 @@ class IpsetNetlink:
         """One request; the payloads of its replies, up to its ack (a dump: NLMSG_DONE). Raises on an error."""
         sock = self._open()
         seq = next(self._seq) & 0xFFFFFFFF
-        payloads: list[bytes] = []
         # A dump ends with NLMSG_DONE; whether an ack follows it depends on the kernel, so none is asked for.
         flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else NLM_F_ACK)
         try:
             sock.send(message(NFNL_SUBSYS_IPSET, cmd, flags, seq, self._protocol + body))
-            while True:
-                for kind, reply_seq, payload in replies(sock.recv(65536)):
-                    if reply_seq != seq:
-                        continue
-                    if kind == NLMSG_ERROR:
-                        code = error_code(payload)
-                        if code:
-                            raise IpsetError(what, code)
-                        return payloads
-                    if kind == NLMSG_DONE:
-                        return payloads
-                    payloads.append(payload)
-        except IpsetError:
-            raise
+            return list(answer(sock, seq))
+        except NetlinkError as exc:
+            raise IpsetError(what, exc.errno or 0) from None
         except BaseException:
             self.close()
             raise

@@ -5,6 +5,7 @@ From the kernel's include/uapi/linux/netlink.h and linux/netfilter/nfnetlink.h; 
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from typing import Iterator
@@ -86,6 +87,27 @@ def error_code(payload: bytes) -> int:
     """The errno an NLMSG_ERROR message carries, as a positive number; 0 is an ack."""
     code: int = _ERROR.unpack_from(payload)[0]
     return -code
+
+
+class NetlinkError(OSError):
+    """The kernel answered a request with an error: its errno."""
+
+
+def answer(sock: socket.socket, seq: int) -> Iterator[bytes]:
+    """The payloads of the replies to request `seq` on `sock`, up to its ack or NLMSG_DONE (what came before from
+    earlier requests skipped). NetlinkError when the kernel answers with an error; socket errors as they come."""
+    while True:
+        for kind, reply_seq, payload in replies(sock.recv(65536)):
+            if reply_seq != seq:
+                continue
+            if kind == NLMSG_ERROR:
+                code = error_code(payload)
+                if code:
+                    raise NetlinkError(code, os.strerror(code))
+                return
+            if kind == NLMSG_DONE:
+                return
+            yield payload
 
 
 def nfgen_attrs(payload: bytes) -> dict[int, bytes]:

@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 from webiptd.config import Chain
 from webiptd.firewall.host import NFTABLES_MISSING
 from webiptd.firewall.netlink import (
-    BE32, NLA_F_NESTED, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, attr, attrs, error_code,
-    message, nested, nfgen_attrs, open_socket, replies,
+    BE32, NLA_F_NESTED, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkError, answer, attr,
+    attrs, error_code, message, nested, nfgen_attrs, open_socket, replies,
 )
 from webiptd.firewall.ops import Add, CapacityExceeded, Items, Key, Op, Remove, adds
 from webiptd.net import Network, network_of, unpacked
@@ -319,22 +319,16 @@ def element_expiration(sock: socket.socket, seq: int, name: str, key: bytes) -> 
             + attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, elem))
     sock.send(message(NFNL_SUBSYS_NFTABLES, NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_ACK, seq, body, NFPROTO_INET))
     found: int | None = None
-    while True:
-        for kind, reply_seq, payload in replies(sock.recv(65536)):
-            if reply_seq != seq:
-                continue
-            if kind == NLMSG_ERROR:
-                code = error_code(payload)
-                if code == errno.ENOENT:
-                    return None
-                if code:
-                    raise OSError(code, f"reading an element of set {name}: {os.strerror(code)}")
-                return found
-            if kind == NLMSG_DONE:
-                return found
+    try:
+        for payload in answer(sock, seq):
             for _, listed in nested(nfgen_attrs(payload).get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")):
                 left = attrs(listed).get(NFTA_SET_ELEM_EXPIRATION)
                 found = 0 if left is None else int.from_bytes(left[:8], "big")
+    except NetlinkError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+    return found
 
 
 @dataclass
