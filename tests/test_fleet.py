@@ -9,10 +9,12 @@ import os
 import re
 import signal
 import sqlite3
+import threading
 import time
 import uuid
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -22,7 +24,7 @@ from tests.fleet_net import (CHAIN, EVENTS, NOBODY4, PREFIX, STATE, Fleet, bulk,
                              log_lines_since, node_password, path, wait_until)
 from tests.harness import PKI
 from tests.test_client import web_ipt
-from webiptd.fleet import PUBLISH_SCRIPT, snapshot_field
+from webiptd.fleet import FILTER_COUNT, PUBLISH_SCRIPT, FleetNode, _Lean, snapshot_field
 
 pytestmark = pytest.mark.root
 
@@ -367,6 +369,86 @@ def test_the_publish_script_writes_what_python_would(make_fleet: Callable[..., F
             script(keys=("other:events", "other:state", "other:published"), args=(0, "a", 99, text))
         assert admin.exists("other:events", "other:state", "other:published") == 0
     finally:
+        r.close()
+
+
+def test_a_followers_read_leaves_out_only_its_own_events_and_the_rest_as_xread_gives_it(
+        make_fleet: Callable[..., Fleet]) -> None:
+    """FleetNode._read against redis-server, as node a's ACL user. Filtering (FOLLOW_SCRIPT), Redis leaves out
+    exactly the entries whose last `node` field is a's, as the follower itself would skip them after XREAD (a field
+    given twice, a value that only looks like it, an outside producer's entry without one), and gives the others as
+    XREAD does; it passes at most FILTER_COUNT at a time and says so; with nothing new it waits with XREAD. The
+    script is loaded again after SCRIPT FLUSH, a connection Redis dropped fails one call and then connects again,
+    and a user refused EVALSHA reads with XREAD from then on."""
+    f = make_fleet(("ipset",), names=("a",))
+    f.redis.start()
+    admin = f.redis.client()
+    fields = [
+        {"node": "a", "op": "block"},
+        {"node": "b", "op": "block"},
+        {"op": "block", "owner": "ops"},  # an outside producer's
+        [("node", "a"), ("op", "block"), ("node", "b")],  # given twice: the last one counts
+        [("node", "b"), ("op", "block"), ("node", "a")],
+        {"owner": "a", "node": "c"},
+        {"node": "a ", "op": "block"},
+        {"node": "A"},
+    ]
+    ids = []
+    for entry in fields:
+        pairs = list(entry.items()) if isinstance(entry, dict) else entry
+        ids.append(admin.execute_command("XADD", EVENTS, "*", *(x for pair in pairs for x in pair)))
+    node = object.__new__(FleetNode)
+    node.events, node._filter = EVENTS, True  # all _read looks at
+    node.settings = SimpleNamespace(node="a", redis="redis://a:secret@127.0.0.1:6379/0")  # type: ignore[assignment]
+    r = f.redis.client_as("a", node_password("a"))
+    lean = _Lean(r)
+    try:
+        plain = node._read(lean, "0-0", block=True, filtering=False)
+        assert (plain.last, plain.passed, plain.left_out, plain.full) == (ids[-1], 8, 0, False)
+        assert [i.decode() for i, _ in plain.entries] == ids
+        others = [(i, e) for i, e in plain.entries if e.get(b"node") != b"a"]  # as _check_events skips its own
+        assert len(others) == 6
+        filtered = node._read(lean, "0-0", block=True, filtering=True)
+        assert (filtered.last, filtered.passed, filtered.left_out, filtered.full) == (ids[-1], 8, 2, False)
+        assert filtered.entries == others
+        later = node._read(lean, ids[2], block=False, filtering=True)
+        assert (later.passed, later.left_out, later.entries) == (5, 1, others[2:])
+        idle = node._read(lean, ids[-1], block=False, filtering=True)
+        assert (idle.last, idle.passed, idle.entries) == (ids[-1], 0, [])
+
+        late: list[str] = []
+        timer = threading.Timer(0.3, lambda: late.append(admin.execute_command("XADD", EVENTS, "*", "node", "a")))
+        timer.start()
+        waited = node._read(lean, ids[-1], block=True, filtering=True)  # the script finds none; XREAD waits
+        timer.join()
+        own = late[0]
+        assert (waited.last, waited.passed, waited.left_out, waited.entries) == (
+            own, 1, 0, [(own.encode(), {b"node": b"a"})])
+
+        pipe = admin.pipeline(transaction=False)
+        for _ in range(FILTER_COUNT + 5):
+            pipe.xadd(EVENTS, {"node": "a", "op": "block"})
+        added = pipe.execute()
+        admin.script_flush()
+        full = node._read(lean, own, block=True, filtering=True)
+        assert (full.last, full.passed, full.left_out, full.entries, full.full) == (
+            added[FILTER_COUNT - 1], FILTER_COUNT, FILTER_COUNT, [], True)
+        rest = node._read(lean, full.last, block=True, filtering=True)
+        assert (rest.last, rest.passed, rest.left_out, rest.full) == (added[-1], 5, 5, False)
+
+        admin.client_kill_filter(_type="normal", user="a")
+        with pytest.raises(redis.ConnectionError):
+            node._read(lean, "0-0", block=False, filtering=True)
+        again = node._read(lean, "0-0", block=False, filtering=True)
+        assert (again.passed, again.entries) == (FILTER_COUNT, others)
+        no_acl_denials(f)
+
+        admin.execute_command("ACL", "SETUSER", "a", "-evalsha")  # a user from before the scripts
+        refused = node._read(lean, "0-0", block=False, filtering=True)
+        assert (refused.passed, refused.left_out, len(refused.entries), node._filter) == (1014, 0, 1014, False)
+        assert [d["object"] for d in admin.acl_log()] == ["evalsha"]
+    finally:
+        lean.close()
         r.close()
 
 

@@ -15,6 +15,7 @@ This module is imported only when the config has a fleet section, and it is the 
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import math
@@ -57,6 +58,7 @@ APPLY_TIMEOUT = 300.0  # a resync of a million claims is one batch
 SEEN_IDS = 10_000  # event ids remembered against duplicates
 CURSOR_EVERY = 1.0  # seconds: a run of events this host only skips moves the stored cursor at most this often
 PUBLISH_DELAY = 0.01  # seconds between two rounds of a busy publisher (an idle one sends at once)
+PUBLISH_BUSY = 40  # events in a round (4,000 a second) after which the next round waits twice PUBLISH_DELAY
 TRIM_EVERY = 1.0  # seconds: a busy publisher lets the worker delete the published outbox rows at most this often
 FOLLOW_DELAY = 0.05  # seconds a follower waits after a run with nothing to apply (its own events, mostly)
 
@@ -292,6 +294,34 @@ return last
 """
 
 
+# A follower's read while this host is the one publishing (FleetNode._follow_loop): the events after the cursor
+# (exclusive), at most ARGV[2], without this host's own (their `node` field is ARGV[3]; the last one of a repeated
+# field counts, as in _fields). It returns the last id it passed (false if none), how many it passed, and the others
+# as XRANGE gives them. An echo of this host's own events costs the daemon no parsing: XREAD's reply of them cost the
+# follower ~2 µs an event (bench/README.md, fleet).
+FOLLOW_SCRIPT = r"""#!lua
+local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
+local others = {}
+for _, entry in ipairs(entries) do
+  local fields, node = entry[2], nil
+  for j = 1, #fields - 1, 2 do
+    if fields[j] == 'node' then
+      node = fields[j + 1]
+    end
+  end
+  if node ~= ARGV[3] then
+    others[#others + 1] = entry
+  end
+end
+local last = false
+if #entries > 0 then
+  last = entries[#entries][1]
+end
+return {last, #entries, others}
+"""
+FILTER_COUNT = 1000  # events FOLLOW_SCRIPT passes at a time: Redis runs a script as one command (~2 µs an event)
+
+
 def _change_ports(change: RemoteChange) -> tuple[str, str]:
     scope = change.scope
     return ("", "") if scope is None else (scope.proto, scope.port_text if scope.ports else "")
@@ -333,6 +363,52 @@ def describe(exc: BaseException, settings: Settings) -> str:
     text = f"{exc.__class__.__name__}: {exc}".replace("\n", " ")[:300]
     password = urllib.parse.urlsplit(settings.redis).password
     return text.replace(password, "***") if password else text
+
+
+class _Lean:
+    """One connection of a thread's client, held for its calls in a loop: a command sent and its reply read without
+    Redis.execute_command's pool, retry and option handling (a publisher's round, 65-100 µs of CPU that way, costs
+    45-50 µs; bench/README.md, fleet). A call that fails other than by Redis' error reply drops the connection,
+    whose reply may be half read; the next call connects again, and the error goes to the loop as redis-py's would."""
+
+    def __init__(self, client: Client):
+        self._pool = client.connection_pool
+        self._conn: Any = None
+
+    def call(self, *args: Any) -> Any:
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = self._pool.get_connection()
+        try:
+            conn.send_command(*args)
+            return conn.read_response()
+        except redis.ResponseError:
+            raise  # the reply was read whole: the connection is fine
+        except BaseException:
+            self.close(drop=True)
+            raise
+
+    def script(self, source: str, sha: str, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
+        """EVALSHA, and SCRIPT LOAD once when Redis does not have the script (a restart, SCRIPT FLUSH)."""
+        try:
+            return self.call("EVALSHA", sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            self.call("SCRIPT", "LOAD", source)
+            return self.call("EVALSHA", sha, len(keys), *keys, *args)
+
+    def close(self, drop: bool = False) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            if drop:
+                conn.disconnect()
+            self._pool.release(conn)
+
+
+def _sha(source: str) -> str:
+    return hashlib.sha1(source.encode()).hexdigest()
+
+
+PUBLISH_SHA, FOLLOW_SHA = _sha(PUBLISH_SCRIPT), _sha(FOLLOW_SCRIPT)
 
 
 class _Link:
@@ -457,6 +533,22 @@ class _InFlight(NamedTuple):
     answer: Pending[FleetApplied]
 
 
+class _Read(NamedTuple):
+    """A follower's read: the `entries` it looks at, the `last` id read (its new cursor), how many events it
+    `passed` in all, of which Redis `left_out` this host's own, and whether the read was `full` (more may wait)."""
+
+    entries: list[tuple[bytes, dict[bytes, bytes]]]
+    last: str
+    passed: int
+    left_out: int
+    full: bool
+
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    """An entry's fields from Redis' flat list (a field given twice: the last one, as redis-py's pairs_to_dict)."""
+    return dict(zip(flat[::2], flat[1::2]))
+
+
 class FleetNode:
     """This host in the fleet: the publisher and the follower, and what GET /fleet and /metrics show of them."""
 
@@ -477,6 +569,7 @@ class FleetNode:
         # applied once.
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._node_bytes = settings.node.encode()
+        self._filter = True  # the follower may read with FOLLOW_SCRIPT (not when Redis refuses it)
         self._cursor_written = 0.0
         self._published_seq = 0  # the last outbox row in Redis; the worker's `published` follows it (TRIM_EVERY)
         state = worker.fleet_state()
@@ -528,10 +621,13 @@ class FleetNode:
     def _publish_loop(self, r: Client) -> None:
         """Publish from the marker Redis holds, checked again whenever the link was lost since: Redis may be back
         without its data, and an idle publisher's connection would not notice (redis-py reconnects on its own)."""
-        script = r.register_script(PUBLISH_SCRIPT)  # EVALSHA, and SCRIPT LOAD when Redis does not have it (NOSCRIPT)
-        while not self._stop.is_set():
-            downs = self._link.downs
-            self._publish_rounds(r, script, self._check_marker(r), downs)
+        lean = _Lean(r)
+        try:
+            while not self._stop.is_set():
+                downs = self._link.downs
+                self._publish_rounds(r, lean, self._check_marker(r), downs)
+        finally:
+            lean.close()
 
     def _check_marker(self, r: Client) -> int:
         """Where to publish from: this host's marker in Redis, unless Redis lost data or the store is new."""
@@ -556,13 +652,13 @@ class FleetNode:
         self._link.up(self._outbox_note)
         return marker
 
-    def _publish_rounds(self, r: Client, script: Any, marker: int, downs: int) -> None:
+    def _publish_rounds(self, r: Client, lean: _Lean, marker: int, downs: int) -> None:
         """Rounds from `marker` until the stop, or until the link is lost (`downs` is no longer its count)."""
         next_prune = next_trim = time.monotonic()
         while not self._stop.is_set() and self._link.downs == downs:
             run = self._reader.run(marker, self._worker.outbox_committed, PUBLISH_COUNT)
             if run.last is not None:
-                self._publish(script, run)
+                self._publish(lean, run)
                 marker = run.last
             elif run.star is not None:
                 self._publish_every_claim(r, run.star, json.loads(self._reader.event(run.star)))
@@ -585,8 +681,9 @@ class FleetNode:
             if run.read < PUBLISH_COUNT:
                 # Busy (it had something to send): what comes in the next moments goes in one round. A round
                 # (a wake-up, the outbox read, the script call) costs this thread more than the events in it do
-                # (bench/README.md, fleet).
-                self._stop.wait(PUBLISH_DELAY)
+                # (bench/README.md, fleet); at thousands of changes a second, rounds twice as long halve that for
+                # ~10 ms more on the way to the other hosts.
+                self._stop.wait(PUBLISH_DELAY if run.read < PUBLISH_BUSY else 2 * PUBLISH_DELAY)
 
     def _outbox_note(self) -> str:
         depth = self.outbox_depth()
@@ -602,10 +699,10 @@ class FleetNode:
         pipe.execute_command("XADD", self.events, "MINID", "~", minid, "*",
                              *(x for k, v in event.items() if v is not None for x in (k, str(v))))
 
-    def _publish(self, script: Any, run: OutboxRun) -> None:
+    def _publish(self, lean: _Lean, run: OutboxRun) -> None:
         """One call of PUBLISH_SCRIPT: the run's events into the stream and the snapshot, and this host's marker."""
-        last_id = script(keys=(self.events, self.state, self.published_key),
-                         args=(self._minid(), self.settings.node, run.last, run.text))
+        last_id = lean.script(PUBLISH_SCRIPT, PUBLISH_SHA, (self.events, self.state, self.published_key),
+                              (self._minid(), self.settings.node, run.last, run.text))
         self._published(run.events, last_id)
 
     def _published(self, count: int, last_id: Any) -> None:
@@ -680,6 +777,8 @@ class FleetNode:
         last_look = time.monotonic()
         ordinal = self._status.ordinal
         pending: _InFlight | None = None
+        lean = _Lean(r)
+        filtering = False  # most of the last run was this host's own events: Redis leaves them out (FOLLOW_SCRIPT)
         try:
             while not self._stop.is_set():
                 if self._reannounce.is_set():
@@ -689,13 +788,15 @@ class FleetNode:
                     cursor = self._resync(r, keep=True, why="redis lost this host's events")
                     ordinal = self._status.ordinal
                 # With a run in flight, only what is there already: the worker's answer comes first.
-                reply = r.xread({self.events: cursor}, count=READ_COUNT, block=None if pending else BLOCK_MS)
+                got = self._read(lean, cursor, block=pending is None, filtering=filtering)
                 run = None
-                if reply:
-                    entries = reply[0][1]
-                    changes, produced = self._check_events(entries)
-                    cursor = entries[-1][0].decode("ascii")  # Redis makes the ids
-                    ordinal += len(entries)
+                if got.passed:
+                    own_before = self._skips.total["own"]
+                    changes, produced = self._check_events(got.entries)
+                    self._skips.total["own"] += got.left_out
+                    filtering = 2 * (self._skips.total["own"] - own_before) > got.passed
+                    cursor = got.last
+                    ordinal += got.passed
                     run = FleetApply(tuple(changes), cursor, ordinal), produced
                 self._settle(r, pending)
                 pending = None
@@ -706,8 +807,9 @@ class FleetNode:
                     else:  # only events this host skips (its own, mostly): the cursor is written with a later run
                         with self._status.lock:
                             self._status.cursor, self._status.ordinal = cursor, ordinal
-                        # This host is the one publishing: read its echo in fewer, larger runs.
-                        self._stop.wait(FOLLOW_DELAY)
+                        if not got.full:
+                            # This host is the one publishing: read its echo in fewer, larger runs.
+                            self._stop.wait(FOLLOW_DELAY)
                 now = time.monotonic()
                 if now - last_look >= 1.0:
                     info = self._look(r)
@@ -722,8 +824,32 @@ class FleetNode:
                     self._skips.flush()
                     last_look = now
         finally:
+            lean.close()
             if pending is not None:  # a redis error or the stop: the worker finishes the run all the same
                 self._settle(None, pending)
+
+    def _read(self, lean: _Lean, cursor: str, block: bool, filtering: bool) -> _Read:
+        """The events after `cursor`, with XREAD (with `block`, waiting up to BLOCK_MS for the first), or with
+        `filtering` by FOLLOW_SCRIPT, without this host's own; XREAD waits when that finds none."""
+        if filtering and self._filter:
+            try:
+                last, passed, others = lean.script(FOLLOW_SCRIPT, FOLLOW_SHA, (self.events,),
+                                                   (cursor, FILTER_COUNT, self.settings.node))
+            except redis.exceptions.NoPermissionError as exc:
+                # A user from before the scripts (docs/fleet.md, Redis users): the follower works without.
+                self._filter = False
+                logger.warning("fleet: redis refused this host's user the follower's script (%s); reading every "
+                               "event with XREAD instead", describe(exc, self.settings))
+                return self._read(lean, cursor, block, filtering=False)
+            if passed or not block:
+                return _Read([(e[0], _pairs(e[1])) for e in others], _text(last) if passed else cursor, passed,
+                             passed - len(others), passed >= FILTER_COUNT)
+        reply = lean.call("XREAD", "COUNT", READ_COUNT, *(("BLOCK", BLOCK_MS) if block else ()), "STREAMS",
+                          self.events, cursor)
+        if not reply:
+            return _Read([], cursor, 0, 0, False)
+        entries = [(e[0], _pairs(e[1])) for e in reply[0][1]]
+        return _Read(entries, entries[-1][0].decode("ascii"), len(entries), 0, len(entries) >= READ_COUNT)
 
     def _check_events(self, entries: list[tuple[bytes, dict[bytes, bytes]]]
                       ) -> tuple[list[RemoteChange], list[tuple[str, RemoteChange]]]:

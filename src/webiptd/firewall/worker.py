@@ -717,28 +717,38 @@ class Worker:
 
     def _announce(self, batch: _Batch, op: str, key: Key, owner: str, claim: Claim | None) -> None:
         """Put the fleet's event of a local change in the batch's outbox rows: JSON, written by a format string when
-        every text in it needs no escaping (the config's and the API's names, an address, a protocol and ports,
-        the times' repr), else by json.dumps; the same row either way. A block of many is tens of µs saved on the
-        worker (bench/README.md, fleet)."""
+        the names in it need no escaping (the config's and the API's never do; the rest is an address, a protocol
+        and ports, hex and floats' repr), else by json.dumps; the same row either way. 4.8 -> 2.2 µs an event
+        against building lists of its names and texts (bench/README.md, fleet)."""
         chain, network, scope = key
-        names = ["op", "chain", "network", "owner", "node", "id"]
-        texts = [op, chain, net_text(network), owner, self._node or "", self._event_id()]
+        node = self._node or ""
+        if not _JSON_PLAIN.match(chain + owner + node):
+            self._announce_escaped(batch, op, key, owner, claim)
+            return
+        text = (f'{{"op":"{op}","chain":"{chain}","network":"{net_text(network)}","owner":"{owner}","node":"{node}",'
+                f'"id":"{self._event_id()}"')
         if scope is not None:
-            names.append("proto")
-            texts.append(scope.proto)
-            if scope.ports:
-                names.append("port")
-                texts.append(scope.port_text)
+            text += f',"proto":"{scope.proto}","port":"{scope.port_text}"' if scope.ports else \
+                f',"proto":"{scope.proto}"'
         if claim is not None:
-            names.append("created_at")
-            texts.append(repr(claim.created_at))
+            text += f',"created_at":"{claim.created_at!r}"' if claim.expires_at is None else \
+                f',"created_at":"{claim.created_at!r}","expires_at":"{claim.expires_at!r}"'
+        batch.outbox.append(text + "}")
+
+    def _announce_escaped(self, batch: _Batch, op: str, key: Key, owner: str, claim: Claim | None) -> None:
+        """_announce's row by json.dumps, for names JSON must escape."""
+        chain, network, scope = key
+        event = {"op": op, "chain": chain, "network": net_text(network), "owner": owner, "node": self._node or "",
+                 "id": self._event_id()}
+        if scope is not None:
+            event["proto"] = scope.proto
+            if scope.ports:
+                event["port"] = scope.port_text
+        if claim is not None:
+            event["created_at"] = repr(claim.created_at)
             if claim.expires_at is not None:
-                names.append("expires_at")
-                texts.append(repr(claim.expires_at))
-        if _JSON_PLAIN.match("".join(texts)):
-            batch.outbox.append("{" + ",".join(f'"{n}":"{t}"' for n, t in zip(names, texts)) + "}")
-        else:
-            batch.outbox.append(json.dumps(dict(zip(names, texts)), separators=(",", ":")))
+                event["expires_at"] = repr(claim.expires_at)
+        batch.outbox.append(json.dumps(event, separators=(",", ":")))
 
     def _event_id(self) -> str:
         """A fleet event's id: a UUID (RFC 9562 version 8, its own layout) of 74 random bits drawn when the worker
