@@ -139,17 +139,17 @@ def test_published_rows_are_deleted_by_the_worker(h: Harness) -> None:
 
 
 def test_the_publishers_reader_gives_the_rows_after_its_marker_in_order_with_their_seqs(h: Harness) -> None:
-    """OutboxReader.run: the rows after `after` up to `upto` (at most `limit`), each with its seq, also across
-    the gap a refused batch leaves in the seqs; a run ends before an override unblock (owner *), which is named
-    alone when it is first."""
+    """OutboxReader.run: the rows after `after` up to `upto` (at most `limit`), each with its seq; a run ends
+    before an override unblock (owner *), which is named alone when it is first. The seq of a batch the kernel
+    refused (its row taken back, never published) goes to the next event."""
     w = fleet_worker(h)
     h.run(w, block(SHARED, "203.0.113.1/32"))
     h.backend.fail_applies = 1
     with pytest.raises(FirewallUnavailable):
-        h.run(w, block(SHARED, "203.0.113.2/32"))  # its row is taken back: seq 2 is never used
+        h.run(w, block(SHARED, "203.0.113.2/32"))  # its row is taken back, and seq 2 with it
     for i in range(3, 6):
-        h.run(w, block(SHARED, f"203.0.113.{i}/32"))
-    h.run(w, unblock(SHARED, "203.0.113.3/32", every_claim=True))  # seq 6
+        h.run(w, block(SHARED, f"203.0.113.{i}/32"))  # seqs 2, 3, 4
+    h.run(w, unblock(SHARED, "203.0.113.3/32", every_claim=True))  # seq 5
     h.run(w, block(SHARED, "203.0.113.7/32"))
     reader = OutboxReader(h.store.path)
     try:
@@ -158,15 +158,15 @@ def test_the_publishers_reader_gives_the_rows_after_its_marker_in_order_with_the
             pairs = sorted((seq, e["network"]) for seq, e in json.loads(run.text))
             assert run.events == len(pairs) and run.last == (pairs[-1][0] if pairs else None)
             return pairs, run.events, run.last, run.star, run.read
-        assert read(0, 5, 500) == ([(1, "203.0.113.1/32"), (3, "203.0.113.3/32"), (4, "203.0.113.4/32"),
-                                    (5, "203.0.113.5/32")], 4, 5, None, 4)
-        assert read(1, 4, 500)[0] == [(3, "203.0.113.3/32"), (4, "203.0.113.4/32")]
-        assert read(1, 5, 2)[0] == [(3, "203.0.113.3/32"), (4, "203.0.113.4/32")]
-        assert read(5, 5, 500) == ([], 0, None, None, 0)
-        assert read(3, w.outbox_committed, 500) == ([(4, "203.0.113.4/32"), (5, "203.0.113.5/32")], 2, 5, 6, 4)
-        assert read(5, w.outbox_committed, 500) == ([], 0, None, 6, 2)
-        assert json.loads(reader.event(6))["owner"] == "*"
-        assert read(6, w.outbox_committed, 500) == ([(7, "203.0.113.7/32")], 1, 7, None, 1)
+        assert read(0, 4, 500) == ([(1, "203.0.113.1/32"), (2, "203.0.113.3/32"), (3, "203.0.113.4/32"),
+                                    (4, "203.0.113.5/32")], 4, 4, None, 4)
+        assert read(1, 3, 500)[0] == [(2, "203.0.113.3/32"), (3, "203.0.113.4/32")]
+        assert read(1, 4, 2)[0] == [(2, "203.0.113.3/32"), (3, "203.0.113.4/32")]
+        assert read(4, 4, 500) == ([], 0, None, None, 0)
+        assert read(2, w.outbox_committed, 500) == ([(3, "203.0.113.4/32"), (4, "203.0.113.5/32")], 2, 4, 5, 4)
+        assert read(4, w.outbox_committed, 500) == ([], 0, None, 5, 2)
+        assert json.loads(reader.event(5))["owner"] == "*"
+        assert read(5, w.outbox_committed, 500) == ([(6, "203.0.113.7/32")], 1, 6, None, 1)
         assert json.loads(reader.run(0, 1, 1).text)[0][1] == outbox(h)[0]  # the row's event, field for field
     finally:
         reader.close()

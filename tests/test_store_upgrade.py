@@ -144,7 +144,7 @@ def test_the_v2_fixture_holds_the_same_rows_and_three_second_claims() -> None:
 
 
 def test_a_new_store_gets_the_codes_version_and_the_same_schema_as_an_upgraded_one(tmp_path: Path) -> None:
-    assert VERSION == 5
+    assert VERSION == 6
     Store(tmp_path / "new").close()
     assert stored_version(tmp_path / "new" / "state.db") == VERSION
     Store(v0_store(tmp_path / "old").parent).close()
@@ -271,6 +271,61 @@ def test_a_version_4_store_gets_each_blocks_next_expiry_and_its_tombstones_lose_
     assert due == {state.row_key(e): e.due for e in loaded.entries}
     assert sum(d is not None for d in due.values()) >= 5
     assert any(e.due is not None and e.due != e.expires_at for e in loaded.entries)
+
+
+def v5_store(directory: Path, published: int, rows: int, undone: int) -> Path:
+    """A store as version 5 left it (its migrations, then its writes): events 1..`published` published and
+    deleted (the marker in the fleet key), `rows` more in the outbox, then `undone` taken back after a refused
+    kernel change (AUTOINCREMENT had counted them)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = directory / "state.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("BEGIN")
+        for step in state.MIGRATIONS[:5]:
+            step(db)
+        db.execute("PRAGMA user_version=5")
+        db.execute("COMMIT")
+        for n in range(1, published + rows + undone + 1):
+            db.execute("INSERT INTO outbox (event) VALUES (?)", (f'{{"n":{n}}}',))
+        db.execute("DELETE FROM outbox WHERE seq <= ?", (published,))
+        db.execute("INSERT INTO fleet (key, value) VALUES ('published', ?)", (str(published),))
+        db.execute("DELETE FROM outbox WHERE seq > ?", (published + rows,))
+    finally:
+        db.close()
+    return path
+
+
+@pytest.mark.parametrize("published, rows, undone", [(7, 0, 0), (7, 3, 0), (0, 3, 2), (7, 0, 2), (0, 0, 0)])
+def test_a_version_5_store_keeps_its_outbox_and_counts_on_from_its_last_event(
+        tmp_path: Path, published: int, rows: int, undone: int) -> None:
+    """Version 6 numbers the outbox rows itself: an upgraded store keeps each row and its seq, and the next event
+    gets the seq after the last row's, or after the last published one's when the outbox is empty (their seqs went
+    to Redis: never again); the seqs of events taken back, never published, may be given again."""
+    path = v5_store(tmp_path / "state", published, rows, undone)
+    before = outbox_rows(path)
+    assert [seq for seq, _ in before] == list(range(published + 1, published + rows + 1))
+    store = Store(path.parent)
+    assert store.outbox_seq == published + rows
+    store.write([], [], outbox=['{"n":"next"}', '{"n":"after"}'])
+    assert store.outbox_seq == published + rows + 2
+    store.close()
+    store = Store(path.parent)  # the count again from the store alone
+    assert store.outbox_seq == published + rows + 2
+    store.close()
+    assert stored_version(path) == VERSION
+    last = published + rows
+    assert outbox_rows(path) == before + [(last + 1, '{"n":"next"}'), (last + 2, '{"n":"after"}')]
+    Store(tmp_path / "new").close()
+    assert schema(path) == schema(tmp_path / "new" / "state.db")
+
+
+def outbox_rows(path: Path) -> list[Row]:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("SELECT seq, event FROM outbox ORDER BY seq").fetchall()
+    finally:
+        db.close()
 
 
 def failing_step(db: sqlite3.Connection) -> None:

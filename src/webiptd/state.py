@@ -122,7 +122,7 @@ CREATE TABLE claims_v4 (
 
 # What a host of the fleet has to publish: each row one event, as JSON, written in the transaction of the change it
 # reports. AUTOINCREMENT: a seq is never used twice, also after the table was empty, because the fleet remembers
-# the last seq each host published.
+# the last seq each host published. Version 6 numbers the rows itself (_to_v6).
 OUTBOX_V4 = """
 CREATE TABLE outbox (
     seq   INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -170,6 +170,19 @@ def _to_v5(db: sqlite3.Connection) -> None:
 BLOCKS_DUE_V5 = "CREATE INDEX blocks_due ON blocks (due) WHERE due IS NOT NULL"
 
 
+def _to_v6(db: sqlite3.Connection) -> None:
+    """Version 6 numbers the outbox rows itself (Store.write) instead of by AUTOINCREMENT, whose sqlite_sequence row
+    was one more page in every transaction with an event (bench/README.md, fleet). A seq is still never used twice
+    for an event that reached Redis: the rows up to the publisher's marker are deleted in the transaction that
+    stores it (the fleet key `published`), so the last seq is that or the last row's (Store.__init__); a seq after
+    both was only ever given to a change that was taken back, never published."""
+    db.execute("CREATE TABLE outbox_v6 (seq INTEGER PRIMARY KEY, event TEXT NOT NULL)")
+    db.execute("INSERT INTO outbox_v6 (seq, event) SELECT seq, event FROM outbox")
+    db.execute("DROP TABLE outbox")
+    db.execute("ALTER TABLE outbox_v6 RENAME TO outbox")
+    db.execute("DELETE FROM sqlite_sequence WHERE name = 'outbox'")
+
+
 
 _ROWS = 500  # rows of blocks one INSERT writes: 4,500 of SQLite's 32,766 variables
 
@@ -214,7 +227,7 @@ def row_key(e: Entry) -> tuple[str, str, str, str]:
 # MIGRATIONS[n] takes a store from version n to n + 1, inside the one transaction of the upgrade; it runs statements
 # one by one (executescript would commit half-way). A new, empty store is version 0 and takes every step too, so every
 # migration runs on each first start, and a new store and an upgraded one cannot differ.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_to_v1, _to_v2, _to_v3, _to_v4, _to_v5)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_to_v1, _to_v2, _to_v3, _to_v4, _to_v5, _to_v6)
 SEAL_KEY = "kernel_seal"
 # The version this code reads and writes, in the file's header (PRAGMA user_version).
 VERSION = len(MIGRATIONS)
@@ -349,8 +362,10 @@ class Store:
             # page cache. The temporary table of a reconcile has its own cache of the same size, freed after.
             self._db.execute("PRAGMA cache_size=-8192")
             self._upgrade(new=found is None)
-            row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'").fetchone()
-            self.outbox_seq: int = 0 if row is None else row[0]  # the last outbox row's seq
+            # The last outbox row's seq: the last row's, or the last one published and deleted (see _to_v6).
+            self.outbox_seq: int = self._db.execute(
+                "SELECT max(coalesce((SELECT max(seq) FROM outbox), 0), "
+                "coalesce((SELECT CAST(value AS INTEGER) FROM fleet WHERE key = 'published'), 0))").fetchone()[0]
         except BaseException as exc:
             self._db.close()
             if isinstance(exc, sqlite3.Error):
@@ -453,12 +468,12 @@ class Store:
         try:
             outbox = list(outbox)
             for i in range(0, len(outbox), _ROWS):
-                # Many rows a statement, as the blocks' below; seq is the rowid, the last row's is the last seq.
+                # Many rows a statement, as the blocks' below, each with its seq (the rowid).
                 events = outbox[i:i + _ROWS]
-                last = db.execute("INSERT INTO outbox (event) VALUES " + ",".join(["(?)"] * len(events)),
-                                  events).lastrowid
-                assert last is not None
-                self.outbox_seq = last
+                first = self.outbox_seq + 1
+                db.execute("INSERT INTO outbox (seq, event) VALUES " + ",".join(["(?, ?)"] * len(events)),
+                           [x for seq, event in enumerate(events, first) for x in (seq, event)])
+                self.outbox_seq = first + len(events) - 1
             if fleet:
                 db.executemany("INSERT OR REPLACE INTO fleet (key, value) VALUES (?, ?)", list(fleet.items()))
             if published is not None:
