@@ -168,12 +168,14 @@ class RedisServer:
             self._client = self.client_as(ADMIN_USER, ADMIN_PASSWORD, decode_responses=True)
         return self._client
 
-    def client_as(self, user: str, password: str, decode_responses: bool = False) -> redis.Redis:
-        """A new redis-py client as `user` (a node's: node_password(name)), opened inside the namespace; the
-        caller closes it."""
+    def client_as(self, user: str, password: str, decode_responses: bool = False,
+                  protocol: int | None = None) -> redis.Redis:
+        """A new redis-py client as `user` (a node's: node_password(name)), opened inside the namespace, speaking
+        RESP `protocol` (None: redis-py's default); the caller closes it."""
         pool = redis.ConnectionPool(connection_class=_ns_connection_class(self.ns), host="127.0.0.1",
                                     port=REDIS_PORT, username=user, password=password,
-                                    decode_responses=decode_responses, socket_timeout=10, socket_connect_timeout=2)
+                                    decode_responses=decode_responses, socket_timeout=10, socket_connect_timeout=2,
+                                    **({} if protocol is None else {"protocol": protocol}))
         return redis.Redis(connection_pool=pool)
 
     def close_client(self) -> None:

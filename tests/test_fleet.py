@@ -372,14 +372,16 @@ def test_the_publish_script_writes_what_python_would(make_fleet: Callable[..., F
         r.close()
 
 
+@pytest.mark.parametrize("protocol", [2, 3], ids=["resp2", "resp3"])
 def test_a_followers_read_leaves_out_only_its_own_events_and_the_rest_as_xread_gives_it(
-        make_fleet: Callable[..., Fleet]) -> None:
+        make_fleet: Callable[..., Fleet], protocol: int) -> None:
     """FleetNode._read against redis-server, as node a's ACL user. Filtering (FOLLOW_SCRIPT), Redis leaves out
     exactly the entries whose last `node` field is a's, as the follower itself would skip them after XREAD (a field
     given twice, a value that only looks like it, an outside producer's entry without one), and gives the others as
     XREAD does; it passes at most FILTER_COUNT at a time and says so; with nothing new it waits with XREAD. The
     script is loaded again after SCRIPT FLUSH, a connection Redis dropped fails one call and then connects again,
-    and a user refused EVALSHA reads with XREAD from then on."""
+    and a user refused EVALSHA reads with XREAD from then on. In RESP2 and RESP3 (redis-py 8's default; XREAD's
+    reply is a map there) alike."""
     f = make_fleet(("ipset",), names=("a",))
     f.redis.start()
     admin = f.redis.client()
@@ -400,7 +402,7 @@ def test_a_followers_read_leaves_out_only_its_own_events_and_the_rest_as_xread_g
     node = object.__new__(FleetNode)
     node.events, node._filter = EVENTS, True  # all _read looks at
     node.settings = SimpleNamespace(node="a", redis="redis://a:secret@127.0.0.1:6379/0")  # type: ignore[assignment]
-    r = f.redis.client_as("a", node_password("a"))
+    r = f.redis.client_as("a", node_password("a"), protocol=protocol)
     lean = _Lean(r)
     try:
         plain = node._read(lean, "0-0", block=True, filtering=False)

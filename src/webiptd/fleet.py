@@ -1,11 +1,13 @@
 """The fleet: hosts that share the blocks of their `shared: true` chains through a Redis stream (docs/fleet.md).
 
-Two threads, each with its own Redis connection, and neither in the way of a request:
+Two threads, each with its own Redis client (its hot calls on one connection it holds, _Lean), and neither in the
+way of a request:
 - the publisher drains the outbox (rows the worker writes in the transaction of each local change of a shared chain)
   into the stream `<prefix>events` and the snapshot hash `<prefix>state`, with the last row's seq in
   `<prefix>published`, all in one script call (PUBLISH_SCRIPT; atomic as a MULTI is), so a publisher killed half-way
   publishes no row twice;
-- the follower reads the stream from its cursor with XREAD BLOCK, checks each event, and hands a run of them to the
+- the follower reads the stream from its cursor with XREAD BLOCK (or, while most of it is this host's own events,
+  with FOLLOW_SCRIPT, which leaves those in Redis), checks each event, and hands a run of them to the
   worker (FleetApply), which applies them as claims of their nodes and moves the cursor in the same transaction. A
   new host, or one whose cursor the stream's trimming has passed, resyncs from the snapshot (FleetResync).
 
@@ -848,7 +850,9 @@ class FleetNode:
                           self.events, cursor)
         if not reply:
             return _Read([], cursor, 0, 0, False)
-        entries = [(e[0], _pairs(e[1])) for e in reply[0][1]]
+        # RESP3 (redis-py 8's default) gives the streams as a map, RESP2 as [name, entries] pairs.
+        entries = [(e[0], _pairs(e[1])) for e in (next(iter(reply.values())) if isinstance(reply, dict)
+                                                   else reply[0][1])]
         return _Read(entries, entries[-1][0].decode("ascii"), len(entries), 0, len(entries) >= READ_COUNT)
 
     def _check_events(self, entries: list[tuple[bytes, dict[bytes, bytes]]]
