@@ -378,9 +378,10 @@ def test_a_followers_read_leaves_out_only_its_own_events_and_the_rest_as_xread_g
     """FleetNode._read against redis-server, as node a's ACL user. Filtering (FOLLOW_SCRIPT), Redis leaves out
     exactly the entries whose last `node` field is a's, as the follower itself would skip them after XREAD (a field
     given twice, a value that only looks like it, an outside producer's entry without one), and gives the others as
-    XREAD does; it passes at most FILTER_COUNT at a time and says so; with nothing new it waits with XREAD. The
-    script is loaded again after SCRIPT FLUSH, a connection Redis dropped fails one call and then connects again,
-    and a user refused EVALSHA reads with XREAD from then on. In RESP2 and RESP3 (redis-py 8's default; XREAD's
+    XREAD does; it passes at most FILTER_COUNT at a time and says so. With nothing new, a blocking read waits (an
+    XREAD sent with the script) until an entry comes, its own or another host's, or BLOCK_MS. The script is loaded
+    again after SCRIPT FLUSH, a connection Redis dropped fails one call and then connects again, and a user refused
+    EVALSHA reads with XREAD from then on, blocking or not. In RESP2 and RESP3 (redis-py 8's default; XREAD's
     reply is a map there) alike."""
     f = make_fleet(("ipset",), names=("a",))
     f.redis.start()
@@ -419,13 +420,27 @@ def test_a_followers_read_leaves_out_only_its_own_events_and_the_rest_as_xread_g
         assert (idle.last, idle.passed, idle.entries) == (ids[-1], 0, [])
 
         late: list[str] = []
-        timer = threading.Timer(0.3, lambda: late.append(admin.execute_command("XADD", EVENTS, "*", "node", "a")))
-        timer.start()
-        waited = node._read(lean, ids[-1], block=True, filtering=True)  # the script finds none; XREAD waits
+
+        def later_event(node_name: str) -> threading.Timer:
+            timer = threading.Timer(0.3, lambda: late.append(admin.execute_command("XADD", EVENTS, "*", "node",
+                                                                                   node_name)))
+            timer.start()
+            return timer
+
+        timer = later_event("b")
+        started = time.monotonic()
+        waited = node._read(lean, ids[-1], block=True, filtering=True)  # XREAD waits, and then the script reads
+        assert time.monotonic() - started >= 0.25
         timer.join()
-        own = late[0]
         assert (waited.last, waited.passed, waited.left_out, waited.entries) == (
-            own, 1, 0, [(own.encode(), {b"node": b"a"})])
+            late[0], 1, 0, [(late[0].encode(), {b"node": b"b"})])
+        timer = later_event("a")
+        waited = node._read(lean, late[0], block=True, filtering=True)
+        timer.join()
+        own = late[1]
+        assert (waited.last, waited.passed, waited.left_out, waited.entries) == (own, 1, 1, [])
+        nothing = node._read(lean, own, block=True, filtering=True)  # BLOCK_MS, and then nothing
+        assert (nothing.last, nothing.passed, nothing.entries) == (own, 0, [])
 
         pipe = admin.pipeline(transaction=False)
         for _ in range(FILTER_COUNT + 5):
@@ -442,13 +457,16 @@ def test_a_followers_read_leaves_out_only_its_own_events_and_the_rest_as_xread_g
         with pytest.raises(redis.ConnectionError):
             node._read(lean, "0-0", block=False, filtering=True)
         again = node._read(lean, "0-0", block=False, filtering=True)
-        assert (again.passed, again.entries) == (FILTER_COUNT, others)
+        assert (again.passed, again.entries) == (FILTER_COUNT, others + [(late[0].encode(), {b"node": b"b"})])
         no_acl_denials(f)
 
         admin.execute_command("ACL", "SETUSER", "a", "-evalsha")  # a user from before the scripts
-        refused = node._read(lean, "0-0", block=False, filtering=True)
-        assert (refused.passed, refused.left_out, len(refused.entries), node._filter) == (1014, 0, 1014, False)
+        for block in (False, True):
+            node._filter = True
+            refused = node._read(lean, "0-0", block=block, filtering=True)
+            assert (refused.passed, refused.left_out, len(refused.entries), node._filter) == (1015, 0, 1015, False)
         assert [d["object"] for d in admin.acl_log()] == ["evalsha"]
+        assert admin.acl_log()[0]["count"] == 2
     finally:
         lean.close()
         r.close()

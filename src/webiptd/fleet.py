@@ -60,9 +60,10 @@ APPLY_TIMEOUT = 300.0  # a resync of a million claims is one batch
 SEEN_IDS = 10_000  # event ids remembered against duplicates
 CURSOR_EVERY = 1.0  # seconds: a run of events this host only skips moves the stored cursor at most this often
 PUBLISH_DELAY = 0.01  # seconds between two rounds of a busy publisher (an idle one sends at once)
-PUBLISH_BUSY = 40  # events in a round (4,000 a second) after which the next round waits twice PUBLISH_DELAY
+# Longer waits at higher rates (changes a second, and the wait): the rounds carry more events each, fewer of them.
+PUBLISH_BUSY = ((4000.0, 0.05), (2000.0, 0.02))
 TRIM_EVERY = 1.0  # seconds: a busy publisher lets the worker delete the published outbox rows at most this often
-FOLLOW_DELAY = 0.05  # seconds a follower waits after a run with nothing to apply (its own events, mostly)
+FOLLOW_DELAY = 0.05  # seconds a follower without FOLLOW_SCRIPT waits after a run with nothing to apply (its echo)
 
 
 class Malformed(ValueError):
@@ -390,13 +391,42 @@ class _Lean:
             self.close(drop=True)
             raise
 
-    def script(self, source: str, sha: str, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
-        """EVALSHA, and SCRIPT LOAD once when Redis does not have the script (a restart, SCRIPT FLUSH)."""
+    def script(self, source: str, sha: str, keys: tuple[str, ...], args: tuple[Any, ...],
+               wait: tuple[Any, ...] = ()) -> Any:
+        """EVALSHA, and SCRIPT LOAD once when Redis does not have the script (a restart, SCRIPT FLUSH). `wait`: a
+        blocking command sent with it, whose reply is dropped: Redis runs the script once that is over."""
+        call = ("EVALSHA", sha, len(keys), *keys, *args)
         try:
-            return self.call("EVALSHA", sha, len(keys), *keys, *args)
+            if not wait:
+                return self.call(*call)
+            waited, got = self.calls(wait, call)
+            if isinstance(waited, Exception):
+                raise waited
+            if isinstance(got, Exception):
+                raise got
+            return got
         except redis.exceptions.NoScriptError:
             self.call("SCRIPT", "LOAD", source)
-            return self.call("EVALSHA", sha, len(keys), *keys, *args)
+            return self.call(*call)
+
+    def calls(self, *commands: tuple[Any, ...]) -> list[Any]:
+        """Commands sent at once, and their replies in order; an error reply as its exception, which leaves the
+        connection in step."""
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = self._pool.get_connection()
+        try:
+            conn.send_packed_command(conn.pack_commands(commands))
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response())
+                except redis.ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            self.close(drop=True)
+            raise
 
     def close(self, drop: bool = False) -> None:
         conn, self._conn = self._conn, None
@@ -656,7 +686,7 @@ class FleetNode:
 
     def _publish_rounds(self, r: Client, lean: _Lean, marker: int, downs: int) -> None:
         """Rounds from `marker` until the stop, or until the link is lost (`downs` is no longer its count)."""
-        next_prune = next_trim = time.monotonic()
+        next_prune = next_trim = last_round = time.monotonic()
         while not self._stop.is_set() and self._link.downs == downs:
             run = self._reader.run(marker, self._worker.outbox_committed, PUBLISH_COUNT)
             if run.last is not None:
@@ -680,12 +710,14 @@ class FleetNode:
                 self._worker.published = marker
                 next_trim = time.monotonic() + TRIM_EVERY
             self._link.up(self._outbox_note)
+            now = time.monotonic()
+            rate, last_round = run.read / max(now - last_round, 0.001), now
             if run.read < PUBLISH_COUNT:
                 # Busy (it had something to send): what comes in the next moments goes in one round. A round
                 # (a wake-up, the outbox read, the script call) costs this thread more than the events in it do
-                # (bench/README.md, fleet); at thousands of changes a second, rounds twice as long halve that for
-                # ~10 ms more on the way to the other hosts.
-                self._stop.wait(PUBLISH_DELAY if run.read < PUBLISH_BUSY else 2 * PUBLISH_DELAY)
+                # (bench/README.md, fleet); at thousands of changes a second, longer rounds cut that for 10-40 ms
+                # more on the way to the other hosts.
+                self._stop.wait(next((wait for least, wait in PUBLISH_BUSY if rate >= least), PUBLISH_DELAY))
 
     def _outbox_note(self) -> str:
         depth = self.outbox_depth()
@@ -809,8 +841,9 @@ class FleetNode:
                     else:  # only events this host skips (its own, mostly): the cursor is written with a later run
                         with self._status.lock:
                             self._status.cursor, self._status.ordinal = cursor, ordinal
-                        if not got.full:
-                            # This host is the one publishing: read its echo in fewer, larger runs.
+                        if not got.full and not (filtering and self._filter):
+                            # This host is the one publishing, and Redis refused it the script: read its echo in
+                            # fewer, larger runs (with the script, the next read waits for a round of it).
                             self._stop.wait(FOLLOW_DELAY)
                 now = time.monotonic()
                 if now - last_look >= 1.0:
@@ -832,20 +865,22 @@ class FleetNode:
 
     def _read(self, lean: _Lean, cursor: str, block: bool, filtering: bool) -> _Read:
         """The events after `cursor`, with XREAD (with `block`, waiting up to BLOCK_MS for the first), or with
-        `filtering` by FOLLOW_SCRIPT, without this host's own; XREAD waits when that finds none."""
+        `filtering` by FOLLOW_SCRIPT, without this host's own. The script cannot wait: with `block`, an XREAD of one
+        entry goes first, in the same send, and the script (which reads that entry again) runs when it returns. So a
+        host that publishes wakes once a round of its own publisher, and another host's event reaches it at once."""
         if filtering and self._filter:
+            wait = ("XREAD", "COUNT", 1, "BLOCK", BLOCK_MS, "STREAMS", self.events, cursor) if block else ()
             try:
                 last, passed, others = lean.script(FOLLOW_SCRIPT, FOLLOW_SHA, (self.events,),
-                                                   (cursor, FILTER_COUNT, self.settings.node))
+                                                   (cursor, FILTER_COUNT, self.settings.node), wait)
             except redis.exceptions.NoPermissionError as exc:
                 # A user from before the scripts (docs/fleet.md, Redis users): the follower works without.
                 self._filter = False
                 logger.warning("fleet: redis refused this host's user the follower's script (%s); reading every "
                                "event with XREAD instead", describe(exc, self.settings))
                 return self._read(lean, cursor, block, filtering=False)
-            if passed or not block:
-                return _Read([(e[0], _pairs(e[1])) for e in others], _text(last) if passed else cursor, passed,
-                             passed - len(others), passed >= FILTER_COUNT)
+            return _Read([(e[0], _pairs(e[1])) for e in others], _text(last) if passed else cursor, passed,
+                         passed - len(others), passed >= FILTER_COUNT)
         reply = lean.call("XREAD", "COUNT", READ_COUNT, *(("BLOCK", BLOCK_MS) if block else ()), "STREAMS",
                           self.events, cursor)
         if not reply:
