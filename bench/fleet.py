@@ -1,6 +1,7 @@
 """Section `fleet` (issue 11): three daemons sharing a chain through a private Redis (tests/fleet_net.py).
 Measures how fast a ban on A reaches B's and C's kernels at a paced rate, how fast a stopped node catches up on
-100k bans, and what the fleet costs A's local block rate. Run as root: `bench/fleet.py`, or
+100k bans, and what the fleet costs A's local block rate; `--parts busy`: how fast B's bans reach A while A
+itself publishes thousands of changes a second. Run as root: `bench/fleet.py`, or
 `bench/run.py --sections fleet`. Prints Markdown tables; not a test.
 """
 
@@ -32,6 +33,8 @@ from tests.harness import FAST_HASH, PASSWORDS, basic, client_context, make_pki,
 
 FIRST = "198.18.0.0"  # the bench's IPv4 pool (common.POOLS); propagation takes the first addresses
 CATCHUP_OFFSET = 16_384  # catch-up's addresses start here, after propagation's
+POOL = 131_072  # addresses in 198.18.0.0/15
+BUSY_OFFSET = 65_536  # the busy part's load on A: its addresses start here (it runs in a fleet of its own)
 PACE_CONNS = 8
 WATCH_SLEEP = 0.0005  # between two probes of a watcher: the resolution it aims at
 WATCH_WINDOW = 1024  # most elements one probe asks about (when many lag)
@@ -214,8 +217,11 @@ def _audit_times(log: str, source: str) -> dict[int, float]:
     return out
 
 
-def propagation(f: Any, backend: str, rate: float, seconds: float) -> dict[str, Any]:
-    """PUTs on A at `rate` for `seconds`; when each entry is in B's and C's kernels, against A's 2xx."""
+def propagation(f: Any, backend: str, rate: float, seconds: float, source: str = "a",
+                watchers: Sequence[str] = ("b", "c"), busy: str | None = None) -> dict[str, Any]:
+    """PUTs on `source` at `rate` for `seconds`; when each entry is in the `watchers`' kernels, against the 2xx.
+    `busy`: a node that takes wrk's full load of blocks of its own meanwhile (from BUSY_OFFSET; 16 connections), so
+    that it publishes thousands of changes a second and its follower reads mostly its own echo."""
     from tests.fleet_net import CHAIN
     count = int(rate * seconds)
     start_at = time.monotonic() + 4.0  # the agents' Python starts and connects first
@@ -223,14 +229,28 @@ def propagation(f: Any, backend: str, rate: float, seconds: float) -> dict[str, 
     progress.write_bytes(PROGRESS.pack(-1) * PACE_CONNS)
     watch = {n: _agent(f[n].ns, "watch", {"backend": backend, "set": _set_name(backend), "count": count,
                                           "progress": str(progress), "deadline": start_at + seconds + 30})
-             for n in ("b", "c")}
-    pki = f["a"].pki
-    pacers = [_agent(f["a"].ns, "pace", {"host": "127.0.0.1", "port": PORT, "cafile": str(pki.ca), "chain": CHAIN,
-                                         "count": count, "rate": rate, "conns": PACE_CONNS, "index": k,
-                                         "start_at": start_at, "progress": str(progress)},
-                     env={"WIPT_BENCH_AUTH": basic("admin", PASSWORDS["admin"])}) for k in range(PACE_CONNS)]
+             for n in watchers}
+    pki = f[source].pki
+    authorization = basic("admin", PASSWORDS["admin"])
+    load = None
+    if busy is not None:
+        from wrk import wrk_command
+        load = f[busy].ns.popen(wrk_command(16, 1, seconds + 6, "block.lua", f"https://127.0.0.1:{PORT}/",
+                                            authorization, ["PUT", CHAIN, "ipv4", str(BUSY_OFFSET), "60000"]),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pacers = [_agent(f[source].ns, "pace", {"host": "127.0.0.1", "port": PORT, "cafile": str(pki.ca),
+                                            "chain": CHAIN, "count": count, "rate": rate, "conns": PACE_CONNS,
+                                            "index": k, "start_at": start_at, "progress": str(progress)},
+                     env={"WIPT_BENCH_AUTH": authorization}) for k in range(PACE_CONNS)]
     rows = sorted(r for p in pacers for r in _collect(p, seconds + 60))
     seen = {n: _collect(p, seconds + 60) for n, p in watch.items()}
+    busy_rate = math.nan
+    if load is not None:
+        out, err = load.communicate(timeout=seconds + 120)
+        got = _wrk_json(subprocess.CompletedProcess(load.args, load.returncode, out, err))
+        from wrk import result
+        done = result(busy or "", 0, "block", 16, got, 0.0)
+        busy_rate = done.ok / done.seconds
     ok = [r for r in rows if 200 <= r[5] < 300]
     answered = {r[0]: r for r in ok}
     span = max(r[3] for r in rows) - min(r[2] for r in rows)
@@ -239,12 +259,12 @@ def propagation(f: Any, backend: str, rate: float, seconds: float) -> dict[str, 
         "achieved": len(rows) / span if span > 0 else math.nan,
         "put_ms": _stats([(r[3] - r[2]) * 1000 for r in ok]),
         "late_ms": _stats([(r[2] - r[1]) * 1000 for r in rows]),
-        "nodes": {},
+        "nodes": {}, "source": source, "busy": busy, "busy_rate": busy_rate,
     }
-    for n in ("b", "c"):
+    for n in watchers:
         w = seen[n]
         kernel = [(w["seen"][i] - r[3]) * 1000 for i, r in answered.items() if w["seen"][i] is not None]
-        audit = _audit_times(f[n].log(), "a")
+        audit = _audit_times(f[n].log(), source)
         logged = [(audit[i] - r[4]) * 1000 for i, r in answered.items() if i in audit]
         out["nodes"][n] = {"kernel_ms": _stats(kernel), "missing": len(answered) - len(kernel),
                            "probe_ms": 1000 * w["probe_s"] / max(1, w["rounds"]), "rounds": w["rounds"],
@@ -332,19 +352,23 @@ class _Load:
             finally:
                 os.sched_setaffinity(0, mine)
 
-    def run(self, d: Any, pki: Any, sample: Callable[[], Any]) -> dict[str, Any]:
-        """Block, then unblock: the block pass's figures, and `sample()` before and after it."""
+    def run(self, d: Any, pki: Any, sample: Callable[[], Any], start: int = 0, quota: int | None = None,
+            unblock: bool = True) -> dict[str, Any]:
+        """Block the addresses from index `start` (at most `quota`, default `ops`), then unblock them (unless not
+        `unblock`): the block pass's figures, and `sample()` before and after it."""
         from tests.fleet_net import CHAIN
         authorization = basic("admin", PASSWORDS["admin"])
+        quota = self.ops if quota is None else quota
         if self.pool is not None:
             self.pool.connect(_Endpoint(d.ns, "127.0.0.1", PORT, pki.ca, authorization))
-            todo = [_path(CHAIN, i) for i in range(self.ops)]
+            todo = [_path(CHAIN, i) for i in range(start, start + quota)]
             try:
                 replies, sent, before, after = self.pool.run(self.clients, "PUT", todo, 201, budget=self.seconds,
                                                              sample=sample)
                 span = max(r["t1"] for r in replies) - min(r["t0"] for r in replies)
                 lat = sorted(x for r in replies for x in r["latencies"])
-                self.pool.run(self.clients, "DELETE", sent, 200)
+                if unblock:
+                    self.pool.run(self.clients, "DELETE", sent, 200)
             finally:
                 self.pool.disconnect()
             return {"blocks": len(sent), "rate": len(sent) / span, "p50_ms": percentile(lat, 50) * 1000,
@@ -352,19 +376,19 @@ class _Load:
                     "before": before, "after": after}
         from wrk import result, wrk_command
         url = f"https://127.0.0.1:{PORT}/"
-        quotas = [self.ops]
         taskset = ["taskset", "-c", str(LOAD_CPU)] if self.pinned else []
         before = sample()
         done = d.ns.run(taskset + wrk_command(self.connections, 1, self.seconds, "block.lua", url, authorization,
-                                              ["PUT", CHAIN, "ipv4", "0", ",".join(map(str, quotas))]),
+                                              ["PUT", CHAIN, "ipv4", str(start), str(quota)]),
                         timeout=self.seconds + 120, check=False)
         after = sample()
         got = _wrk_json(done)
         block = result("a", 0, "block", self.connections, got, 0.0)
-        _wrk_json(d.ns.run(taskset + wrk_command(
-            self.connections, 1, 4 * self.seconds, "block.lua", url, authorization,
-            ["DELETE", CHAIN, "ipv4", "0", ",".join(map(str, block.sent))]), timeout=4 * self.seconds + 120,
-            check=False))
+        if unblock:
+            _wrk_json(d.ns.run(taskset + wrk_command(
+                self.connections, 1, 4 * self.seconds, "block.lua", url, authorization,
+                ["DELETE", CHAIN, "ipv4", str(start), ",".join(map(str, block.sent))]),
+                timeout=4 * self.seconds + 120, check=False))
         return {"blocks": block.ok, "rate": block.ok / block.seconds, "p50_ms": block.p50_ms, "p99_ms": block.p99_ms,
                 "errors": sum(block.errors.values()) + block.other, "before": before, "after": after}
 
@@ -383,9 +407,12 @@ def _wrk_json(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
 
 def cost(pki: Any, hashes: dict[str, str], backend: str, seconds: float, pairs: int, clients: int,
          ops: int = 60_000, profile: Path | None = None, reference: Path | None = None, driver: str = "wrk",
-         connections: int = 16, pinned: bool = False) -> dict[str, Any]:
+         connections: int = 16, pinned: bool = False, slices: int = 0) -> dict[str, Any]:
     """A's block rate with a fleet (shared chain, Redis in its namespace, no other node) against the same config
     without; runs interleaved, the order swapped each pair. Every run's entries are unblocked after it. With
+    `slices`, that many rounds of short runs instead (`seconds` each), nothing unblocked in between: each round
+    blocks fresh addresses (a share of the pool), so that the variants' runs lie seconds apart rather than the
+    minute an unblock pass takes, and this VM's drift weighs less on their ratio. With
     `reference` (another checkout's src/), a third variant `fleet-ref`: the fleet run by that code, interleaved with
     the other two, so that a change is compared under the same load. `pinned`: every daemon on DAEMON_CPU, the load
     and every redis-server on LOAD_CPU, so that the rate is the daemon's on a core of its own."""
@@ -412,6 +439,8 @@ def cost(pki: Any, hashes: dict[str, str], backend: str, seconds: float, pairs: 
                     pin(fl.redis.proc.pid, {LOAD_CPU})
             fleets[variant] = fl
         load = _Load(driver, clients, connections, seconds, ops, pinned)
+        quota = min(ops, POOL // slices) if slices else ops
+        pairs = slices or pairs
         for pair in range(pairs):
             order = [v for v, _ in variants]
             for variant in order[pair % len(order):] + order[:pair % len(order)] if len(order) > 2 else (
@@ -431,7 +460,7 @@ def cost(pki: Any, hashes: dict[str, str], backend: str, seconds: float, pairs: 
                     profiler = Profiler(d.pid, profile / f"{backend}-{variant}-{pair + 1}",
                                         ["--gil", "--duration", str(int(seconds) + 2)], top=40)
                 try:
-                    got = load.run(d, pki, cpu)
+                    got = load.run(d, pki, cpu, pair * quota if slices else 0, quota, unblock=not slices)
                 finally:
                     if profiler is not None:
                         profiler.stop()
@@ -460,7 +489,7 @@ def cost(pki: Any, hashes: dict[str, str], backend: str, seconds: float, pairs: 
     if reference is not None:
         ref = {"ref_ratio": sum(rate[p, "fleet-ref"] for p in range(1, pairs + 1)) / pairs / mean["plain"],
                "ref_cpu_ratio": cpu_ms["plain"] / cpu_ms["fleet-ref"]}
-    return {"backend": backend, "driver": driver, "pinned": pinned,
+    return {"backend": backend, "driver": driver, "pinned": pinned, "slices": slices,
             "clients": clients if driver == "python" else connections, "seconds": seconds, "runs": runs, **ref,
             "ratio": mean["fleet"] / mean["plain"], "cpu_ratio": cpu_ms["plain"] / cpu_ms["fleet"],
             "pair_ratios": [rate[p, "fleet"] / rate[p, "plain"] for p in range(1, pairs + 1)]}
@@ -526,9 +555,9 @@ def by_thread(names: dict[int, str], before: dict[int, tuple[float, float]], aft
 def run(backends: Sequence[str], parts: Sequence[str], rate: float, seconds: float, catchup_total: int,
         cost_seconds: float, pairs: int, clients: int, log: Callable[[str], None],
         profile: Path | None = None, reference: Path | None = None, driver: str = "wrk", connections: int = 16,
-        pins: Sequence[bool] = (False,)) -> dict[str, Any]:
+        pins: Sequence[bool] = (False,), busy_rate: float = 50, slices: int = 0) -> dict[str, Any]:
     from tests.fleet_net import Fleet, wait_until
-    results: dict[str, Any] = {"propagation": [], "catchup": [], "cost": [], "loadavg_start": loadavg()}
+    results: dict[str, Any] = {"propagation": [], "catchup": [], "busy": [], "cost": [], "loadavg_start": loadavg()}
     root = Path(tempfile.mkdtemp(prefix="wipt-fleet-", dir="/tmp"))
     pki = make_pki(root / "pki", "fleet bench")
     hashes = {name: FAST_HASH.hash(pw) for name, pw in PASSWORDS.items()}
@@ -544,13 +573,21 @@ def run(backends: Sequence[str], parts: Sequence[str], rate: float, seconds: flo
                 if "catchup" in parts:
                     log(f"{backend}: catch-up of {catchup_total:,} bans")
                     results["catchup"].append(catchup(f, backend, catchup_total))
+        if "busy" in parts:
+            with Fleet(pki, hashes, (backend,) * 3, configure=_configure) as f:
+                f.start()
+                for n in f.nodes:
+                    wait_until(lambda n=n: f.caught_up(n), 30, f"node {n} caught up")
+                log(f"{backend}: propagation from B, {busy_rate:g}/s for {seconds:g} s, while A takes wrk's load")
+                results["busy"].append(propagation(f, backend, busy_rate, seconds, source="b", watchers=("a", "c"),
+                                                   busy="a"))
         for pinned in pins if "cost" in parts else ():
-            log(f"{backend}: cost, {pairs} pairs of {cost_seconds:g} s runs, "
+            log(f"{backend}: cost, {f'{slices} rounds' if slices else f'{pairs} pairs'} of {cost_seconds:g} s runs, "
                 f"{f'{clients} clients' if driver == 'python' else f'wrk, {connections} connections'}"
                 f"{', pinned' if pinned else ''}")
             results["cost"].append(cost(pki, hashes, backend, cost_seconds, pairs, clients, profile=profile,
                                         reference=reference, driver=driver, connections=connections,
-                                        pinned=pinned))
+                                        pinned=pinned, slices=slices))
     results["loadavg_end"] = loadavg()
     shutil.rmtree(root, ignore_errors=True)
     return results
@@ -575,6 +612,16 @@ def tables(results: dict[str, Any]) -> list[str]:
                 out.append(f"| {p['backend']} | {p['offered']:g}, {p['achieved']:.0f}, {p['ok']:,} | "
                            f"{p['put_ms']['p50']:.1f} / {p['put_ms']['p99']:.1f} | {n} | {_ms(v['kernel_ms'])} | "
                            f"{v['missing']} | {v['probe_ms']:.2f} | {_ms(v['audit_ms'])} |")
+    if results["busy"]:
+        out += ["", "Busy: B's PUTs to the entry in A's and C's kernels while A takes wrk's full load of blocks of its "
+                "own (A's follower reads mostly its own echo); C is idle", "",
+                "| backend | PUTs on B (offered/s, sent/s, 2xx) | A's blocks/s meanwhile | node | kernel p50 | p99 | "
+                "max ms | missing | audit line p50 | p99 | max ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for p in results["busy"]:
+            for n, v in p["nodes"].items():
+                out.append(f"| {p['backend']} | {p['offered']:g}, {p['achieved']:.0f}, {p['ok']:,} | "
+                           f"{p['busy_rate']:,.0f} | {n} | {_ms(v['kernel_ms'])} | {v['missing']} | "
+                           f"{_ms(v['audit_ms'])} |")
     if results["catchup"]:
         out += ["", "Catch-up: B stopped, A takes the bans in bulk POSTs of 10k, then B starts (seconds from "
                 "B's process start)", "",
@@ -594,7 +641,8 @@ def tables(results: dict[str, Any]) -> list[str]:
                 "| outbox at end | errors |", "|---|---|---|---|---|---|---|---|"]
         for c in results["cost"]:
             c["label"] = (f"{c['backend']}, {c.get('driver', 'python')} {c['clients']}"
-                          f"{', pinned' if c.get('pinned') else ''}")
+                          f"{', pinned' if c.get('pinned') else ''}"
+                          + (f", {len(c['pair_ratios'])} rounds of {c['seconds']:g} s" if c.get("slices") else ""))
             for r in c["runs"]:
                 out.append(f"| {c['label']} | {r['pair']} | {r['variant']} | {r['rate']:.0f} | "
                            f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} | {r['daemon_cpu_ms']:.2f} / "
@@ -620,12 +668,16 @@ def tables(results: dict[str, Any]) -> list[str]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", default="ipset", help="comma list of ipset, nftables (default ipset)")
-    p.add_argument("--parts", default="propagation,catchup,cost", help="comma list (default all three)")
+    p.add_argument("--parts", default="propagation,catchup,cost", help="comma list of propagation, catchup, "
+                   "busy, cost (default propagation,catchup,cost)")
+    p.add_argument("--busy-rate", type=float, default=50, help="busy: paced PUTs per second on B (default 50)")
     p.add_argument("--rate", type=float, default=500, help="paced PUTs per second on A (default 500)")
     p.add_argument("--seconds", type=float, default=10, help="length of the paced run (default 10)")
     p.add_argument("--catchup", type=int, default=100_000, help="bans A takes while B is down (default 100000)")
     p.add_argument("--cost-seconds", type=float, default=10, help="length of one cost run (default 10)")
     p.add_argument("--pairs", type=int, default=2, help="fleet/plain pairs of cost runs (default 2)")
+    p.add_argument("--slices", type=int, default=0, help="cost: this many rounds of short runs (--cost-seconds "
+                   "each, say 2) with nothing unblocked in between, instead of --pairs")
     p.add_argument("--load", choices=("wrk", "python"), default="wrk", help="cost: what drives A: wrk (C, "
                    "bench/wrk/block.lua; default) or python (the throughput section's ClientPool, --clients processes)")
     p.add_argument("--clients", type=int, default=4, help="--load python: keep-alive clients (default 4)")
@@ -644,9 +696,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.pins = {"no": (False,), "yes": (True,), "both": (False, True)}[args.pin]
     if args.pin != "no" and len(os.sched_getaffinity(0)) < 2:
         p.error("--pin needs two CPUs")
-    if not set(args.backends) <= {"ipset", "nftables"} or not set(args.parts) <= {"propagation", "catchup", "cost"}:
-        p.error("--backends: ipset, nftables; --parts: propagation, catchup, cost")
-    if args.catchup + CATCHUP_OFFSET > 131_072 or args.rate * args.seconds > CATCHUP_OFFSET:
+    if not set(args.backends) <= {"ipset", "nftables"} or \
+            not set(args.parts) <= {"propagation", "catchup", "busy", "cost"}:
+        p.error("--backends: ipset, nftables; --parts: propagation, catchup, busy, cost")
+    if args.catchup + CATCHUP_OFFSET > POOL or max(args.rate, args.busy_rate) * args.seconds > CATCHUP_OFFSET:
         p.error("the addresses must fit the 198.18.0.0/15 pool")
     return args
 
@@ -654,7 +707,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def section(args: argparse.Namespace) -> dict[str, Any]:
     return run(args.backends, args.parts, args.rate, args.seconds, args.catchup, args.cost_seconds, args.pairs,
                args.clients, lambda text: print(text, file=sys.stderr, flush=True), args.profile, args.reference,
-               args.load, args.connections, args.pins)
+               args.load, args.connections, args.pins, args.busy_rate, args.slices)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
